@@ -1,0 +1,431 @@
+"""Data plumbing for SRPO: images, tokenizer, chat template, JSONL records, prompts, batching.
+
+- Images are preprocessed exactly like transformers' Qwen2VLImageProcessor: resize (PIL bicubic)
+  so both sides are multiples of 28 and the pixel count lies in [min_pixels, max_pixels], scale
+  to [0,1], normalise with the CLIP mean/std, repeat the frame to 2 temporal steps and cut into
+  2x14x14 patches ordered so that each 2x2 block of patches (one merged vision token) is
+  contiguous. Output: (gh*gw, 3*2*14*14) float32 and grid_thw = (1, gh, gw).
+- The tokenizer is a byte-level BPE `tokenizers.Tokenizer` from a checkpoint's tokenizer.json
+  (the real Qwen2.5-VL one or the tiny one trained here by train_tokenizer); special token ids
+  are looked up by their strings.
+- The chat template is Qwen2.5-VL's. encode_messages tokenizes a conversation piece by piece
+  (the assistant header, each assistant content + <|im_end|>, everything else), which equals
+  tokenizing the rendered text (special tokens split the text anyway) and makes the assistant
+  mask exact; each <|image_pad|> is expanded to gh*gw/merge^2 tokens.
+- JSONL I/O reports file:line on bad input; append_jsonl writes one whole line per call, fsynced.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# images
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageConfig:
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+
+
+def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
+    """(h, w) closest to (height, width) with both divisible by factor and h*w in [min, max]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image aspect ratio must be < 200, got {height}x{width}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:  # shrink, rounding down so we stay under the budget
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:  # grow, rounding up so we reach the minimum
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def to_rgb(img):
+    """RGB copy of a PIL image; transparency is composited onto white (as transformers does)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def preprocess_image(img, cfg=ImageConfig()):
+    """PIL image -> (pixel_values (gh*gw, 3*T*p*p) float32, grid_thw (3,) long = (1, gh, gw))."""
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    img = to_rgb(img)
+    h, w = smart_resize(img.height, img.width, p * m, cfg.min_pixels, cfg.max_pixels)
+    img = img.resize((w, h), resample=Image.Resampling.BICUBIC)
+    x = (np.asarray(img).astype(np.float64) * (1 / 255)).astype(np.float32)  # (h, w, 3) in [0, 1]
+    x = (x - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
+    x = x.transpose(2, 0, 1)  # (3, h, w)
+    gh, gw = h // p, w // p
+    x = x.reshape(3, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, 3, p, p): merge blocks contiguous
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # same frame t times
+    x = x.reshape(gh * gw, 3 * t * p * p)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([1, gh, gw], dtype=torch.long)
+
+
+def load_image(path, where=""):
+    """Open and fully decode an image as RGB; errors name `where` (e.g. 'train.jsonl:12')."""
+    prefix = f"{where}: " if where else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{prefix}image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Exception as e:  # PIL raises several types for corrupt/truncated files
+        raise ValueError(f"{prefix}cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+# -----------------------------------------------------------------------------
+# JSONL
+
+
+def read_jsonl(path, allow_torn_tail=False):
+    """List of dicts, one per non-blank line. allow_torn_tail: ignore an unterminated, unparsable
+    last line (a writer that crashed mid-append) instead of raising."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    torn = lines[-1] != ""  # the file does not end with a newline
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if torn and i == len(lines):
+                if allow_torn_tail:
+                    break
+                raise ValueError(f"{path}:{i}: last line is incomplete (torn write?): {e.msg} "
+                                 f"at column {e.colno}") from e
+            raise ValueError(f"{path}:{i}: invalid JSON: {e.msg} at column {e.colno}") from e
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+def append_jsonl(path, record):
+    """Append one record as one line with a single write(), then flush + fsync."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        n = os.write(fd, line)
+        if n != len(line):
+            raise OSError(f"{path}: short write ({n} of {len(line)} bytes)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<reflection>", "</reflection>"]
+# Qwen2's pre-tokenizer split: contractions, letters, single digits, punctuation runs, newlines, spaces
+QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class Tokenizer:
+    """A tokenizers.Tokenizer plus the Qwen special-token ids, looked up by string."""
+
+    def __init__(self, tok, path=""):
+        self.tok = tok
+        self.path = path
+
+        def tid(s):
+            i = tok.token_to_id(s)
+            if i is None:
+                raise ValueError(f"{path}: tokenizer has no special token {s}")
+            return i
+        self.endoftext_id = tid("<|endoftext|>")
+        self.im_start_id = tid("<|im_start|>")
+        self.im_end_id = tid("<|im_end|>")
+        self.vision_start_id = tid("<|vision_start|>")
+        self.vision_end_id = tid("<|vision_end|>")
+        self.image_pad_id = tid("<|image_pad|>")
+        self.video_pad_id = tid("<|video_pad|>")
+        self.pad_id = self.endoftext_id
+
+    @classmethod
+    def from_dir(cls, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        f = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        return cls(HFTokenizer.from_file(f), f)
+
+    @property
+    def vocab_size(self):  # incl. added tokens: embeddings must have at least this many rows
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_ids(self):
+        return [self.im_end_id, self.endoftext_id]
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def count_tokens(self, text):
+        return len(self.encode(text))
+
+
+def train_tokenizer(texts, out_dir, vocab_size=1024):
+    """Train a Qwen2-style byte-level BPE on `texts`, add the Qwen special tokens and the format
+    tags, write out_dir/tokenizer.json + tokenizer_config.json. vocab_size counts everything
+    (the corpus may be too small to reach it, then the vocab is smaller)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    n_bpe = vocab_size - len(QWEN_SPECIAL_TOKENS) - len(FORMAT_TAGS)
+    if n_bpe < 256:
+        raise ValueError(f"vocab_size {vocab_size} too small: need 256 bytes + "
+                         f"{len(QWEN_SPECIAL_TOKENS) + len(FORMAT_TAGS)} added tokens")
+    trainer = trainers.BpeTrainer(vocab_size=n_bpe, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in FORMAT_TAGS])
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": None, "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return Tokenizer.from_dir(out_dir)
+
+
+# -----------------------------------------------------------------------------
+# prompts and chat template
+
+SYSTEM_PROMPT_SINGLE = (
+    "You are a helpful assistant that solves visual reasoning problems. "
+    "Look at the image, think step by step, then answer. "
+    "Respond in exactly this format:\n"
+    "<think>your reasoning</think>\n"
+    "<answer>your final answer</answer>\n"
+    "Both blocks must be non-empty. Put only the answer (a number, a letter or an expression, "
+    "optionally in \\boxed{}) inside <answer>, and write nothing after </answer>."
+)
+
+SYSTEM_PROMPT_REFLECT = (
+    "You are a helpful assistant that solves visual reasoning problems and then checks its own work. "
+    "Look at the image, think step by step and answer; then reflect on that first attempt "
+    "(check each step against the image and the question, say what was wrong or confirm what was "
+    "right); then solve the problem again using the reflection and give your final answer. "
+    "Respond in exactly this format:\n"
+    "<think>first reasoning</think>\n"
+    "<answer>first answer</answer>\n"
+    "<reflection>critique of the first attempt</reflection>\n"
+    "<think>second reasoning, improved by the reflection</think>\n"
+    "<answer>final answer</answer>\n"
+    "Every block must be non-empty. Put only the answer (a number, a letter or an expression, "
+    "optionally in \\boxed{}) inside each <answer>, and write nothing after the last </answer>."
+)
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# Qwen2.5-VL's chat template (behaviour), saved into tokenizer_config.json; render_chat is its Python twin.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _content_text(content, where=""):
+    """Message content (string or list of parts) -> text with one vision placeholder per image."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: message content must be a string or a list, got {type(content).__name__}")
+    out = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}: content part must be an object, got {type(part).__name__}")
+        kind = part.get("type")
+        if kind == "image" or "image" in part or "image_url" in part:
+            out.append("<|vision_start|><|image_pad|><|vision_end|>")
+        elif kind == "video" or "video" in part:
+            out.append("<|vision_start|><|video_pad|><|vision_end|>")
+        elif "text" in part:
+            out.append(part["text"])
+    return "".join(out)
+
+
+def _chat_pieces(messages, add_generation_prompt, where=""):
+    """The rendered chat as [(text, is_assistant_content)]; joined it is render_chat's output."""
+    pieces = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"{where}: messages[{i}] needs 'role' and 'content'")
+        if i == 0 and msg["role"] != "system":
+            pieces.append((f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False))
+        text = _content_text(msg["content"], f"{where}: messages[{i}]")
+        if msg["role"] == "assistant":
+            pieces.append(("<|im_start|>assistant\n", False))
+            pieces.append((text + "<|im_end|>", True))
+            pieces.append(("\n", False))
+        else:
+            pieces.append((f"<|im_start|>{msg['role']}\n{text}<|im_end|>\n", False))
+    if add_generation_prompt:
+        pieces.append(("<|im_start|>assistant\n", False))
+    return pieces
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """Qwen2.5-VL chat template text; one <|vision_start|><|image_pad|><|vision_end|> per image."""
+    return "".join(text for text, _ in _chat_pieces(messages, add_generation_prompt))
+
+
+def prompt_messages(record, system_prompt):
+    """record's messages up to and including the last user turn, system message := system_prompt
+    (None keeps the record's own)."""
+    msgs = record.get("messages")
+    rid = record.get("id", "?")
+    if not isinstance(msgs, list):
+        raise ValueError(f"record {rid}: field 'messages' missing or not a list")
+    last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        raise ValueError(f"record {rid}: 'messages' has no user turn")
+    msgs = msgs[:last_user + 1]
+    if system_prompt is None:
+        return list(msgs)
+    rest = [m for m in msgs if m.get("role") != "system"]
+    return [{"role": "system", "content": system_prompt}] + rest
+
+
+def _images(messages):
+    """Image references of the conversation, in order."""
+    out = []
+    for msg in messages:
+        if isinstance(msg["content"], list):
+            for part in msg["content"]:
+                if part.get("type") == "image" or "image" in part or "image_url" in part:
+                    out.append(part.get("image", part.get("image_url")))
+    return out
+
+
+def encode_messages(messages, tokenizer, image_root, image_cfg=ImageConfig(), add_generation_prompt=False,
+                    where=""):
+    """Tokenize a conversation. image refs are paths relative to image_root (or PIL images).
+    Returns input_ids (T,), assistant_mask (T,) (True on assistant content + its <|im_end|>),
+    pixel_values (N, 1176) or None, image_grid_thw (n_img, 3) or None."""
+    pixels, grids = [], []
+    for ref in _images(messages):
+        if isinstance(ref, Image.Image):
+            img = ref
+        elif isinstance(ref, str):
+            img = load_image(os.path.join(image_root, ref), where)
+        else:
+            raise ValueError(f"{where}: image must be a path string or a PIL image, got {type(ref).__name__}")
+        pv, thw = preprocess_image(img, image_cfg)
+        pixels.append(pv)
+        grids.append(thw)
+    n_pad = [int(g.prod()) // image_cfg.merge_size ** 2 for g in grids]  # LLM tokens per image
+
+    ids, mask = [], []
+    for text, is_asst in _chat_pieces(messages, add_generation_prompt, where):
+        piece = tokenizer.encode(text)
+        ids += piece
+        mask += [is_asst] * len(piece)
+    # expand each <|image_pad|> to its image's token count
+    out_ids, out_mask, k = [], [], 0
+    for t, a in zip(ids, mask):
+        if t == tokenizer.image_pad_id:
+            if k >= len(n_pad):
+                raise ValueError(f"{where}: more <|image_pad|> tokens than images")
+            out_ids += [t] * n_pad[k]
+            out_mask += [a] * n_pad[k]
+            k += 1
+        else:
+            out_ids.append(t)
+            out_mask.append(a)
+    if k != len(n_pad):
+        raise ValueError(f"{where}: {len(n_pad)} images but {k} <|image_pad|> tokens (an image inside "
+                         f"text? put images in their own content part)")
+    return dict(
+        input_ids=torch.tensor(out_ids, dtype=torch.long),
+        assistant_mask=torch.tensor(out_mask, dtype=torch.bool),
+        pixel_values=torch.cat(pixels) if pixels else None,
+        image_grid_thw=torch.stack(grids) if grids else None,
+    )
+
+
+def collate(encoded, pad_id, left_pad):
+    """Pad a list of encode_messages outputs into a batch (left_pad for generation)."""
+    T = max(len(e["input_ids"]) for e in encoded)
+    B = len(encoded)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    assistant_mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        sl = slice(T - n, T) if left_pad else slice(0, n)
+        input_ids[i, sl] = e["input_ids"]
+        attention_mask[i, sl] = 1
+        assistant_mask[i, sl] = e["assistant_mask"]
+    pv = [e["pixel_values"] for e in encoded if e.get("pixel_values") is not None]
+    thw = [e["image_grid_thw"] for e in encoded if e.get("image_grid_thw") is not None]
+    return dict(
+        input_ids=input_ids,            # (B, T)
+        attention_mask=attention_mask,  # (B, T) 1 = real token
+        assistant_mask=assistant_mask,  # (B, T)
+        pixel_values=torch.cat(pv) if pv else None,        # (sum N, 1176)
+        image_grid_thw=torch.cat(thw) if thw else None,    # (n_images, 3)
+    )
