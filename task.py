@@ -1,0 +1,383 @@
+"""
+The built-in task: a procedurally generated visual counting / arithmetic world.
+
+An image is a grid of cells (image_size // 28 per side, 4x4 at the default 112 px). Each cell
+is exactly one 28x28 px region, i.e. one merged Qwen2.5-VL visual token (14 px patches, 2x2
+merge), and holds at most one shape: a colour (red green blue yellow) x a kind of shape
+(circle square triangle). The question asks for an integer that needs the image and a few
+steps of reasoning:
+
+    count_color        How many red shapes are there?
+    count_shape        How many circles are there?
+    count_color_shape  How many blue squares are there?
+    sum_shapes         How many circles and triangles are there in total?
+    diff_colors        How many more red shapes than blue shapes are there?
+
+The worked solution is short and regular, so a tiny model can imitate it and its errors come
+from perception / counting, which a reflection can catch:
+
+    <think>red: 1 circle, 2 square, 3 square. red 3</think>
+    <answer>3</answer>
+
+The difficulty knob sets the number of objects per image. Every record is drawn from its own
+seed (seed, split, index), so a record does not depend on how many others are generated; test
+records that repeat a train (scene, question) pair are skipped, so the splits are disjoint.
+
+teacher_reflection() is the rule-based teacher of stage-1 reflection data: it knows the true
+scene, parses an attempt loosely and says, in the same regular style, what was miscounted and
+the correct facts (or, for a correct attempt, a short verification). solution() is the worked
+solution used as the second attempt.
+
+    python task.py --out runs/task --n-train 4000 --n-test 300 --difficulty 2
+"""
+import argparse
+import json
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data import SYSTEM_PROMPT_SINGLE
+
+CELL = 28  # px per grid cell = one merged visual token (14 px patch x 2x2 merge)
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+BACKGROUND = (255, 255, 255)
+KINDS = ("count_color", "count_shape", "count_color_shape", "sum_shapes", "diff_colors")
+# difficulty -> (min, max) number of objects in the image
+N_OBJECTS = {1: (2, 4), 2: (3, 7), 3: (5, 10), 4: (7, 13)}
+
+
+@dataclass
+class TaskConfig:
+    n_train: int = 4000
+    n_test: int = 300
+    difficulty: int = 2        # 1..4: number of objects per image, see N_OBJECTS
+    seed: int = 0
+    image_size: int = 112      # multiple of 28: data.preprocess_image keeps it as is
+    kinds: tuple = field(default=KINDS)
+
+
+# -----------------------------------------------------------------------------
+# scenes, questions, answers
+
+def random_scene(rng, difficulty, image_size):
+    """Scene: dict(size, grid, objects=[dict(color, shape, row, col)] in reading order)."""
+    grid = image_size // CELL
+    lo, hi = N_OBJECTS[difficulty]
+    n = rng.randint(lo, min(hi, grid * grid))
+    cells = sorted(rng.sample(range(grid * grid), n))
+    objects = [dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES), row=c // grid, col=c % grid)
+               for c in cells]
+    return dict(size=image_size, grid=grid, objects=objects)
+
+
+def random_question(rng, scene, kinds):
+    """Pick a question kind and its parameters. Returns (kind, params)."""
+    kind = rng.choice(kinds)
+    colors, shapes = list(COLORS), list(SHAPES)
+    if scene["objects"] and rng.random() < 0.7:  # mostly ask about what is there: fewer zero answers
+        o = rng.choice(scene["objects"])
+        colors, shapes = [o["color"]], [o["shape"]]
+    if kind == "count_color":
+        return kind, dict(color=rng.choice(colors))
+    if kind == "count_shape":
+        return kind, dict(shape=rng.choice(shapes))
+    if kind == "count_color_shape":
+        return kind, dict(color=rng.choice(colors), shape=rng.choice(shapes))
+    if kind == "sum_shapes":
+        a = rng.choice(shapes)
+        b = rng.choice([s for s in SHAPES if s != a])
+        a, b = sorted((a, b), key=SHAPES.index)
+        return kind, dict(shape_a=a, shape_b=b)
+    if kind == "diff_colors":
+        a = rng.choice(colors)
+        b = rng.choice([c for c in COLORS if c != a])
+        if count(scene, color=a) < count(scene, color=b):  # ask so that the answer is >= 0
+            a, b = b, a
+        return kind, dict(color_a=a, color_b=b)
+    raise ValueError(f"unknown question kind {kind!r}; known: {KINDS}")
+
+
+def question_text(kind, p):
+    if kind == "count_color":
+        return f"How many {p['color']} shapes are there?"
+    if kind == "count_shape":
+        return f"How many {PLURAL[p['shape']]} are there?"
+    if kind == "count_color_shape":
+        return f"How many {p['color']} {PLURAL[p['shape']]} are there?"
+    if kind == "sum_shapes":
+        return f"How many {PLURAL[p['shape_a']]} and {PLURAL[p['shape_b']]} are there in total?"
+    if kind == "diff_colors":
+        return f"How many more {p['color_a']} shapes than {p['color_b']} shapes are there?"
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def select(scene, color=None, shape=None):
+    return [o for o in scene["objects"]
+            if (color is None or o["color"] == color) and (shape is None or o["shape"] == shape)]
+
+
+def count(scene, color=None, shape=None):
+    return len(select(scene, color, shape))
+
+
+def answer_of(kind, p, scene):
+    if kind == "count_color":
+        return count(scene, color=p["color"])
+    if kind == "count_shape":
+        return count(scene, shape=p["shape"])
+    if kind == "count_color_shape":
+        return count(scene, color=p["color"], shape=p["shape"])
+    if kind == "sum_shapes":
+        return count(scene, shape=p["shape_a"]) + count(scene, shape=p["shape_b"])
+    if kind == "diff_colors":
+        return count(scene, color=p["color_a"]) - count(scene, color=p["color_b"])
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+# -----------------------------------------------------------------------------
+# worked solutions: a list of facts, each "name value"; lists enumerate in reading order
+
+def enumeration(name, items):
+    """'red: 1 circle, 2 square' -- numbered, so the count is the last number."""
+    if not items:
+        return f"{name}: none."
+    return f"{name}: " + ", ".join(f"{i + 1} {it}" for i, it in enumerate(items)) + "."
+
+
+def facts(record):
+    """The true facts an attempt should state: (lists {name: [items]}, counts {name: int})."""
+    kind, p, scene = record["kind"], record["params"], record["scene"]
+    if kind == "count_color":
+        c = p["color"]
+        return {c: [o["shape"] for o in select(scene, color=c)]}, {c: count(scene, color=c)}
+    if kind == "count_shape":
+        s = PLURAL[p["shape"]]
+        return {s: [o["color"] for o in select(scene, shape=p["shape"])]}, {s: count(scene, shape=p["shape"])}
+    if kind == "count_color_shape":
+        c, s = p["color"], p["shape"]
+        return ({c: [o["shape"] for o in select(scene, color=c)]},
+                {f"{c} {PLURAL[s]}": count(scene, color=c, shape=s)})
+    if kind == "sum_shapes":
+        a, b = p["shape_a"], p["shape_b"]
+        return {}, {PLURAL[a]: count(scene, shape=a), PLURAL[b]: count(scene, shape=b)}
+    if kind == "diff_colors":
+        a, b = p["color_a"], p["color_b"]
+        return {}, {a: count(scene, color=a), b: count(scene, color=b)}
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def arithmetic(record):
+    """The one arithmetic step of the kind, as text ('3+1=4'), or None."""
+    _, counts = facts(record)
+    x, y = counts.values() if len(counts) == 2 else (None, None)
+    if record["kind"] == "sum_shapes":
+        return f"{x}+{y}={x + y}"
+    if record["kind"] == "diff_colors":
+        return f"{x}-{y}={x - y}"
+    return None
+
+
+def think_text(record):
+    lists, counts = facts(record)
+    if lists:  # one enumeration, then the count
+        (name, items), = lists.items()
+        (cname, n), = counts.items()
+        return f"{enumeration(name, items)} {cname} {n}"
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) + ". " + arithmetic(record)
+
+
+def solution(record):
+    """The worked single-pass solution: '<think>...</think>\\n<answer>N</answer>'."""
+    return f"<think>{think_text(record)}</think>\n<answer>{record['answer']}</answer>"
+
+
+# -----------------------------------------------------------------------------
+# rule-based teacher
+
+def parse_attempt(think, names):
+    """Loosely read an attempt's think: lists {name: [items]}, counts {name: int} for the given
+    count names (last mention wins), sums [(x, op, y, z)]. Anything unreadable is just absent."""
+    think = (think or "").lower()
+    lists = {}
+    for name, body in re.findall(r"([a-z]+):\s*([^.:]*)", think):
+        items = [re.sub(r"^\d+\s*", "", it.strip()) for it in body.split(",")]
+        lists[name] = [it for it in items if it and it != "none"]
+    counts = {}
+    for name in names:
+        found = re.findall(rf"\b{name}\s*(?:=|is)?\s*(-?\d+)", think)
+        if found:
+            counts[name] = int(found[-1])
+    sums = [(int(x), op, int(y), int(z)) for x, op, y, z in re.findall(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)", think)]
+    return lists, counts, sums
+
+
+def to_int(s):
+    m = re.search(r"-?\d+", s or "")
+    return int(m.group()) if m else None
+
+
+def list_diff(true_items, got_items):
+    """'missed 1 square, extra 1 circle' (empty when the multisets agree)."""
+    t, g = Counter(true_items), Counter(got_items)
+    parts = [f"missed {n} {it}" for it, n in (t - g).items()] + [f"extra {n} {it}" for it, n in (g - t).items()]
+    return ", ".join(parts)
+
+
+def teacher_reflection(record, attempt_think, attempt_answer):
+    """A concise, specific critique of an attempt, using the true scene.
+
+    Wrong facts:  'red: missed 1 square. red is 3, not 2. answer is 3, not 2.'
+                  'circles is 3, not 2. 3+1=4. answer is 4, not 3.'
+    Correct:      'checked: red 3. answer 3 is right.'
+    The attempt is read loosely (parse_attempt): a malformed one gets the true facts.
+    """
+    true_lists, true_counts = facts(record)
+    got_lists, got_counts, got_sums = parse_attempt(attempt_think, list(true_counts))
+    gt, got = int(record["answer"]), to_int(attempt_answer)
+    notes, ok = [], []
+    for name, items in true_lists.items():
+        if name in got_lists:
+            d = list_diff(items, got_lists[name])
+            if d:
+                notes.append(f"{name}: {d}")
+    for name, n in true_counts.items():
+        if name not in got_counts:
+            notes.append(f"{name} is {n}")
+        elif got_counts[name] != n:
+            notes.append(f"{name} is {n}, not {got_counts[name]}")
+        else:
+            ok.append(f"{name} {n}")
+    for x, op, y, z in got_sums:
+        right = x + y if op == "+" else x - y
+        if right != z:
+            notes.append(f"{x}{op}{y} is {right}, not {z}")
+    if arithmetic(record) and len(ok) < len(true_counts):  # a count was wrong: redo the step
+        notes.append(arithmetic(record))
+    if got == gt:
+        head = ". ".join(notes) if notes else "checked: " + ", ".join(ok)
+        tail = f"answer {gt} is right."
+    else:
+        head = ". ".join(notes)
+        tail = f"answer is {gt}, not {got}." if got is not None else f"no answer given; answer is {gt}."
+    return f"{head}. {tail}" if head else tail
+
+
+# -----------------------------------------------------------------------------
+# drawing
+
+def draw_scene(scene):
+    """Render the scene: each object filled, centred in its 28x28 cell, white background."""
+    size = scene["size"]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    for o in scene["objects"]:
+        cx, cy = o["col"] * CELL + CELL // 2, o["row"] * CELL + CELL // 2
+        fill = COLORS[o["color"]]
+        if o["shape"] == "circle":
+            d.ellipse([cx - 10, cy - 10, cx + 10, cy + 10], fill=fill)
+        elif o["shape"] == "square":
+            d.rectangle([cx - 9, cy - 9, cx + 9, cy + 9], fill=fill)
+        elif o["shape"] == "triangle":
+            d.polygon([(cx, cy - 11), (cx - 11, cy + 9), (cx + 11, cy + 9)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {o['shape']!r}")
+    return img
+
+
+# -----------------------------------------------------------------------------
+# records and the on-disk task
+
+def make_record(split, i, cfg, rng):
+    rid = f"{split}-{i:06d}"
+    scene = random_scene(rng, cfg.difficulty, cfg.image_size)
+    kind, params = random_question(rng, scene, list(cfg.kinds))
+    q = question_text(kind, params)
+    record = dict(id=rid, messages=None, answer=str(answer_of(kind, params, scene)), question=q,
+                  image=f"images/{rid}.png", kind=kind, difficulty=cfg.difficulty, scene=scene, params=params)
+    record["messages"] = [
+        {"role": "system", "content": SYSTEM_PROMPT_SINGLE},
+        {"role": "user", "content": [{"type": "image", "image": record["image"]}, {"type": "text", "text": q}]},
+        {"role": "assistant", "content": solution(record)},
+    ]
+    return record
+
+
+def record_key(r):
+    return json.dumps([r["scene"]["objects"], r["question"]])
+
+
+def generate(cfg):
+    """All records of both splits, deterministic in cfg. Returns (train, test)."""
+    train = [make_record("train", i, cfg, random.Random(f"{cfg.seed}-train-{i}")) for i in range(cfg.n_train)]
+    seen, test, j = {record_key(r) for r in train}, [], 0
+    while len(test) < cfg.n_test:  # test seeds are disjoint from train's; skip repeats of a train item
+        r = make_record("test", len(test), cfg, random.Random(f"{cfg.seed}-test-{j}"))
+        j += 1
+        if record_key(r) not in seen:
+            test.append(r)
+            seen.add(record_key(r))
+        if j > 100 * (cfg.n_test + 10):
+            raise ValueError(f"cannot draw {cfg.n_test} test items disjoint from train at difficulty {cfg.difficulty}")
+    return train, test
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_task(out_dir, cfg=TaskConfig()):
+    """Write out_dir/{train,test}.jsonl + images/. Idempotent: returns at once when
+    out_dir/manifest.json records the same config. The manifest is removed first and written
+    last, so a crash never leaves a half-written task looking complete."""
+    if cfg.image_size % CELL or cfg.image_size < 2 * CELL:
+        raise ValueError(f"TaskConfig.image_size={cfg.image_size} must be a multiple of {CELL} and >= {2 * CELL}")
+    if cfg.difficulty not in N_OBJECTS:
+        raise ValueError(f"TaskConfig.difficulty={cfg.difficulty} must be one of {sorted(N_OBJECTS)}")
+    unknown = set(cfg.kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"TaskConfig.kinds has unknown kinds {sorted(unknown)}; known: {KINDS}")
+    train_path, test_path = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    want = dict(config={**asdict(cfg), "kinds": list(cfg.kinds)}, files=["train.jsonl", "test.jsonl"])
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            if json.load(f).get("config") == want["config"]:
+                return train_path, test_path
+        os.remove(manifest_path)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    train, test = generate(cfg)
+    for r in tqdm(train + test, desc="task images", unit="img"):
+        draw_scene(r["scene"]).save(os.path.join(out_dir, r["image"]))
+    for path, records in ((train_path, train), (test_path, test)):
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    want.update(n_train=len(train), n_test=len(test))
+    write_atomic(manifest_path, json.dumps(want, indent=1))
+    return train_path, test_path
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    d = TaskConfig()
+    ap.add_argument("--n-train", type=int, default=d.n_train)
+    ap.add_argument("--n-test", type=int, default=d.n_test)
+    ap.add_argument("--difficulty", type=int, default=d.difficulty)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--image-size", type=int, default=d.image_size)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
+    a = ap.parse_args()
+    cfg = TaskConfig(a.n_train, a.n_test, a.difficulty, a.seed, a.image_size, tuple(a.kinds.split(",")))
+    paths = make_task(a.out, cfg)
+    print("wrote", *paths)

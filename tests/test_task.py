@@ -1,0 +1,212 @@
+"""Tests for task.py: the procedural task and the rule-based teacher.
+
+References are independent of task.py's own helpers: answers are recomputed by parsing the
+question text and counting the scene here; images are checked by reading pixels."""
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+import task
+from task import TaskConfig, make_task, solution, teacher_reflection
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SMALL = TaskConfig(n_train=200, n_test=50, difficulty=3, seed=7)
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("task"))
+    train_path, test_path = make_task(out, SMALL)
+    return out, read(train_path), read(test_path)
+
+
+def recompute(question, objects):
+    """Answer from the question text and the scene, written independently of task.py."""
+    def n(color=None, shape=None):
+        return sum(1 for o in objects if color in (None, o["color"]) and shape in (None, o["shape"]))
+    sing = {"circles": "circle", "squares": "square", "triangles": "triangle"}
+    if m := re.fullmatch(r"How many more (\w+) shapes than (\w+) shapes are there\?", question):
+        return n(color=m[1]) - n(color=m[2])
+    if m := re.fullmatch(r"How many (\w+) and (\w+) are there in total\?", question):
+        return n(shape=sing[m[1]]) + n(shape=sing[m[2]])
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return n(color=m[1])
+    if m := re.fullmatch(r"How many (\w+) (\w+) are there\?", question):
+        return n(color=m[1], shape=sing[m[2]])
+    if m := re.fullmatch(r"How many (\w+) are there\?", question):
+        return n(shape=sing[m[1]])
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_schema(small):
+    out, train, test = small
+    assert len(train) == SMALL.n_train and len(test) == SMALL.n_test
+    from data import SYSTEM_PROMPT_SINGLE
+    for r in train + test:
+        for k in ("id", "messages", "answer", "question", "image", "kind", "difficulty", "scene"):
+            assert k in r, k
+        sys_m, user, asst = r["messages"]
+        assert sys_m == {"role": "system", "content": SYSTEM_PROMPT_SINGLE}
+        assert user["role"] == "user"
+        assert user["content"] == [{"type": "image", "image": r["image"]}, {"type": "text", "text": r["question"]}]
+        assert r["image"] == f"images/{r['id']}.png" and os.path.exists(os.path.join(out, r["image"]))
+        assert asst["role"] == "assistant"
+        m = re.fullmatch(r"<think>([^<]+)</think>\n<answer>(-?\d+)</answer>", asst["content"])
+        assert m and m[2] == r["answer"], asst["content"]
+        assert isinstance(r["answer"], str) and r["difficulty"] == SMALL.difficulty
+    assert {r["kind"] for r in train} == set(task.KINDS)
+    assert len({r["id"] for r in train + test}) == len(train) + len(test)
+
+
+def test_answers_match_scene(small):
+    _, train, test = small
+    for r in train + test:
+        assert int(r["answer"]) == recompute(r["question"], r["scene"]["objects"]) >= 0, r["id"]
+    # difficulty 3 draws 5..10 objects
+    assert all(5 <= len(r["scene"]["objects"]) <= 10 for r in train)
+    assert len({r["answer"] for r in train}) >= 5  # not a constant answer
+
+
+def test_images_render_scene(small):
+    out, train, test = small
+    for r in train[:40] + test[:10]:
+        img = Image.open(os.path.join(out, r["image"])).convert("RGB")
+        assert img.size == (112, 112)
+        cells = {(o["row"], o["col"]): o for o in r["scene"]["objects"]}
+        for row in range(4):
+            for col in range(4):
+                cx, cy = col * 28 + 14, row * 28 + 14
+                o = cells.get((row, col))
+                if o is None:
+                    assert img.getpixel((cx, cy)) == (255, 255, 255)
+                    continue
+                c = RGB[o["color"]]
+                assert img.getpixel((cx, cy)) == c
+                # shape probes: top-left corner only in a square; lower-left in square and triangle
+                tl, bl = img.getpixel((cx - 8, cy - 8)) == c, img.getpixel((cx - 8, cy + 7)) == c
+                assert (tl, bl) == {"square": (True, True), "triangle": (False, True), "circle": (False, False)}[o["shape"]]
+                # nothing spills into the neighbouring cells: cell border is background
+                assert img.getpixel((col * 28, row * 28)) == (255, 255, 255)
+
+
+def test_deterministic_and_disjoint(small, tmp_path):
+    _, train, test = small
+    train2, test2 = task.generate(SMALL)
+    assert [json.dumps(r) for r in train] == [json.dumps(r) for r in train2]
+    assert [json.dumps(r) for r in test] == [json.dumps(r) for r in test2]
+    # a record depends only on (seed, split, index), not on how many are drawn
+    fewer, _ = task.generate(replace(SMALL, n_train=20, n_test=5))
+    assert [json.dumps(r) for r in fewer] == [json.dumps(r) for r in train[:20]]
+    other, _ = task.generate(replace(SMALL, seed=8, n_train=20, n_test=5))
+    assert [r["scene"] for r in other] != [r["scene"] for r in train[:20]]
+    key = lambda r: json.dumps([r["scene"]["objects"], r["question"]])
+    assert not {key(r) for r in train} & {key(r) for r in test}
+    # disjoint even when collisions are likely (difficulty 1: 2..4 objects)
+    tr, te = task.generate(TaskConfig(n_train=2000, n_test=300, difficulty=1, seed=0))
+    assert not {key(r) for r in tr} & {key(r) for r in te} and len(te) == 300
+
+
+def test_solution_format_and_length(small):
+    _, train, _ = small
+    for r in train:
+        assert solution(r) == r["messages"][2]["content"]
+        # short: crude token count (format tags, words, numbers, punctuation) under 40
+        assert len(re.findall(r"</?[a-z]+>|\w+|[^\w\s]", solution(r))) < 40
+    r = next(r for r in train if r["kind"] == "count_color" and int(r["answer"]) >= 2)
+    color = r["question"].split()[2]
+    shapes = [o["shape"] for o in r["scene"]["objects"] if o["color"] == color]
+    listed = ", ".join(f"{i + 1} {s}" for i, s in enumerate(shapes))
+    assert solution(r) == f"<think>{color}: {listed}. {color} {len(shapes)}</think>\n<answer>{r['answer']}</answer>"
+
+
+def think_of(text):
+    return re.search(r"<think>(.*)</think>", text, re.S)[1]
+
+
+def test_teacher_wrong_count(small):
+    _, train, _ = small
+    r = next(r for r in train if r["kind"] == "count_color" and int(r["answer"]) >= 2)
+    n, color = int(r["answer"]), r["question"].split()[2]
+    shapes = [o["shape"] for o in r["scene"]["objects"] if o["color"] == color]
+    # the attempt missed the last one of the colour
+    attempt = f"{color}: " + ", ".join(f"{i + 1} {s}" for i, s in enumerate(shapes[:-1])) + f". {color} {n - 1}"
+    refl = teacher_reflection(r, attempt, str(n - 1))
+    assert f"{color} is {n}, not {n - 1}" in refl
+    assert f"missed 1 {shapes[-1]}" in refl
+    assert refl.endswith(f"answer is {n}, not {n - 1}.")
+    # a correct attempt gets a short verification
+    ok = teacher_reflection(r, think_of(solution(r)), r["answer"])
+    assert ok == f"checked: {color} {n}. answer {n} is right."
+
+
+def test_teacher_arithmetic_and_malformed(small):
+    _, train, _ = small
+    r = next(r for r in train if r["kind"] == "sum_shapes")
+    a, b = [w for w in r["question"].split() if w.endswith("s") and w not in ("shapes", "is")][:2]
+    na = sum(1 for o in r["scene"]["objects"] if o["shape"] + "s" == a)
+    nb = sum(1 for o in r["scene"]["objects"] if o["shape"] + "s" == b)
+    refl = teacher_reflection(r, f"{a} {na + 1}, {b} {nb}. {na + 1}+{nb}={na + nb + 1}", str(na + nb + 1))
+    assert f"{a} is {na}, not {na + 1}" in refl and f"{na}+{nb}={na + nb}" in refl
+    assert refl.endswith(f"answer is {na + nb}, not {na + nb + 1}.")
+    # right counts, wrong addition
+    refl = teacher_reflection(r, f"{a} {na}, {b} {nb}. {na}+{nb}={na + nb + 2}", str(na + nb + 2))
+    assert f"{na}+{nb} is {na + nb}, not {na + nb + 2}" in refl
+    # malformed attempts: still a reflection with the true facts, never a crash
+    for think, ans in [("", ""), ("<<garbage: , . 1+=", "x"), (None, None), ("circles circles 9 9", "\\boxed{7}")]:
+        refl = teacher_reflection(r, think, ans)
+        assert f"{a} is {na}" in refl and str(na + nb) in refl
+
+
+def test_make_task_idempotent_and_crash_safe(tmp_path, monkeypatch):
+    out = str(tmp_path / "t")
+    cfg = TaskConfig(n_train=30, n_test=10, seed=1)
+    train_path, test_path = make_task(out, cfg)
+    before = open(train_path).read(), os.path.getmtime(train_path)
+    assert make_task(out, cfg) == (train_path, test_path)          # same config: nothing rewritten
+    assert (open(train_path).read(), os.path.getmtime(train_path)) == before
+    # a crash while writing the test split of a new config leaves no manifest behind
+    real = task.write_atomic
+
+    def crash(path, text):
+        if path.endswith("test.jsonl"):
+            raise KeyboardInterrupt("killed")
+        real(path, text)
+    monkeypatch.setattr(task, "write_atomic", crash)
+    cfg2 = replace(cfg, n_train=40)
+    with pytest.raises(KeyboardInterrupt):
+        make_task(out, cfg2)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    monkeypatch.setattr(task, "write_atomic", real)
+    make_task(out, cfg2)                                           # rerun completes it
+    assert len(read(train_path)) == 40 and len(read(test_path)) == 10
+    assert json.load(open(os.path.join(out, "manifest.json")))["config"]["n_train"] == 40
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="image_size"):
+        make_task(str(tmp_path), TaskConfig(image_size=100))
+    with pytest.raises(ValueError, match="difficulty"):
+        make_task(str(tmp_path), TaskConfig(difficulty=9))
+
+
+def test_cli(tmp_path):
+    out = str(tmp_path / "cli")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "task.py"), "--out", out, "--n-train", "12", "--n-test", "4",
+                        "--difficulty", "1", "--image-size", "168"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    r = read(os.path.join(out, "train.jsonl"))
+    assert len(r) == 12 and r[0]["scene"]["grid"] == 6
+    assert Image.open(os.path.join(out, r[0]["image"])).size == (168, 168)
