@@ -89,13 +89,13 @@ def resolve_image(value, base_dir, cache_dir, where):
     """An image given as a path (relative to the data file), {"bytes", "path"}, raw or base64 bytes
     -> an absolute path of an existing file. Embedded bytes are written once to cache_dir."""
     if isinstance(value, dict):
-        if value.get("bytes"):
-            value = value["bytes"]
-        elif value.get("path"):
-            value = value["path"]
-        else:
+        if not value.get("bytes") and not value.get("path"):
             raise ValueError(f"{where}: image has neither bytes nor path")
-    if isinstance(value, str) and not value.startswith(("/9j/", "iVBOR")):  # not base64 jpeg/png
+        is_bytes = bool(value.get("bytes"))
+        value = value["bytes"] if is_bytes else value["path"]
+    else:  # a bare string is a path, unless it is base64 of a JPEG / PNG
+        is_bytes = not isinstance(value, str) or value.startswith(("/9j/", "iVBOR"))
+    if not is_bytes:
         for cand in (os.path.join(base_dir, value), os.path.join(base_dir, "images", value)):
             if os.path.isfile(cand):
                 return os.path.abspath(cand)
@@ -155,7 +155,7 @@ def load_mathvista(path, cache_dir):
                 q += f"\nAnswer with a number with {int(prec)} decimal place(s)."
             elif atype == "list":
                 q += "\nAnswer with a Python list."
-        recs.append(make_record(r.get("pid", len(recs)), [image], q, ans, choices,
+        recs.append(make_record(r.get("pid", len(recs)), [image], q, ans, choices, source=where,
                                 question_type=qtype, answer_type=r.get("answer_type")))
     return recs
 
@@ -170,7 +170,7 @@ def load_mathverse(path, cache_dir):
         img = r.get("image")
         images = [resolve_image(img, base, cache_dir, where)] if img else []
         rid = r.get("sample_index", len(recs))
-        recs.append(make_record(rid, images, q, ans, question_type=r.get("question_type"),
+        recs.append(make_record(rid, images, q, ans, source=where, question_type=r.get("question_type"),
                                 problem_version=r.get("problem_version")))
     return recs
 
@@ -187,7 +187,7 @@ def load_mathvision(path, cache_dir):
             raise ValueError(f"{where}: answer {ans!r} is not a letter of the {len(options)} options")
         images = [resolve_image(img, base, cache_dir, where)]
         recs.append(make_record(r.get("id", len(recs)), images, with_options(q, options), ans, options,
-                                subject=r.get("subject"), level=r.get("level")))
+                                source=where, subject=r.get("subject"), level=r.get("level")))
     return recs
 
 
@@ -215,7 +215,8 @@ def load_mmmu_pro(path, cache_dir):
             text = "Answer the multiple-choice question in the image with the option's letter."
         if not images:
             raise ValueError(f"{where}: no image (image_1..image_7 / image)")
-        recs.append(make_record(r.get("id", len(recs)), images, text, ans, opts, subject=r.get("subject")))
+        recs.append(make_record(r.get("id", len(recs)), images, text, ans, opts, source=where,
+                                subject=r.get("subject")))
     return recs
 
 
@@ -254,7 +255,8 @@ def generate_responses(model, tok, records, image_root, cfg):
     for i in tqdm(range(0, len(records), cfg.batch_size), desc="generate", leave=False):
         chunk = records[i:i + cfg.batch_size]
         enc = [data.encode_messages(data.prompt_messages(r, sys_prompt), tok, image_root,
-                                    add_generation_prompt=True, where=f"record {r.get('id')}") for r in chunk]
+                                    add_generation_prompt=True, where=r.get("source", f"record {r.get('id')}"))
+               for r in chunk]
         batch = data.collate(enc, tok.pad_id, left_pad=True)
         batch = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
@@ -338,7 +340,8 @@ def load_datasets(data_paths, benches, cache_dir, limit):
     out = []
     for path in data_paths:
         name = os.path.splitext(os.path.basename(path))[0]
-        out.append((name, data.read_jsonl(path), os.path.dirname(os.path.abspath(path))))
+        recs = [dict(r, source=f"{path} (id {r.get('id')})") for r in data.read_jsonl(path)]
+        out.append((name, recs, os.path.dirname(os.path.abspath(path))))
     for spec in benches:
         name, _, path = spec.partition("=")
         if name not in LOADERS or not path:
