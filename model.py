@@ -1,0 +1,761 @@
+"""
+Qwen2.5-VL in plain PyTorch, readable top to bottom.
+
+    pixels --(patch embed)--> patches --(ViT blocks: window / full attention, 2D rotary)--> merger
+           --> image embeddings, written into the text embeddings at the <|image_pad|> tokens
+    tokens --(Qwen2 decoder: GQA, multimodal rotary M-RoPE)--> norm --> lm_head --> logits
+
+Vision tower. An image is cut into 14x14 patches (times 2 frames: a still image is repeated), each
+flattened to 3*2*14*14 = 1176 numbers and projected to `hidden_size` (a Conv3d whose kernel equals
+its stride, i.e. a Linear; the weight keeps the checkpoint's 5D Conv3d layout). The processor
+lists the patches "block-major": the 2x2 patches that the merger will fuse are consecutive.
+Attention inside the tower is restricted to windows of `window_size` pixels (112 = 4x4 merged
+units), except in the blocks listed in `fullatt_block_indexes`, which see the whole image. To make
+windows contiguous the patches are reordered window by window before the blocks and the merged
+tokens are put back in the original order at the end. The rotary embedding is 2D: half of the
+rotated dims encode the patch row, half the column.
+
+Decoder. A Qwen2 decoder with grouped-query attention. M-RoPE gives every token three position
+ids (t, h, w): text tokens have t = h = w = running index; the tokens of an image get the grid
+coordinates of their merged patch, offset by the running index, and the text after the image
+continues at max + 1. The head dims are split by `mrope_section` (e.g. [16, 24, 24] of the 64
+frequencies) and each part is rotated by one of the three axes. `get_rope_index` computes the ids
+per row over the non-padded tokens. For decoding we keep `rope_deltas` = (max position + 1) - T
+per row (T = padded prompt length), so the token at sequence index s (s >= T) has position
+s + rope_deltas on all three axes: the decode step never recomputes the vision tower or the
+rope index. (transformers subtracts the un-padded length instead and then counts positions with
+the attention mask's cumsum; both give the same positions.)
+
+KV cache. `KVCache` is preallocated (static): k, v of shape (layers, B, kv_heads, max_len,
+head_dim). `forward(..., cache=c, cache_pos=p)` writes the keys/values of the T new tokens at
+[p, p+T) and attends causally to [0, p+T), masking keys where attention_mask == 0.
+
+Checkpoints. `from_pretrained` reads config.json (transformers-5 nested layout or the older flat
+hub layout) and model.safetensors (or a sharded index), in either key layout (hub:
+model.layers.*, visual.*; transformers-5: model.language_model.*, model.visual.*), building the
+model on the meta device and loading each tensor straight to the target device and dtype.
+`save_pretrained` writes the transformers-5 layout atomically, loadable by
+transformers.Qwen2_5_VLForConditionalGeneration.
+"""
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    out_hidden_size: int = 3584
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
+    in_channels: int = 3
+    tokens_per_second: int = 2  # only used for videos (not supported here); kept for round trips
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ModelConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_id: object = 151645  # int or list of ints
+    pad_token_id: object = None
+
+    def validate(self, where="config"):
+        t, v = self.text, self.vision
+        if t.hidden_size % t.num_attention_heads:
+            raise ValueError(f"{where}: text hidden_size {t.hidden_size} not divisible by num_attention_heads {t.num_attention_heads}")
+        if t.num_attention_heads % t.num_key_value_heads:
+            raise ValueError(f"{where}: num_attention_heads {t.num_attention_heads} not divisible by num_key_value_heads {t.num_key_value_heads}")
+        if sum(t.mrope_section) * 2 != t.head_dim:
+            raise ValueError(f"{where}: mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
+        if v.hidden_size % v.num_heads or (v.hidden_size // v.num_heads) % 4:
+            raise ValueError(f"{where}: vision hidden_size {v.hidden_size} / num_heads {v.num_heads} must be a multiple of 4")
+        if not 0 <= self.image_token_id < t.vocab_size:
+            raise ValueError(f"{where}: image_token_id {self.image_token_id} outside vocab_size {t.vocab_size}")
+        return self
+
+    @classmethod
+    def from_hf(cls, d: dict, where="config.json"):
+        """Parse a HF config.json dict: transformers-5 nested layout (text_config / vision_config,
+        rope_parameters) or the older flat hub layout (top-level text fields, rope_scaling)."""
+        if d.get("model_type") != "qwen2_5_vl":
+            raise ValueError(f"{where}: model_type is {d.get('model_type')!r}, expected 'qwen2_5_vl' (Qwen2.5-VL)")
+        tc = d.get("text_config") or {}
+
+        def text(key, default=None):  # nested value first, then the flat top-level one
+            return tc[key] if key in tc else d.get(key, default)
+
+        for sub, act in (("text", text("hidden_act", "silu")), ("vision", (d.get("vision_config") or {}).get("hidden_act", "silu"))):
+            if act != "silu":
+                raise ValueError(f"{where}: {sub} hidden_act is {act!r}, only 'silu' is supported")
+        if text("use_sliding_window", False):
+            raise ValueError(f"{where}: use_sliding_window=true is not supported")
+        rope = text("rope_parameters") or text("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ValueError(f"{where}: rope type {rope_type!r} is not supported (only default M-RoPE)")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if text(key) is None:
+                raise ValueError(f"{where}: missing field {key!r} (text config)")
+        tie = d.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)) or tc.get("tie_word_embeddings", False)
+        t = TextConfig(
+            vocab_size=text("vocab_size"),
+            hidden_size=text("hidden_size"),
+            intermediate_size=text("intermediate_size"),
+            num_hidden_layers=text("num_hidden_layers"),
+            num_attention_heads=text("num_attention_heads"),
+            num_key_value_heads=text("num_key_value_heads") or text("num_attention_heads"),
+            rms_norm_eps=text("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", text("rope_theta", 1e6))),
+            mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
+            tie_word_embeddings=bool(tie),
+            max_position_embeddings=text("max_position_embeddings", 128000),
+        )
+        vc = d.get("vision_config")
+        if not vc:
+            raise ValueError(f"{where}: missing field 'vision_config'")
+        dv = VisionConfig()
+        v = VisionConfig(
+            depth=vc.get("depth", dv.depth),
+            hidden_size=vc.get("hidden_size", dv.hidden_size),
+            intermediate_size=vc.get("intermediate_size", dv.intermediate_size),
+            num_heads=vc.get("num_heads", dv.num_heads),
+            out_hidden_size=vc.get("out_hidden_size", t.hidden_size),
+            patch_size=vc.get("patch_size", dv.patch_size),
+            spatial_merge_size=vc.get("spatial_merge_size", dv.spatial_merge_size),
+            temporal_patch_size=vc.get("temporal_patch_size", dv.temporal_patch_size),
+            window_size=vc.get("window_size", dv.window_size),
+            fullatt_block_indexes=list(vc.get("fullatt_block_indexes", dv.fullatt_block_indexes)),
+            in_channels=vc.get("in_channels", vc.get("in_chans", dv.in_channels)),
+            tokens_per_second=vc.get("tokens_per_second", dv.tokens_per_second),
+        )
+        if v.out_hidden_size != t.hidden_size:
+            raise ValueError(f"{where}: vision_config.out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
+        dm = cls()
+        return cls(
+            text=t, vision=v,
+            image_token_id=d.get("image_token_id", dm.image_token_id),
+            video_token_id=d.get("video_token_id", dm.video_token_id),
+            vision_start_token_id=d.get("vision_start_token_id", dm.vision_start_token_id),
+            vision_end_token_id=d.get("vision_end_token_id", dm.vision_end_token_id),
+            eos_token_id=text("eos_token_id", dm.eos_token_id),
+            pad_token_id=text("pad_token_id", None),
+        ).validate(where)
+
+    def to_hf(self, dtype="float32") -> dict:
+        """config.json in the transformers-5 layout (Qwen2_5_VLConfig)."""
+        t, v = self.text, self.vision
+        text_config = {
+            "model_type": "qwen2_5_vl_text",
+            "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps, "hidden_act": "silu",
+            "max_position_embeddings": t.max_position_embeddings, "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+            "bos_token_id": None, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "tie_word_embeddings": t.tie_word_embeddings, "dtype": dtype,
+        }
+        vision_config = {
+            "model_type": "qwen2_5_vl_vision", "hidden_act": "silu",
+            "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads, "out_hidden_size": v.out_hidden_size, "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+            "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "in_channels": v.in_channels, "tokens_per_second": v.tokens_per_second,
+        }
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            "text_config": text_config, "vision_config": vision_config,
+            "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "tie_word_embeddings": t.tie_word_embeddings, "dtype": dtype,
+        }
+
+
+def tiny_config(vocab_size=1024, image_token_id=None, vision_start_token_id=None, vision_end_token_id=None,
+                eos_token_id=None, **overrides) -> ModelConfig:
+    """A few-million-parameter Qwen2.5-VL for CPU. Special token ids default to the top of the
+    vocab. overrides: any TextConfig / VisionConfig field by name (vision ones prefixed 'vision_',
+    e.g. vision_depth=1), or a ModelConfig field."""
+    text = TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6],
+                      tie_word_embeddings=True, max_position_embeddings=4096)
+    vision = VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                          window_size=112, fullatt_block_indexes=[1])
+    cfg = ModelConfig(text=text, vision=vision,
+                      image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
+                      video_token_id=vocab_size - 2,
+                      vision_start_token_id=vocab_size - 3 if vision_start_token_id is None else vision_start_token_id,
+                      vision_end_token_id=vocab_size - 4 if vision_end_token_id is None else vision_end_token_id,
+                      eos_token_id=vocab_size - 5 if eos_token_id is None else eos_token_id)
+    for k, val in overrides.items():
+        if k.startswith("vision_") and hasattr(vision, k[len("vision_"):]):
+            setattr(vision, k[len("vision_"):], val)
+        elif hasattr(text, k):
+            setattr(text, k, val)
+        elif hasattr(cfg, k):
+            setattr(cfg, k, val)
+        else:
+            raise ValueError(f"tiny_config: unknown field {k!r}")
+    vision.out_hidden_size = text.hidden_size
+    return cfg.validate("tiny_config")
+
+
+def count_params(model, trainable_only=False) -> int:
+    """Number of parameters (tied weights counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
+# -----------------------------------------------------------------------------------------------
+# shared pieces
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+# -----------------------------------------------------------------------------------------------
+# vision tower
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel == stride over one (C, T, P, P) patch == a Linear on the flattened patch."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
+
+    def forward(self, x):  # (N, C*T*P*P) -> (N, D)
+        w = self.proj.weight  # (D, C, T, P, P), checkpoint layout
+        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_head = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x, cos, sin, mask):  # x (N, D), cos/sin (N, hd), mask (N, N) bool
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.n_head, D // self.n_head).unbind(1)  # each (N, H, hd)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
+        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(0, 1).reshape(N, D))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, 1e-6)
+        self.norm2 = RMSNorm(cfg.hidden_size, 1e-6)
+        self.attn = VisionAttention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm each patch, concatenate the 2x2 consecutive patches, 2-layer GELU MLP to the text width."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.dim, self.dim), nn.GELU(), nn.Linear(self.dim, cfg.out_hidden_size))
+
+    def forward(self, x):  # (N, D) -> (N/4, out)
+        return self.mlp(self.ln_q(x).view(-1, self.dim))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg)
+
+    def patch_positions(self, grid_thw):
+        """(row, col) of each patch in the processor's block-major order -> (N, 2) long."""
+        m = self.cfg.spatial_merge_size
+        out = []
+        for t, h, w in grid_thw.tolist():
+            hh = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+            ww = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+            # block-major: (block row, block col, row in block, col in block)
+            hh, ww = hh.permute(0, 2, 1, 3).flatten(), ww.permute(0, 2, 1, 3).flatten()
+            out.append(torch.stack([hh, ww], dim=-1).repeat(t, 1))
+        return torch.cat(out)
+
+    def window_order(self, grid_thw):
+        """Order of the merged units window by window -> (window_index (M,), window_id (M,), frame_id (M,)),
+        all indexed in the new order. M = number of merged units (= image tokens)."""
+        cfg = self.cfg
+        m = cfg.spatial_merge_size
+        win = cfg.window_size // m // cfg.patch_size  # window side, in merged units
+        index, window_id, frame_id = [], [], []
+        offset, n_win, n_frame = 0, 0, 0
+        for t, h, w in grid_thw.tolist():
+            gh, gw = h // m, w // m
+            units = torch.arange(t * gh * gw).view(t, gh, gw) + offset
+            for f in range(t):
+                for r in range(0, gh, win):
+                    for c in range(0, gw, win):
+                        idx = units[f, r:r + win, c:c + win].flatten()
+                        index.append(idx)
+                        window_id.append(torch.full_like(idx, n_win))
+                        frame_id.append(torch.full_like(idx, n_frame))
+                        n_win += 1
+                n_frame += 1
+            offset += t * gh * gw
+        return torch.cat(index), torch.cat(window_id), torch.cat(frame_id)
+
+    def rotary(self, pos, head_dim, device):  # pos (N, 2) -> cos, sin (N, head_dim) float32
+        dim = head_dim // 2
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        freqs = pos.to(device).float()[:, :, None] * inv_freq  # (N, 2, head_dim/4)
+        emb = freqs.flatten(1)  # (N, head_dim/2): [rows | cols]
+        emb = torch.cat([emb, emb], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, pixel_values, grid_thw):  # (N, C*T*P*P), (n_img, 3) -> (N/4, out_hidden)
+        cfg = self.cfg
+        unit = cfg.spatial_merge_size**2
+        device = pixel_values.device
+        grid_thw = grid_thw.cpu()
+        n_expected = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != n_expected:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says {n_expected}")
+        x = self.patch_embed(pixel_values)  # (N, D)
+        cos, sin = self.rotary(self.patch_positions(grid_thw), cfg.hidden_size // cfg.num_heads, device)
+        # reorder patches window by window (the patches of a merged unit stay together)
+        window_index, window_id, frame_id = self.window_order(grid_thw)
+        perm = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)  # (N,)
+        x, cos, sin = x[perm], cos[perm], sin[perm]
+        window_id = window_id.repeat_interleave(unit).to(device)
+        frame_id = frame_id.repeat_interleave(unit).to(device)
+        window_mask = window_id[:, None] == window_id[None, :]  # (N, N) block diagonal
+        full_mask = frame_id[:, None] == frame_id[None, :]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, full_mask if i in cfg.fullatt_block_indexes else window_mask)
+        x = self.merger(x)  # (M, out) in window order
+        return x[torch.argsort(window_index.to(device))]  # back to the processor's order
+
+
+# -----------------------------------------------------------------------------------------------
+# text decoder
+
+
+def mrope_cos_sin(position_ids, cfg: TextConfig, dtype):
+    """position_ids (3, B, T) -> cos, sin (B, T, head_dim): frequency chunk i of mrope_section is
+    rotated by axis i % 3 (t, h, w)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=position_ids.device) / hd))
+    freqs = position_ids.float()[..., None] * inv_freq  # (3, B, T, hd/2)
+    chunks = freqs.split(cfg.mrope_section, dim=-1)
+    freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, cache_pos):  # x (B, T, C); mask (B|1, 1, T, S) bool or None
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            end = cache_pos + T
+            cache.k[self.layer_idx, :, :, cache_pos:end] = k
+            cache.v[self.layer_idx, :, :, cache_pos:end] = v
+            k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]  # (B, Hkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Static KV cache: k, v (num_layers, B, n_kv_heads, max_len, head_dim), plus rope_deltas (B, 1)
+    written by the prefill forward (decode position of sequence index s = s + rope_deltas)."""
+
+    def __init__(self, config: ModelConfig, batch_size, max_len, device="cpu", dtype=torch.float32):
+        t = config.text
+        shape = (t.num_hidden_layers, batch_size, t.num_key_value_heads, max_len, t.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rope_deltas = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self):
+        return self.k.shape[1]
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def select(self, rows):
+        """Keep only these batch rows (LongTensor / list / bool mask); returns self."""
+        rows = torch.as_tensor(rows, device=self.k.device)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().flatten()
+        self.k, self.v, self.rope_deltas = self.k[:, rows], self.v[:, rows], self.rope_deltas[rows]
+        return self
+
+    def repeat_interleave(self, n):
+        """Each row repeated n times in place (prompt-major: r0, r0, .., r1, r1, ..); returns self."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.rope_deltas = self.rope_deltas.repeat_interleave(n, dim=0)
+        return self
+
+
+# -----------------------------------------------------------------------------------------------
+# the model
+
+
+class Qwen2_5_VL(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        t = config.text
+        self.visual = VisionTower(config.vision)
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(t, i) for i in range(t.num_hidden_layers)])
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(mod):  # as transformers: normal(0, 0.02), zero biases, unit norms
+        if isinstance(mod, (nn.Linear, nn.Conv3d, nn.Embedding)):
+            nn.init.normal_(mod.weight, std=0.02)
+            if getattr(mod, "bias", None) is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, RMSNorm):
+            nn.init.ones_(mod.weight)
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def get_rope_index(self, input_ids, image_grid_thw=None, attention_mask=None):
+        """M-RoPE ids -> (position_ids (3, B, T), rope_deltas (B, 1)).
+        Per row, over the non-padded tokens: text advances by 1 on all axes; an image's tokens get
+        (t, h, w) = start + grid coordinates of their merged patch, and the text after it starts at
+        start + max(gh, gw). Padded tokens get 0. rope_deltas = max position + 1 - T."""
+        cfg = self.config
+        m = cfg.vision.spatial_merge_size
+        B, T = input_ids.shape
+        position_ids = torch.zeros(3, B, T, dtype=torch.long)
+        deltas = torch.zeros(B, 1, dtype=torch.long)
+        grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+        ids_cpu = input_ids.cpu()
+        keep_all = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+        g = 0  # next image grid
+        for b in range(B):
+            ids = ids_cpu[b][keep_all[b]]
+            is_img = ids == cfg.image_token_id
+            # runs of equal is_img: boundaries where the value changes
+            change = (is_img[1:] != is_img[:-1]).nonzero().flatten() + 1
+            bounds = [0] + change.tolist() + [len(ids)]
+            pos, cur = [], 0
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                if not is_img[s]:
+                    pos.append(torch.arange(cur, cur + e - s).expand(3, -1))
+                    cur += e - s
+                    continue
+                while s < e:  # one run may hold several images back to back
+                    if g >= len(grids):
+                        raise ValueError(f"row {b}: more image tokens than images in image_grid_thw ({len(grids)})")
+                    t, h, w = grids[g]
+                    gh, gw = h // m, w // m
+                    n = t * gh * gw
+                    if s + n > e:
+                        raise ValueError(f"row {b}: image {g} needs {n} image tokens, found {e - s}")
+                    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                    pos.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+                    cur += max(gh, gw)
+                    g, s = g + 1, s + n
+            row = torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)
+            position_ids[:, b, keep_all[b]] = row
+            deltas[b, 0] = (row.max() + 1 if row.numel() else 0) - T
+        if g != len(grids):
+            raise ValueError(f"image_grid_thw has {len(grids)} images but input_ids hold image tokens for {g}")
+        return position_ids.to(input_ids.device), deltas.to(input_ids.device)
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
+                cache=None, cache_pos=0, logits_to_keep=0):
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if pixel_values is not None:
+            if cache is not None and cache_pos > 0:
+                raise ValueError("images are only supported in the prefill (cache_pos == 0)")
+            img = self.visual(pixel_values, image_grid_thw).to(x.dtype)  # (n_img_tokens, C)
+            is_img = input_ids == self.config.image_token_id  # (B, T)
+            n = int(is_img.sum())
+            if n != img.shape[0]:
+                raise ValueError(f"input_ids hold {n} image tokens (id {self.config.image_token_id}) "
+                                 f"but the images give {img.shape[0]} (image_grid_thw {image_grid_thw.tolist()})")
+            x = x.masked_scatter(is_img[..., None], img)
+
+        # positions: prefill/full forward -> rope index; decode -> cache index + rope_deltas
+        if position_ids is None:
+            if cache is None or cache_pos == 0:
+                position_ids, deltas = self.get_rope_index(input_ids, image_grid_thw, attention_mask)
+                if cache is not None:
+                    cache.rope_deltas = deltas
+            else:
+                pos = torch.arange(cache_pos, cache_pos + T, device=x.device)[None, :] + cache.rope_deltas  # (B, T)
+                position_ids = pos[None].expand(3, B, T)
+        cos, sin = mrope_cos_sin(position_ids, self.config.text, x.dtype)  # (B, T, hd)
+
+        # mask (B|1, 1, T, S): causal, and no attention to padded keys (a padded query still sees
+        # itself, so its row stays finite); None = plain causal
+        mask = None
+        if cache is not None or attention_mask is not None:
+            S = cache_pos + T if cache is not None else T
+            q_pos = torch.arange(cache_pos, cache_pos + T, device=x.device) if cache is not None else torch.arange(T, device=x.device)
+            k_pos = torch.arange(S, device=x.device)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+            if attention_mask is not None:
+                if attention_mask.shape[0] != B or attention_mask.shape[1] < S:
+                    raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
+                keys = attention_mask[:, None, None, :S].bool()
+                mask = (mask & keys) | (k_pos[None, :] == q_pos[:, None])[None, None]
+
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, cache_pos)
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)  # (B, T or k, vocab)
+
+
+# -----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _key_to_ours(key):
+    """checkpoint key (either layout) -> our state_dict key, or None if it is not one of ours."""
+    for prefix, new in (("model.language_model.", ""), ("model.visual.", "visual."), ("model.", ""),
+                        ("visual.", "visual."), ("lm_head.", "lm_head.")):
+        if key.startswith(prefix):
+            return new + key[len(prefix):]
+    return None
+
+
+def _key_to_hf(key):
+    """our state_dict key -> transformers-5 key."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("lm_head."):
+        return key
+    return "model.language_model." + key
+
+
+def read_config(path) -> ModelConfig:
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: not found (is {path} a Qwen2.5-VL checkpoint directory?)")
+    with open(file) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    return ModelConfig.from_hf(d, where=file)
+
+
+def _checkpoint_files(path):
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index}: no 'weight_map'")
+        return [os.path.join(path, fn) for fn in sorted(set(weight_map.values()))]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32) -> Qwen2_5_VL:
+    """Build on the meta device, then load every tensor straight to device/dtype."""
+    from safetensors import safe_open
+
+    config = read_config(path)
+    with torch.device("meta"):
+        model = Qwen2_5_VL(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = config.text.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")
+    sd = {}
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                ours = _key_to_ours(key)
+                if ours == "lm_head.weight" and tied:
+                    continue  # tied to embed_tokens; some checkpoints store a copy
+                if ours not in expected:
+                    raise ValueError(f"{file}: unexpected tensor {key!r} (not part of Qwen2.5-VL with this config.json)")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[ours]):
+                    raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(expected[ours])} from config.json")
+                sd[ours] = t.to(dtype)
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), first: {_key_to_hf(missing[0])!r} "
+                         f"(all: {[_key_to_hf(k) for k in missing[:10]]})")
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def save_pretrained(model, path, tokenizer_dir=None, state_dict=None):
+    """Atomic: write everything to path + '.tmp', then rename into place. transformers-5 layout.
+    state_dict: a full (gathered) state dict with our keys, e.g. from FSDP on rank 0."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    sd = model.state_dict() if state_dict is None else state_dict
+    tensors = {}
+    for k, v in sd.items():
+        if k == "lm_head.weight" and config.text.tie_word_embeddings:
+            continue
+        tensors[_key_to_hf(k)] = v.detach().to("cpu").contiguous()
+    dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    path = os.path.abspath(path.rstrip("/"))
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config.to_hf(dtype), f, indent=2)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    return path
