@@ -1,0 +1,489 @@
+"""SRPO reward (reflection-aware GRPO, stage 2) and the plain-GRPO baseline reward.
+
+A policy response in the SRPO two-pass format looks like
+
+    <think>first reasoning</think> <answer>a1</answer>
+    <reflection>critique of the first attempt</reflection>
+    <think>second reasoning</think> <answer>a2</answer>
+
+srpo_reward pays, with every constant a field of RewardConfig (defaults = the official code):
+
+    format    0.5 if the whole response is exactly that sequence (whitespace between blocks,
+              every block non-empty, nothing after the last </answer>), else 0
+    accuracy  two passes (a reflection between the first and the last <answer> block):
+                  wrong->right 1.0, right->right 0.75, right->wrong 0.25, wrong->wrong 0.0
+              one answer only (no reflection between two answers): 0.5 if the last answer is
+                  right, else 0   (the official code gives 0 here even when right - fixed)
+              no non-empty <answer> block: 0
+    length    two-pass only: S = tokens(first think) + tokens(first answer), T = 2S, Tmax = 2.5S,
+              L = tokens(whole response), r_len = exp(-(|L - T| / (Tmax - T))^2);
+              S = 0 (no first attempt to compare with) pays 0.
+    total     format + accuracy + 0.1 * length
+
+grpo_reward (the baseline grpo.py can select) pays format_reward (0.5) if the response is exactly
+<think>...</think><answer>...</answer> (same whitespace / non-empty rules) plus grpo_correct (1.0)
+if the LAST non-empty <answer> block matches the ground truth. No reflection or length terms.
+
+Token counts come from count_tokens (pass len(tokenizer.encode(s)) of the policy tokenizer).
+If none is given, default_count_tokens counts words and single punctuation characters
+(regex \\w+|[^\\w\\s]) - a rough stand-in, fine for tests, not for training.
+
+Answer matching (answers_match), after unwrapping the last \\boxed{}, $...$, "The answer is",
+"Answer:", trailing dots:
+  * multiple choice: a ground truth that is one capital letter ("B", "(B)", "B.") or, when the
+    options are given, the text of one option. The prediction's letter ("B", "(B)", "B.", "B)",
+    "(B) 12 cm", "\\boxed{B}", "The answer is B") must equal it; a prediction without a letter is
+    compared with the options' texts.
+  * numbers (integers, decimals with thousands commas, a/b and \\frac{a}{b}, percentages, known
+    units stripped): exact rational comparison with relative tolerance rel_tol; x% also matches x/100.
+  * words ("red", "yes"): case-, punctuation- and article-insensitive string equality.
+  * everything else: math-verify parse + verify, run in a helper process with a hard deadline
+    (math-verify's own signal timeout only works in the main thread, and sympy can hang).
+A ground truth none of these can read raises BadGroundTruth. An unreadable prediction is wrong.
+"""
+import math
+import multiprocessing as mp
+import re
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Optional
+
+
+@dataclass
+class RewardConfig:
+    format_reward: float = 0.5      # exact format (two-pass for srpo, single-pass for grpo)
+    w2r: float = 1.0                # wrong -> right
+    r2r: float = 0.75               # right -> right
+    r2w: float = 0.25               # right -> wrong
+    w2w: float = 0.0                # wrong -> wrong
+    single_correct: float = 0.5     # one answer only, correct
+    length_weight: float = 0.1
+    target_ratio: float = 2.0       # T_target = target_ratio * S
+    max_ratio: float = 2.5          # T_max = max_ratio * S
+    grpo_correct: float = 1.0       # plain GRPO baseline: final answer correct
+    rel_tol: float = 1e-6           # numeric answers: |p - g| <= rel_tol * max(1, |g|)
+    max_answer_chars: int = 1000    # longer answer blocks are wrong without being parsed
+    timeout_s: float = 2.0          # hard bound on math-verify work per response
+
+
+class BadGroundTruth(ValueError):
+    """The ground truth answer cannot be read: a data error, never a free reward."""
+
+
+# ----------------------------------------------------------------------------- parsing
+
+TAGS = ("think", "answer", "reflection")
+_TAG_RE = re.compile(r"<(/?)(think|answer|reflection)>")
+_EOS_RE = re.compile(r"(?:\s*<\|(?:im_end|endoftext)\|>)+\s*$")
+TWO_PASS = ["think", "answer", "reflection", "think", "answer"]
+ONE_PASS = ["think", "answer"]
+
+
+@dataclass
+class Parsed:
+    thinks: list          # contents of the well-formed non-empty <think> blocks, in order
+    answers: list         # contents of the well-formed non-empty <answer> blocks, in order
+    reflection: Optional[str]   # first non-empty <reflection> between first and last answer
+    first_think: str      # last <think> before the first answer ("" if none)
+    is_two_pass_format: bool
+    is_single_pass_format: bool
+    is_two_pass: bool     # >= 2 answers with a reflection between first and last (accuracy case)
+
+
+def _blocks(text):
+    """Well-formed blocks (name, content, start, end): an open tag directly followed by its close
+    tag (no other tag in between). Also returns the full tag sequence and whether only whitespace
+    lies outside the blocks. Linear in len(text)."""
+    tags = [(m.group(1) == "/", m.group(2), m.start(), m.end()) for m in _TAG_RE.finditer(text)]
+    blocks, clean, prev_end, i = [], True, 0, 0
+    while i < len(tags):
+        is_close, name, s, e = tags[i]
+        if not is_close and i + 1 < len(tags) and tags[i + 1][0] and tags[i + 1][1] == name:
+            if text[prev_end:s].strip():
+                clean = False
+            blocks.append((name, text[e:tags[i + 1][2]], s, tags[i + 1][3]))
+            prev_end = tags[i + 1][3]
+            i += 2
+        else:
+            clean = False   # stray / nested / unbalanced tag
+            i += 1
+    if text[prev_end:].strip():
+        clean = False
+    return blocks, clean
+
+
+def _exact_format(blocks, clean, names):
+    return (clean and [b[0] for b in blocks] == names
+            and all(b[1].strip() for b in blocks))
+
+
+def parse_response(text: str) -> Parsed:
+    """Split a response into its blocks and decide its format; never raises."""
+    text = _EOS_RE.sub("", text if isinstance(text, str) else "")
+    blocks, clean = _blocks(text)
+    good = [b for b in blocks if b[1].strip()]
+    answers = [b for b in good if b[0] == "answer"]
+    thinks = [b for b in good if b[0] == "think"]
+    reflection, first_think = None, ""
+    if answers:
+        before = [b for b in thinks if b[3] <= answers[0][2]]
+        first_think = before[-1][1] if before else ""
+    if len(answers) >= 2:
+        lo, hi = answers[0][3], answers[-1][2]
+        refl = [b for b in good if b[0] == "reflection" and lo <= b[2] and b[3] <= hi]
+        reflection = refl[0][1] if refl else None
+    return Parsed(
+        thinks=[b[1] for b in thinks], answers=[b[1] for b in answers], reflection=reflection,
+        first_think=first_think,
+        is_two_pass_format=_exact_format(blocks, clean, TWO_PASS),
+        is_single_pass_format=_exact_format(blocks, clean, ONE_PASS),
+        is_two_pass=reflection is not None)
+
+
+# ----------------------------------------------------------------------------- answer cleaning
+
+def unwrap_boxed(s: str) -> str:
+    """Content of the last \\boxed{...} / \\fbox{...} (balanced braces); s itself if none."""
+    start = max(s.rfind("\\boxed{"), s.rfind("\\fbox{"))
+    if start < 0:
+        return s
+    i = s.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[j], 0)
+        if depth == 0:
+            return s[i:j]
+    return s   # unbalanced: leave it to the later stages
+
+
+_LEAD_RE = re.compile(r"(?:answer|option|choice)\s*(?:is\s*:?|:)\s*", re.I)
+_DELIMS = [("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")]
+
+
+def clean_answer(s: str) -> str:
+    """Strip the wrapping people and models put around an answer value."""
+    s = unwrap_boxed(s.strip())
+    last = None
+    for last in _LEAD_RE.finditer(s):
+        pass
+    if last is not None:
+        s = s[last.end():]
+    s = unwrap_boxed(s.strip())
+    for _ in range(2):
+        s = s.strip().rstrip(".").strip()
+        for a, b in _DELIMS:
+            if len(s) > len(a) + len(b) and s.startswith(a) and s.endswith(b):
+                s = s[len(a):-len(b)]
+    s = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
+    return s.strip().rstrip(".").strip()
+
+
+_LETTER_ONLY = re.compile(r"\(?([A-Za-z])\)?[.):]?")
+_LETTER_LEAD = re.compile(r"(?:\(([A-Z])\)|([A-Z])[.):])\s+\S")
+
+
+def letter_of(s: str, n_options: int = 26) -> Optional[str]:
+    """The choice letter a cleaned answer names ("B", "(B)", "B.", "B)", "b", "(B) 12"), or None."""
+    m = _LETTER_ONLY.fullmatch(s)
+    letter = m.group(1).upper() if m else None
+    if letter is None:
+        m = _LETTER_LEAD.match(s)
+        letter = (m.group(1) or m.group(2)) if m else None
+    if letter is not None and ord(letter) - ord("A") < n_options:
+        return letter
+    return None
+
+
+_UNITS = (r"cm|mm|km|m|kg|g|mg|s|sec|seconds?|mins?|minutes?|h|hrs?|hours?|days?|weeks?|"
+          r"months?|years?|degrees?|deg|units?|inch(?:es)?|in|ft|feet|foot|yards?|miles?|mph|"
+          r"km/h|m/s|l|ml|liters?|litres?|dollars?|cents?|pounds?|lbs?|meters?|metres?|"
+          r"centimeters?|millimeters?|kilometers?|grams?|kilograms?|points?|people|persons?|"
+          r"times|items?|objects?|shapes?")
+_UNIT_RE = re.compile(r"(.*?\d)\s*(?:\\,|\\ |~)?\s*(?:" + _UNITS + r")(?:\^?\{?[23]\}?|²|³)?", re.I)
+_NUM_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
+_FRAC_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)|([+-]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}")
+
+
+def number_of(s: str):
+    """(Fraction value, is_percent) of a plain number with optional unit / %, else None."""
+    s = s.replace("\\%", "%").replace("\\!", "").replace("{,}", ",")
+    s = re.sub(r"\^\{?\\circ\}?|°", "", s).strip()
+    if s.startswith("\\$") or (s.startswith("$") and "$" not in s[1:]):
+        s = s.lstrip("\\$").strip()
+    m = _UNIT_RE.fullmatch(s)
+    if m:
+        s = m.group(1)
+    pct = s.endswith("%")
+    s = s.rstrip("%").strip()
+    if _NUM_RE.fullmatch(s):
+        return Fraction(s.replace(",", "")), pct
+    m = _FRAC_RE.fullmatch(s)
+    if m:
+        num, den = (int(m.group(1)), int(m.group(2))) if m.group(1) else \
+            (int(m.group(3) + m.group(4)), int(m.group(5)))
+        return (Fraction(num, den), pct) if den != 0 else None
+    return None
+
+
+def numbers_equal(p, g, rel_tol: float) -> bool:
+    pv = [p[0], p[0] / 100] if p[1] else [p[0]]
+    gv = [g[0], g[0] / 100] if g[1] else [g[0]]
+    return any(abs(a - b) <= Fraction(rel_tol) * max(1, abs(b)) for a in pv for b in gv)
+
+
+_WORDS_RE = re.compile(r"[A-Za-z][A-Za-z '\-]*")
+
+
+def words_of(s: str) -> str:
+    s = re.sub(r"[^a-z0-9 ]", " ", s.casefold())
+    return " ".join(w for w in s.split() if w not in ("a", "an", "the"))
+
+
+# ----------------------------------------------------------------------------- math-verify helper process
+
+def _mv_wrap(s: str) -> str:
+    return s if ("$" in s or "\\(" in s or "\\[" in s) else "$" + s + "$"
+
+
+def _worker_loop(conn, timeout_s):
+    """Helper process: math-verify with its own (main-thread) signal timeout, gt parses cached."""
+    import logging
+    from math_verify import parse, verify
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    t = max(1, math.ceil(timeout_s))
+    gt_cache = {}
+    while True:
+        try:
+            gt, preds = conn.recv()
+        except EOFError:
+            return
+        try:
+            if gt not in gt_cache:
+                parsed = parse(_mv_wrap(gt), parsing_timeout=t)
+                if len(gt_cache) > 4096:
+                    gt_cache.clear()
+                gt_cache[gt] = parsed if any(not isinstance(x, str) for x in parsed) else None
+            g = gt_cache[gt]
+            if g is None:
+                conn.send(("bad", None))
+                continue
+            out = [bool(verify(g, parse(_mv_wrap(p), parsing_timeout=t), timeout_seconds=t))
+                   for p in preds]
+            conn.send(("ok", out))
+        except Exception:   # math-verify is meant not to raise; if it does, the answers are wrong
+            conn.send(("ok", [False] * len(preds)))
+
+
+class _MathVerifier:
+    """One long-lived helper process running math-verify; a call that passes its deadline kills it
+    (a fresh one starts on the next call). Safe to call from any thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc = self.conn = None
+        self.timeout_s = None
+
+    def _start(self, timeout_s):
+        import math_verify  # noqa: F401  imported before the fork, so a restart costs milliseconds
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_loop, args=(child, timeout_s), daemon=True)
+        self.proc.start()
+        child.close()
+        self.timeout_s = timeout_s
+
+    def _kill(self):
+        self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+        self.proc = self.conn = None
+
+    def __call__(self, gt: str, preds: list, timeout_s: float):
+        """("ok", [bool per pred]) | ("bad", None) | ("timeout", None)."""
+        with self.lock:
+            if self.proc is not None and (not self.proc.is_alive() or self.timeout_s != timeout_s):
+                self._kill()
+            if self.proc is None:
+                self._start(timeout_s)
+            self.conn.send((gt, preds))
+            if self.conn.poll(timeout_s):
+                try:
+                    return self.conn.recv()
+                except EOFError:
+                    pass
+            self._kill()
+            return ("timeout", None)
+
+
+_MV = _MathVerifier()
+_GOOD_GT = set()   # (cleaned gt, timeout) that math-verify parsed: skip re-checking them
+
+
+# ----------------------------------------------------------------------------- answer matching
+
+def _options_dict(options):
+    """options: list of texts (A, B, C, ...) or dict letter -> text. Returns {letter: text}."""
+    if options is None:
+        return {}
+    if isinstance(options, dict):
+        items = [(str(k).strip().strip("()."), str(v)) for k, v in options.items()]
+    else:
+        items = [(chr(ord("A") + i), str(v)) for i, v in enumerate(options)]
+    return {k.upper(): re.sub(r"^\(?[A-Z][.):]\s+", "", v.strip()) for k, v in items}
+
+
+class _Matcher:
+    """Answer matcher for one ground truth; decides the ground truth's kind once."""
+
+    def __init__(self, gt, options, cfg):
+        if not isinstance(gt, (str, int, float)) or isinstance(gt, bool):
+            raise BadGroundTruth(f"ground truth {gt!r} is not a string or number")
+        self.cfg, self.raw = cfg, str(gt)
+        self.opts = _options_dict(options)
+        self.g = clean_answer(self.raw)
+        if not self.g or len(self.g) > cfg.max_answer_chars or "\x00" in self.g:
+            raise BadGroundTruth(f"ground truth {self.raw[:80]!r} is empty, too long or binary")
+        self.letter = letter_of(self.g, len(self.opts) or 26) if self.g[0].isupper() or \
+            self.g[0] == "(" else None
+        if self.letter is None and self.opts:   # gt is an option's text
+            self.letter = next((k for k, v in self.opts.items() if self._value(v, self.g)), None)
+        self.num = number_of(self.g)
+        self.is_words = self.num is None and bool(_WORDS_RE.fullmatch(self.g))
+        if self.letter is None and self.num is None and not self.is_words \
+                and (self.g, cfg.timeout_s) not in _GOOD_GT:
+            status = _MV(self.g, [], cfg.timeout_s)[0]
+            if status != "ok":
+                raise BadGroundTruth(f"ground truth {self.raw[:80]!r} cannot be parsed "
+                                     f"(no choice letter, number, word or math-verify expression"
+                                     f"{'; timed out' if status == 'timeout' else ''})")
+            if len(_GOOD_GT) > 4096:
+                _GOOD_GT.clear()
+            _GOOD_GT.add((self.g, cfg.timeout_s))
+
+    def _value(self, p, g, mv_results=None):
+        """p, g cleaned. Numbers, then words, then (if mv_results is a list) defer to math-verify."""
+        pn, gn = number_of(p), number_of(g)
+        if pn is not None and gn is not None:
+            return numbers_equal(pn, gn, self.cfg.rel_tol)
+        if gn is None and _WORDS_RE.fullmatch(g):
+            return words_of(p) == words_of(g) and bool(words_of(g))
+        return None
+
+    def match_many(self, preds: list) -> list:
+        """Correctness of each prediction; math-verify work for all of them in one bounded call."""
+        out, pending = [], []
+        for p in preds:
+            p = clean_answer(p) if isinstance(p, str) and len(p) <= self.cfg.max_answer_chars else ""
+            if not p:
+                out.append(False)
+            elif self.letter is not None:
+                out.append(self._choice(p))
+            else:
+                v = self._value(p, self.g)
+                if v is None and not _WORDS_RE.fullmatch(p) and "\x00" not in p:
+                    pending.append((len(out), p))
+                out.append(bool(v))
+        if pending:
+            g = self.g if self.num is None else _unit_free(self.g)
+            status, res = _MV(g, [_unit_free(p) for _, p in pending], self.cfg.timeout_s)
+            if status == "bad":
+                raise BadGroundTruth(f"ground truth {self.raw[:80]!r} cannot be parsed by math-verify")
+            for (i, _), r in zip(pending, res or [False] * len(pending)):
+                out[i] = bool(r)
+        return out
+
+    def _choice(self, p):
+        letter = letter_of(p, len(self.opts) or 26)
+        if letter is None and self.opts:   # the option's text instead of its letter
+            letter = next((k for k, v in self.opts.items() if self._value(p, clean_answer(v))), None)
+        return letter == self.letter
+
+
+def _unit_free(s):
+    m = _UNIT_RE.fullmatch(s)
+    return m.group(1) if m and number_of(m.group(1)) is not None else s
+
+
+def answers_match(pred: str, gt, options=None, cfg: RewardConfig = RewardConfig()) -> bool:
+    """True if pred names the same answer as gt. Raises BadGroundTruth if gt cannot be read."""
+    return _Matcher(gt, options, cfg).match_many([pred])[0]
+
+
+# ----------------------------------------------------------------------------- rewards
+
+def default_count_tokens(text: str) -> int:
+    """Fallback token count: words and single punctuation characters. Use the policy tokenizer."""
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+def length_reward(s_tokens: int, l_tokens: int, cfg: RewardConfig = RewardConfig()) -> float:
+    """exp(-(|L - T| / (Tmax - T))^2), T = target_ratio*S, Tmax = max_ratio*S; 0 when S = 0."""
+    target, tmax = cfg.target_ratio * s_tokens, cfg.max_ratio * s_tokens
+    if s_tokens <= 0 or tmax <= target:
+        return 0.0
+    return math.exp(-((abs(l_tokens - target) / (tmax - target)) ** 2))
+
+
+def _score(response, matcher, mode, count_tokens, cfg):
+    p = parse_response(response)
+    if not p.answers:
+        case, first_ok, final_ok = "none", False, False
+    else:
+        ends = [p.answers[0], p.answers[-1]] if p.is_two_pass else [p.answers[-1]]
+        res = matcher.match_many(ends)
+        first_ok, final_ok = res[0], res[-1]
+        case = ({(False, True): "w2r", (True, True): "r2r", (True, False): "r2w",
+                 (False, False): "w2w"}[(first_ok, final_ok)] if p.is_two_pass else "single")
+    if mode == "grpo":
+        fmt = cfg.format_reward if p.is_single_pass_format else 0.0
+        acc = cfg.grpo_correct if final_ok else 0.0
+        r_len = 0.0
+    else:
+        fmt = cfg.format_reward if p.is_two_pass_format else 0.0
+        acc = {"w2r": cfg.w2r, "r2r": cfg.r2r, "r2w": cfg.r2w, "w2w": cfg.w2w, "none": 0.0,
+               "single": cfg.single_correct if final_ok else 0.0}[case]
+        r_len = 0.0
+        if p.is_two_pass:
+            count = count_tokens or default_count_tokens
+            s = count(p.first_think) + count(p.answers[0])
+            r_len = length_reward(s, count(response if isinstance(response, str) else ""), cfg)
+    return dict(total=fmt + acc + cfg.length_weight * r_len, format=fmt, accuracy=acc,
+                length=r_len, first_correct=first_ok, final_correct=final_ok, case=case)
+
+
+def srpo_reward(response: str, gt, count_tokens: Optional[Callable[[str], int]] = None,
+                cfg: RewardConfig = RewardConfig(), options=None) -> dict:
+    """SRPO reward of one response: dict(total, format, accuracy, length, first_correct,
+    final_correct, case in w2r/r2r/r2w/w2w/single/none). Raises BadGroundTruth only."""
+    return _score(response, _Matcher(gt, options, cfg), "srpo", count_tokens, cfg)
+
+
+def grpo_reward(response: str, gt, cfg: RewardConfig = RewardConfig(), options=None) -> dict:
+    """Plain GRPO baseline: format_reward for the single-pass format + grpo_correct if the last
+    answer is right. Same keys as srpo_reward (length always 0; case for logging only)."""
+    return _score(response, _Matcher(gt, options, cfg), "grpo", None, cfg)
+
+
+def score_batch(responses: list, gts: list, mode: str = "srpo",
+                count_tokens: Optional[Callable[[str], int]] = None,
+                cfg: RewardConfig = RewardConfig(), options: Optional[list] = None) -> list:
+    """Rewards of a rollout batch (one gt, and optionally one options list, per response).
+    math-verify work is bounded by cfg.timeout_s per response. Raises BadGroundTruth naming the
+    index of the first unreadable ground truth."""
+    if mode not in ("srpo", "grpo"):
+        raise ValueError(f"score_batch: mode must be 'srpo' or 'grpo', got {mode!r}")
+    if len(responses) != len(gts) or (options is not None and len(options) != len(gts)):
+        raise ValueError(f"score_batch: {len(responses)} responses, {len(gts)} ground truths"
+                         + ("" if options is None else f", {len(options)} option lists"))
+    out, matchers = [], {}   # one matcher per distinct (gt, options): a group shares its gt
+    for i, (r, g) in enumerate(zip(responses, gts)):
+        opts = None if options is None else options[i]
+        try:
+            key = (repr(g), repr(opts))
+            if key not in matchers:
+                matchers[key] = _Matcher(g, opts, cfg)
+            out.append(_score(r, matchers[key], mode, count_tokens, cfg))
+        except BadGroundTruth as e:
+            raise BadGroundTruth(f"score_batch: ground truth #{i}: {e}") from None
+    return out
