@@ -34,8 +34,8 @@ Checkpoints. `from_pretrained` reads config.json (transformers-5 nested layout o
 hub layout) and model.safetensors (or a sharded index), in either key layout (hub:
 model.layers.*, visual.*; transformers-5: model.language_model.*, model.visual.*), building the
 model on the meta device and loading each tensor straight to the target device and dtype.
-`save_pretrained` writes the transformers-5 layout atomically, loadable by
-transformers.Qwen2_5_VLForConditionalGeneration.
+`save_pretrained` writes atomically what transformers' own save_pretrained writes (transformers-5
+nested config.json, hub key layout), loadable by transformers.Qwen2_5_VLForConditionalGeneration.
 """
 
 import json
@@ -659,12 +659,11 @@ def _key_to_ours(key):
 
 
 def _key_to_hf(key):
-    """our state_dict key -> transformers-5 key."""
-    if key.startswith("visual."):
-        return "model." + key
-    if key.startswith("lm_head."):
+    """our state_dict key -> checkpoint key, in the hub layout that transformers (4.x and 5.x)
+    itself writes: model.embed_tokens / model.layers.* / model.norm, visual.*, lm_head."""
+    if key.startswith(("visual.", "lm_head.")):
         return key
-    return "model.language_model." + key
+    return "model." + key
 
 
 def read_config(path) -> ModelConfig:
@@ -728,7 +727,8 @@ def from_pretrained(path, device="cpu", dtype=torch.float32) -> Qwen2_5_VL:
 
 
 def save_pretrained(model, path, tokenizer_dir=None, state_dict=None):
-    """Atomic: write everything to path + '.tmp', then rename into place. transformers-5 layout.
+    """Atomic: write everything to path + '.tmp', then rename into place. config.json in the
+    transformers-5 layout, tensors under the hub keys (as transformers 5 itself saves them).
     state_dict: a full (gathered) state dict with our keys, e.g. from FSDP on rank 0."""
     from safetensors.torch import save_file
 

@@ -1,0 +1,332 @@
+"""model.py against transformers' Qwen2_5_VLForConditionalGeneration (the oracle) on random tiny
+configs: logits, M-RoPE position ids, KV-cache decoding, checkpoint I/O in both directions and
+both key layouts, and the error messages for broken checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+import model as M
+
+VOCAB = 256
+IMG, VS, VE = 250, 251, 252  # image / vision start / vision end ids, inside the tiny vocab
+TOL = 1e-4
+
+
+def hf_config_dict(tie=True):
+    """A transformers-5 config.json written by hand (not by our to_hf): window 112 -> 4x4 merged units."""
+    return {
+        "model_type": "qwen2_5_vl",
+        "image_token_id": IMG, "video_token_id": 253, "vision_start_token_id": VS, "vision_end_token_id": VE,
+        "tie_word_embeddings": tie,
+        "text_config": {
+            "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "bos_token_id": None,
+            "eos_token_id": 254, "tie_word_embeddings": tie,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        },
+        "vision_config": {
+            "depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "out_hidden_size": 64,
+            "window_size": 112, "fullatt_block_indexes": [1], "patch_size": 14, "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+
+
+def make_hf(tie=True, seed=0):
+    torch.manual_seed(seed)
+    hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config_dict(tie))).eval()
+    with torch.no_grad():  # perturb everything (biases start at 0, norms at 1)
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, its save_pretrained dir, our model loaded from that dir)."""
+    hf = make_hf(tie=True)
+    path = str(tmp_path_factory.mktemp("hf_tied"))
+    hf.save_pretrained(path)
+    return hf, path, M.from_pretrained(path)
+
+
+def seq_with_images(grids, gen, text=(3, 4, 2)):
+    """text, <vs> image tokens <ve>, text, ... (one image per grid); ids of plain text are < 240."""
+    ids = torch.randint(0, 240, (text[0],), generator=gen).tolist()
+    for i, (t, h, w) in enumerate(grids):
+        ids += [VS] + [IMG] * (t * h * w // 4) + [VE]
+        ids += torch.randint(0, 240, (text[1 + i % (len(text) - 1)],), generator=gen).tolist()
+    return ids
+
+
+def pixels(grids, gen):
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.randn(n, 3 * 2 * 14 * 14, generator=gen), torch.tensor(grids)
+
+
+def left_pad(rows, pad=0):
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def hf_logits(hf, ids, pv=None, grid=None, mask=None):
+    # transformers computes M-RoPE only when told which tokens are image tokens
+    mm = (ids == IMG).int()
+    with torch.no_grad():
+        return hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, attention_mask=mask,
+                  mm_token_type_ids=mm).logits
+
+
+def test_text_only_matches_transformers(pair):
+    hf, _, ours = pair
+    ids = torch.randint(0, 240, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff < TOL
+
+
+def test_one_image_matches_transformers(pair):
+    hf, _, ours = pair
+    gen = torch.Generator().manual_seed(2)
+    grids = [[1, 12, 20]]  # 6x10 merged units -> 2x3 windows of 4x4 units, some partial
+    ids = torch.tensor([seq_with_images(grids, gen)])
+    pv, grid = pixels(grids, gen)
+    with torch.no_grad():
+        diff = (ours(ids, pv, grid) - hf_logits(hf, ids, pv, grid)).abs().max().item()
+    assert diff < TOL
+    # the image must matter (the test would be vacuous otherwise)
+    with torch.no_grad():
+        assert (ours(ids, pv + 1.0, grid) - ours(ids, pv, grid)).abs().max() > 1e-3
+
+
+def test_several_images_of_different_sizes_match_transformers(pair):
+    hf, _, ours = pair
+    gen = torch.Generator().manual_seed(3)
+    grids = [[1, 12, 20], [1, 4, 6], [1, 18, 10]]
+    ids = torch.tensor([seq_with_images(grids, gen)])
+    pv, grid = pixels(grids, gen)
+    with torch.no_grad():
+        diff = (ours(ids, pv, grid) - hf_logits(hf, ids, pv, grid)).abs().max().item()
+    assert diff < TOL
+
+
+def test_left_padded_batch_matches_transformers(pair):
+    hf, _, ours = pair
+    gen = torch.Generator().manual_seed(4)
+    g0, g2 = [[1, 12, 20]], [[1, 4, 6], [1, 10, 8]]
+    rows = [seq_with_images(g0, gen), torch.randint(0, 240, (9,), generator=gen).tolist(),
+            seq_with_images(g2, gen, text=(1, 2))]
+    ids, mask = left_pad(rows)
+    pv0, _ = pixels(g0, gen)
+    pv2, _ = pixels(g2, gen)
+    pv, grid = torch.cat([pv0, pv2]), torch.tensor(g0 + g2)
+    with torch.no_grad():
+        a = hf_logits(hf, ids, pv, grid, mask)
+        b = ours(ids, pv, grid, attention_mask=mask)
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max().item() < TOL
+    assert torch.isfinite(b).all()  # padded queries stay finite (no NaN leaking into losses)
+    # position ids equal transformers' on the real tokens
+    pos, deltas = ours.get_rope_index(ids, grid, mask)
+    hf_pos, _ = hf.model.get_rope_index(ids, (ids == IMG).int(), image_grid_thw=grid, attention_mask=mask)
+    assert torch.equal(pos[:, real], hf_pos[:, real])
+    # our rope_deltas continue each row at max + 1 after the padded length T
+    T = ids.shape[1]
+    for b_ in range(3):
+        assert T + deltas[b_, 0] == pos[:, b_].max() + 1
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+    _, _, ours = pair
+    gen = torch.Generator().manual_seed(5)
+    grids = [[1, 12, 20], [1, 4, 6]]
+    rows = [seq_with_images(grids[:1], gen), seq_with_images(grids[1:], gen, text=(2, 1))]
+    prompt, pmask = left_pad(rows)
+    pv, grid = pixels(grids, gen)
+    B, P, n_new, n = 2, prompt.shape[1], 5, 2  # n continuations per prompt
+    cont = torch.randint(0, 240, (B * n, n_new), generator=gen)
+    full_ids = torch.cat([prompt.repeat_interleave(n, 0), cont], dim=1)
+    full_mask = torch.cat([pmask.repeat_interleave(n, 0), torch.ones(B * n, n_new, dtype=torch.long)], dim=1)
+    full_grid = grid[[0, 0, 1, 1]]
+    pv_full = torch.cat([pv[:240], pv[:240], pv[240:], pv[240:]])
+    with torch.no_grad():
+        ref = ours(full_ids, pv_full, full_grid, attention_mask=full_mask)  # (B*n, P+n_new, V)
+        cache = M.KVCache(ours.config, B, P + n_new + 3, dtype=torch.float32)
+        last = ours(prompt, pv, grid, attention_mask=pmask, cache=cache, cache_pos=0, logits_to_keep=1)
+        assert (last[:, 0] - ref[::n, P - 1]).abs().max() < TOL
+        cache.repeat_interleave(n)
+        for i in range(n_new):
+            step = ours(cont[:, i:i + 1], attention_mask=full_mask[:, :P + i + 1], cache=cache, cache_pos=P + i)
+            assert (step[:, 0] - ref[:, P + i]).abs().max() < TOL, f"decode step {i}"
+        # drop rows (per-row stop): the remaining rows decode on unchanged
+        keep = torch.tensor([0, 3])
+        cache.select(keep)
+        extra = torch.randint(0, 240, (2, 1), generator=gen)
+        ids2 = torch.cat([full_ids[keep], extra], 1)
+        mask2 = torch.ones_like(ids2)
+        mask2[:, :P + n_new] = full_mask[keep]
+        ref2 = ours(ids2, torch.cat([pv[:240], pv[240:]]), grid, attention_mask=mask2)
+        step = ours(extra, attention_mask=mask2, cache=cache, cache_pos=P + n_new)
+        assert (step[:, 0] - ref2[:, -1]).abs().max() < TOL
+
+
+def test_our_checkpoint_loads_in_transformers(tmp_path):
+    cfg = M.tiny_config(vocab_size=VOCAB, image_token_id=IMG, vision_start_token_id=VS, vision_end_token_id=VE,
+                        eos_token_id=254, tie_word_embeddings=False, num_hidden_layers=2, vision_depth=2)
+    torch.manual_seed(6)
+    ours = M.Qwen2_5_VL(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "ours")
+    M.save_pretrained(ours, path)
+    M.save_pretrained(ours, path)  # overwriting an existing checkpoint works, nothing left behind
+    assert sorted(os.listdir(tmp_path)) == ["ours"] and sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    assert not hf.config.tie_word_embeddings
+    assert not torch.equal(hf.lm_head.weight, hf.model.language_model.embed_tokens.weight)
+    hf.save_pretrained(str(tmp_path / "hf"))  # same tensor names as transformers' own save
+    assert sorted(load_file(str(tmp_path / "hf" / "model.safetensors"))) == sorted(load_file(path + "/model.safetensors"))
+    gen = torch.Generator().manual_seed(7)
+    grids = [[1, 10, 12], [1, 6, 4]]
+    ids = torch.tensor([seq_with_images(grids, gen)])
+    pv, grid = pixels(grids, gen)
+    with torch.no_grad():
+        assert (ours(ids, pv, grid) - hf_logits(hf, ids, pv, grid)).abs().max() < TOL
+    # and back: our loader reads our own save
+    again = M.from_pretrained(path)
+    assert again.config == cfg
+    with torch.no_grad():
+        assert torch.equal(again(ids, pv, grid), ours(ids, pv, grid))
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers5"])
+def test_both_key_layouts_sharded_untied(tmp_path, layout):
+    """hub: flat config.json (rope_scaling.mrope_section), keys model.layers.* / visual.*;
+    transformers5: nested config.json, keys model.language_model.* / model.visual.*.
+    Both sharded with model.safetensors.index.json."""
+    hf = make_hf(tie=False, seed=8)
+    d = hf_config_dict(tie=False)
+    if layout == "hub":
+        flat = {k: v for k, v in d.items() if k != "text_config"}
+        text = dict(d["text_config"])
+        rope = text.pop("rope_parameters")
+        flat.update(text)
+        flat.update({"rope_theta": rope["rope_theta"], "hidden_act": "silu", "use_sliding_window": False,
+                     "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}})
+        flat["vision_config"] = dict(flat["vision_config"], in_chans=3)
+        d = flat
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    sd = {}
+    for k, v in hf.state_dict().items():  # in memory transformers 5 uses its own (nested) names
+        assert k.startswith(("model.language_model.", "model.visual.", "lm_head."))
+        if layout == "hub":
+            k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        sd[k] = v.contiguous()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for fn, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / fn))
+    index = {"weight_map": {k: fn for fn, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    ours = M.from_pretrained(str(tmp_path))
+    assert not ours.config.text.tie_word_embeddings and ours.config.text.mrope_section == [2, 3, 3]
+    assert all(p.device.type == "cpu" for p in ours.parameters())
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.tensor([seq_with_images([[1, 8, 8]], gen)])
+    pv, grid = pixels([[1, 8, 8]], gen)
+    with torch.no_grad():
+        assert (ours(ids, pv, grid) - hf_logits(hf, ids, pv, grid)).abs().max() < TOL
+
+
+def test_config_from_published_7b_flat_layout():
+    """The Qwen/Qwen2.5-VL-7B-Instruct config.json layout; transformers parses it as the oracle."""
+    flat = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+        "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+        "intermediate_size": 18944, "max_position_embeddings": 128000, "max_window_layers": 28,
+        "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064,
+    }
+    cfg = M.ModelConfig.from_hf(flat)
+    hc = Qwen2_5_VLConfig(**flat)
+    t, v = cfg.text, cfg.vision
+    assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+            t.num_key_value_heads, t.rms_norm_eps, t.rope_theta, t.mrope_section, t.tie_word_embeddings) == (
+        hc.text_config.vocab_size, hc.text_config.hidden_size, hc.text_config.intermediate_size,
+        hc.text_config.num_hidden_layers, hc.text_config.num_attention_heads, hc.text_config.num_key_value_heads,
+        hc.text_config.rms_norm_eps, hc.text_config.rope_parameters["rope_theta"],
+        hc.text_config.rope_parameters["mrope_section"], hc.tie_word_embeddings)
+    hv = hc.vision_config
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size, v.window_size,
+            list(v.fullatt_block_indexes), v.in_channels) == (
+        hv.depth, hv.hidden_size, hv.intermediate_size, hv.num_heads, hv.out_hidden_size, hv.window_size,
+        list(hv.fullatt_block_indexes), hv.in_channels)
+    assert (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.eos_token_id) == (
+        151655, 151652, 151653, 151645)
+    # our nested output parses back to the same config, and transformers reads the same numbers
+    assert M.ModelConfig.from_hf(cfg.to_hf()) == cfg
+    h2 = Qwen2_5_VLConfig(**cfg.to_hf())
+    assert h2.text_config.rope_parameters["mrope_section"] == [16, 24, 24] and h2.vision_config.depth == 32
+    with torch.device("meta"):
+        n = M.count_params(M.Qwen2_5_VL(cfg))
+    assert 8.0e9 < n < 8.5e9  # Qwen2.5-VL-7B has 8.29B parameters
+
+
+def test_tiny_config_and_param_count(pair):
+    hf, _, ours = pair
+    n_hf = sum(p.numel() for p in hf.parameters())  # transformers' parameters() skips the tied copy
+    assert M.count_params(ours) == n_hf
+    tiny = M.Qwen2_5_VL(M.tiny_config())
+    assert 1e6 < M.count_params(tiny) < 10e6
+    assert tiny.lm_head.weight is tiny.embed_tokens.weight
+    assert isinstance(tiny.layers, torch.nn.ModuleList) and isinstance(tiny.visual.blocks, torch.nn.ModuleList)
+
+
+def _copy_ckpt(src, dst, edit_tensors=None, edit_config=None):
+    os.makedirs(dst)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    if edit_tensors:
+        edit_tensors(sd)
+    if edit_config:
+        edit_config(cfg)
+    save_file(sd, os.path.join(dst, "model.safetensors"))
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+    return dst
+
+
+def test_broken_checkpoints_fail_with_clear_errors(pair, tmp_path):
+    _, src, _ = pair
+    key = "model.layers.1.self_attn.k_proj.weight"  # transformers saves the hub key layout
+    bad = _copy_ckpt(src, str(tmp_path / "missing"), edit_tensors=lambda sd: sd.pop(key))
+    with pytest.raises(ValueError, match=f"missing.*{key}"):
+        M.from_pretrained(bad)
+    vkey = "visual.blocks.0.attn.qkv.bias"
+    bad = _copy_ckpt(src, str(tmp_path / "shape"), edit_tensors=lambda sd: sd.__setitem__(vkey, sd[vkey][:-1].clone()))
+    with pytest.raises(ValueError, match=f"{vkey}.*shape"):
+        M.from_pretrained(bad)
+    bad = _copy_ckpt(src, str(tmp_path / "extra"),
+                     edit_tensors=lambda sd: sd.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match=r"unexpected.*layers\.9\.mlp\.up_proj"):
+        M.from_pretrained(bad)
+    bad = _copy_ckpt(src, str(tmp_path / "qwen2vl"), edit_config=lambda c: c.__setitem__("model_type", "qwen2_vl"))
+    with pytest.raises(ValueError, match="config.json.*model_type.*qwen2_vl"):
+        M.from_pretrained(bad)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.from_pretrained(str(tmp_path))
