@@ -39,14 +39,14 @@ nested config.json, hub key layout), loadable by transformers.Qwen2_5_VLForCondi
 """
 
 import json
-import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -462,6 +462,11 @@ class Attention(nn.Module):
             cache.k[self.layer_idx, :, :, cache_pos:end] = k
             cache.v[self.layer_idx, :, :, cache_pos:end] = v
             k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]  # (B, Hkv, S, hd)
+        if mask is not None and T > 1 and self.n_head != self.n_kv:
+            # a masked prefill: expand the kv heads so CUDA can use its memory-efficient kernel
+            # (its GQA support varies by version); decode steps (T == 1) stay copy-free
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -528,6 +533,7 @@ class Qwen2_5_VL(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(t, i) for i in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each decoder layer in backward (saves memory)
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -638,7 +644,10 @@ class Qwen2_5_VL(nn.Module):
                 mask = (mask & keys) | (k_pos[None, :] == q_pos[:, None])[None, None]
 
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, cache_pos)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, cache_pos)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

@@ -330,3 +330,30 @@ def test_broken_checkpoints_fail_with_clear_errors(pair, tmp_path):
         M.from_pretrained(bad)
     with pytest.raises(FileNotFoundError, match="config.json"):
         M.from_pretrained(str(tmp_path))
+
+
+def test_backward_gradient_checkpointing_and_bf16_load(pair):
+    _, path, ours = pair
+    gen = torch.Generator().manual_seed(10)
+    grids = [[1, 8, 12]]
+    ids, mask = left_pad([seq_with_images(grids, gen), torch.randint(0, 240, (7,), generator=gen).tolist()])
+    pv, grid = pixels(grids, gen)
+    m = M.from_pretrained(path).train()
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        logits = m(ids, pv, grid, attention_mask=mask)
+        (logits.float().logsumexp(-1) * mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert grads[0]["visual.blocks.0.attn.qkv.weight"].abs().sum() > 0  # the vision tower is trained too
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+    # dtype: weights land in bf16, logits close to fp32
+    b16 = M.from_pretrained(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in b16.parameters())
+    with torch.no_grad():
+        lb = b16(ids, pv, grid, attention_mask=mask)
+        lf = ours(ids, pv, grid, attention_mask=mask)
+    assert lb.dtype == torch.bfloat16
+    assert (lb.float() - lf)[mask.bool()].abs().max() < 0.1
