@@ -42,9 +42,12 @@ Answer matching (answers_match), after unwrapping the last \\boxed{}, $...$, "Th
 A ground truth none of these can read raises BadGroundTruth. An unreadable prediction is wrong.
 """
 import math
+import os
 import multiprocessing as mp
 import re
 import threading
+import time
+from multiprocessing import connection as mp_connection
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Optional
@@ -65,6 +68,7 @@ class RewardConfig:
     rel_tol: float = 1e-6           # numeric answers: |p - g| <= rel_tol * max(1, |g|)
     max_answer_chars: int = 1000    # longer answer blocks are wrong without being parsed
     timeout_s: float = 2.0          # hard bound on math-verify work per response
+    verify_workers: int = min(8, os.cpu_count() or 1)   # math-verify helper processes
 
 
 class BadGroundTruth(ValueError):
@@ -157,13 +161,13 @@ def unwrap_boxed(s: str) -> str:
     return s   # unbalanced: leave it to the later stages
 
 
-_LEAD_RE = re.compile(r"(?:answer|option|choice)\s*(?:is\s*:?|:)\s*", re.I)
+_LEAD_RE = re.compile(r"\b(?:answer|option|choice)\b\s*(?:is\s*:?|:)?\s*", re.I)
 _DELIMS = [("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")]
 
 
 def clean_answer(s: str) -> str:
     """Strip the wrapping people and models put around an answer value."""
-    s = unwrap_boxed(s.strip())
+    s = unwrap_boxed(s.strip().replace("\u2212", "-"))
     last = None
     for last in _LEAD_RE.finditer(s):
         pass
@@ -276,44 +280,59 @@ def _worker_loop(conn, timeout_s):
 
 
 class _MathVerifier:
-    """One long-lived helper process running math-verify; a call that passes its deadline kills it
-    (a fresh one starts on the next call). Safe to call from any thread."""
+    """Up to n long-lived helper processes running math-verify. Each job (gt, preds) has its own
+    deadline; a worker that passes it is killed (a fresh one is forked when next needed).
+    Safe to call from any thread."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.proc = self.conn = None
-        self.timeout_s = None
+        self.workers = {}   # index -> (process, connection, timeout_s)
 
-    def _start(self, timeout_s):
+    def _start(self, w, timeout_s):
         import math_verify  # noqa: F401  imported before the fork, so a restart costs milliseconds
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_loop, args=(child, timeout_s), daemon=True)
-        self.proc.start()
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker_loop, args=(child, timeout_s), daemon=True)
+        proc.start()
         child.close()
-        self.timeout_s = timeout_s
+        self.workers[w] = (proc, conn, timeout_s)
 
-    def _kill(self):
-        self.proc.kill()
-        self.proc.join()
-        self.conn.close()
-        self.proc = self.conn = None
+    def _kill(self, w):
+        proc, conn, _ = self.workers.pop(w)
+        proc.kill()
+        proc.join()
+        conn.close()
 
-    def __call__(self, gt: str, preds: list, timeout_s: float):
-        """("ok", [bool per pred]) | ("bad", None) | ("timeout", None)."""
+    def __call__(self, jobs: list, n_workers: int, timeout_s: float) -> list:
+        """jobs: [(gt, [pred, ...])] -> per job ("ok", [bool per pred]) | ("bad", None) | ("timeout", None)."""
+        results = [("timeout", None)] * len(jobs)
+        todo, busy = list(range(len(jobs)))[::-1], {}   # busy: worker -> (job, deadline)
         with self.lock:
-            if self.proc is not None and (not self.proc.is_alive() or self.timeout_s != timeout_s):
-                self._kill()
-            if self.proc is None:
-                self._start(timeout_s)
-            self.conn.send((gt, preds))
-            if self.conn.poll(timeout_s):
-                try:
-                    return self.conn.recv()
-                except EOFError:
-                    pass
-            self._kill()
-            return ("timeout", None)
+            while todo or busy:
+                for w in range(max(1, n_workers)):
+                    if w in busy or not todo:
+                        continue
+                    if w in self.workers and (not self.workers[w][0].is_alive()
+                                              or self.workers[w][2] != timeout_s):
+                        self._kill(w)
+                    if w not in self.workers:
+                        self._start(w, timeout_s)
+                    j = todo.pop()
+                    self.workers[w][1].send(jobs[j])
+                    busy[w] = (j, time.monotonic() + timeout_s)
+                wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+                ready = mp_connection.wait([self.workers[w][1] for w in busy], timeout=wait_s)
+                for w, (j, deadline) in list(busy.items()):
+                    if self.workers[w][1] in ready:
+                        try:
+                            results[j] = self.workers[w][1].recv()
+                        except EOFError:   # the worker died: the job stays "timeout"
+                            self._kill(w)
+                        del busy[w]
+                    elif time.monotonic() >= deadline:
+                        self._kill(w)
+                        del busy[w]
+        return results
 
 
 _MV = _MathVerifier()
@@ -347,12 +366,13 @@ class _Matcher:
         self.letter = letter_of(self.g, len(self.opts) or 26) if self.g[0].isupper() or \
             self.g[0] == "(" else None
         if self.letter is None and self.opts:   # gt is an option's text
-            self.letter = next((k for k, v in self.opts.items() if self._value(v, self.g)), None)
+            self.letter = next((k for k, v in self.opts.items()
+                                if clean_answer(v) == self.g or self._value(v, self.g)), None)
         self.num = number_of(self.g)
         self.is_words = self.num is None and bool(_WORDS_RE.fullmatch(self.g))
         if self.letter is None and self.num is None and not self.is_words \
                 and (self.g, cfg.timeout_s) not in _GOOD_GT:
-            status = _MV(self.g, [], cfg.timeout_s)[0]
+            status = _MV([(self.g, [])], 1, cfg.timeout_s)[0][0]
             if status != "ok":
                 raise BadGroundTruth(f"ground truth {self.raw[:80]!r} cannot be parsed "
                                      f"(no choice letter, number, word or math-verify expression"
@@ -361,8 +381,8 @@ class _Matcher:
                 _GOOD_GT.clear()
             _GOOD_GT.add((self.g, cfg.timeout_s))
 
-    def _value(self, p, g, mv_results=None):
-        """p, g cleaned. Numbers, then words, then (if mv_results is a list) defer to math-verify."""
+    def _value(self, p, g):
+        """p, g cleaned: True / False for numbers and words, None when math-verify must decide."""
         pn, gn = number_of(p), number_of(g)
         if pn is not None and gn is not None:
             return numbers_equal(pn, gn, self.cfg.rel_tol)
@@ -370,8 +390,9 @@ class _Matcher:
             return words_of(p) == words_of(g) and bool(words_of(g))
         return None
 
-    def match_many(self, preds: list) -> list:
-        """Correctness of each prediction; math-verify work for all of them in one bounded call."""
+    def fast(self, preds: list):
+        """(out, pending): correctness decided here without math-verify, and the (index, cleaned
+        pred) pairs left for math-verify (their out entries stay False until finish)."""
         out, pending = [], []
         for p in preds:
             p = clean_answer(p) if isinstance(p, str) and len(p) <= self.cfg.max_answer_chars else ""
@@ -382,15 +403,25 @@ class _Matcher:
             else:
                 v = self._value(p, self.g)
                 if v is None and not _WORDS_RE.fullmatch(p) and "\x00" not in p:
-                    pending.append((len(out), p))
+                    pending.append((len(out), _unit_free(p)))
                 out.append(bool(v))
+        return out, pending
+
+    def job(self, pending):
+        return (self.g if self.num is None else _unit_free(self.g), [p for _, p in pending])
+
+    def finish(self, out, pending, result):
+        status, res = result   # a timed-out job leaves its answers wrong
+        if status == "bad":
+            raise BadGroundTruth(f"ground truth {self.raw[:80]!r} cannot be parsed by math-verify")
+        for (i, _), r in zip(pending, res or [False] * len(pending)):
+            out[i] = bool(r)
+        return out
+
+    def match_many(self, preds: list) -> list:
+        out, pending = self.fast(preds)
         if pending:
-            g = self.g if self.num is None else _unit_free(self.g)
-            status, res = _MV(g, [_unit_free(p) for _, p in pending], self.cfg.timeout_s)
-            if status == "bad":
-                raise BadGroundTruth(f"ground truth {self.raw[:80]!r} cannot be parsed by math-verify")
-            for (i, _), r in zip(pending, res or [False] * len(pending)):
-                out[i] = bool(r)
+            self.finish(out, pending, _MV([self.job(pending)], 1, self.cfg.timeout_s)[0])
         return out
 
     def _choice(self, p):
@@ -425,16 +456,15 @@ def length_reward(s_tokens: int, l_tokens: int, cfg: RewardConfig = RewardConfig
     return math.exp(-((abs(l_tokens - target) / (tmax - target)) ** 2))
 
 
-def _score(response, matcher, mode, count_tokens, cfg):
-    p = parse_response(response)
+def _reward(response, p, first_ok, final_ok, mode, count_tokens, cfg):
+    """Reward dict of a parsed response whose first / final answers have been judged."""
     if not p.answers:
-        case, first_ok, final_ok = "none", False, False
+        case = "none"
+    elif not p.is_two_pass:
+        case = "single"
     else:
-        ends = [p.answers[0], p.answers[-1]] if p.is_two_pass else [p.answers[-1]]
-        res = matcher.match_many(ends)
-        first_ok, final_ok = res[0], res[-1]
-        case = ({(False, True): "w2r", (True, True): "r2r", (True, False): "r2w",
-                 (False, False): "w2w"}[(first_ok, final_ok)] if p.is_two_pass else "single")
+        case = {(False, True): "w2r", (True, True): "r2r", (True, False): "r2w",
+                (False, False): "w2w"}[(first_ok, final_ok)]
     if mode == "grpo":
         fmt = cfg.format_reward if p.is_single_pass_format else 0.0
         acc = cfg.grpo_correct if final_ok else 0.0
@@ -447,43 +477,65 @@ def _score(response, matcher, mode, count_tokens, cfg):
         if p.is_two_pass:
             count = count_tokens or default_count_tokens
             s = count(p.first_think) + count(p.answers[0])
-            r_len = length_reward(s, count(response if isinstance(response, str) else ""), cfg)
+            r_len = length_reward(s, count(response), cfg)
     return dict(total=fmt + acc + cfg.length_weight * r_len, format=fmt, accuracy=acc,
                 length=r_len, first_correct=first_ok, final_correct=final_ok, case=case)
+
+
+def _score_all(responses, gts, mode, count_tokens, cfg, options, where):
+    """Fast checks for every response, then all math-verify jobs at once over the worker pool."""
+    matchers, items, jobs = {}, [], []   # one matcher per distinct (gt, options): a group shares it
+    for i, (r, g) in enumerate(zip(responses, gts)):
+        r = r if isinstance(r, str) else ""
+        opts = None if options is None else options[i]
+        key = (type(g), repr(g), repr(opts))
+        try:
+            if key not in matchers:
+                matchers[key] = _Matcher(g, opts, cfg)
+        except BadGroundTruth as e:
+            raise BadGroundTruth(f"{where.format(i=i)}{e}") from None
+        p = parse_response(r)
+        ends = [p.answers[0], p.answers[-1]] if p.is_two_pass else p.answers[-1:]
+        out, pending = matchers[key].fast(ends)
+        items.append((r, p, matchers[key], out, pending, len(jobs) if pending else None))
+        if pending:
+            jobs.append(matchers[key].job(pending))
+    results = _MV(jobs, cfg.verify_workers, cfg.timeout_s) if jobs else []
+    rewards = []
+    for i, (r, p, matcher, out, pending, j) in enumerate(items):
+        if j is not None:
+            try:
+                matcher.finish(out, pending, results[j])
+            except BadGroundTruth as e:
+                raise BadGroundTruth(f"{where.format(i=i)}{e}") from None
+        first_ok, final_ok = (out[0], out[-1]) if out else (False, False)
+        rewards.append(_reward(r, p, first_ok, final_ok, mode, count_tokens, cfg))
+    return rewards
 
 
 def srpo_reward(response: str, gt, count_tokens: Optional[Callable[[str], int]] = None,
                 cfg: RewardConfig = RewardConfig(), options=None) -> dict:
     """SRPO reward of one response: dict(total, format, accuracy, length, first_correct,
     final_correct, case in w2r/r2r/r2w/w2w/single/none). Raises BadGroundTruth only."""
-    return _score(response, _Matcher(gt, options, cfg), "srpo", count_tokens, cfg)
+    return _score_all([response], [gt], "srpo", count_tokens, cfg, [options], "")[0]
 
 
 def grpo_reward(response: str, gt, cfg: RewardConfig = RewardConfig(), options=None) -> dict:
     """Plain GRPO baseline: format_reward for the single-pass format + grpo_correct if the last
     answer is right. Same keys as srpo_reward (length always 0; case for logging only)."""
-    return _score(response, _Matcher(gt, options, cfg), "grpo", None, cfg)
+    return _score_all([response], [gt], "grpo", None, cfg, [options], "")[0]
 
 
 def score_batch(responses: list, gts: list, mode: str = "srpo",
                 count_tokens: Optional[Callable[[str], int]] = None,
                 cfg: RewardConfig = RewardConfig(), options: Optional[list] = None) -> list:
     """Rewards of a rollout batch (one gt, and optionally one options list, per response).
-    math-verify work is bounded by cfg.timeout_s per response. Raises BadGroundTruth naming the
-    index of the first unreadable ground truth."""
+    math-verify work runs on cfg.verify_workers helper processes, bounded by cfg.timeout_s per
+    response. Raises BadGroundTruth naming the index of the first unreadable ground truth."""
     if mode not in ("srpo", "grpo"):
         raise ValueError(f"score_batch: mode must be 'srpo' or 'grpo', got {mode!r}")
     if len(responses) != len(gts) or (options is not None and len(options) != len(gts)):
         raise ValueError(f"score_batch: {len(responses)} responses, {len(gts)} ground truths"
                          + ("" if options is None else f", {len(options)} option lists"))
-    out, matchers = [], {}   # one matcher per distinct (gt, options): a group shares its gt
-    for i, (r, g) in enumerate(zip(responses, gts)):
-        opts = None if options is None else options[i]
-        try:
-            key = (repr(g), repr(opts))
-            if key not in matchers:
-                matchers[key] = _Matcher(g, opts, cfg)
-            out.append(_score(r, matchers[key], mode, count_tokens, cfg))
-        except BadGroundTruth as e:
-            raise BadGroundTruth(f"score_batch: ground truth #{i}: {e}") from None
-    return out
+    return _score_all(responses, gts, mode, count_tokens, cfg, options,
+                      "score_batch: ground truth #{i}: ")

@@ -33,6 +33,9 @@ MATCH_CASES = [
     ("B. 12", "B", None, True),
     ("B", "(B)", None, True),
     ("B", "B.", None, True),
+    ("Option B", "B", None, True),
+    ("Choice: (D)", "D", None, True),
+    ("\\text{B}", "B", None, True),
     ("C", "B", None, False),
     ("(C)", "B", None, False),
     ("The answer is C", "B", None, False),
@@ -59,6 +62,9 @@ MATCH_CASES = [
     ("2", "-2", None, False),
     ("4", "5", None, False),
     ("The answer is 4.", "4", None, True),
+    ("\\boxed{3} first, then \\boxed{4}", "4", None, True),   # the last box counts
+    ("\u22123", "-3", None, True),                                # unicode minus
+    ("The answer is 4 apples", "4", None, True),
     ("0.5", "1/2", None, True),
     ("\\frac{1}{2}", "0.5", None, True),
     ("1/2", "\\frac{1}{2}", None, True),
