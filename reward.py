@@ -77,7 +77,6 @@ class BadGroundTruth(ValueError):
 
 # ----------------------------------------------------------------------------- parsing
 
-TAGS = ("think", "answer", "reflection")
 _TAG_RE = re.compile(r"<(/?)(think|answer|reflection)>")
 _EOS_RE = re.compile(r"(?:\s*<\|(?:im_end|endoftext)\|>)+\s*$")
 TWO_PASS = ["think", "answer", "reflection", "think", "answer"]
