@@ -1,0 +1,289 @@
+"""
+KV-cached batched sampler for the Qwen2.5-VL of model.py: the rollout engine of GRPO.
+
+The idea (gpt-fast's generate.py, batched and multimodal):
+
+1. prefill: one forward over the left-padded prompts (with their images) fills a static
+   (preallocated) KVCache and gives the logits of the last prompt position;
+2. n samples per prompt share that one prefill: the prompt's cache rows, last logits,
+   attention mask and M-RoPE positions are repeated n times (rows stay prompt-major:
+   prompt 0 sample 0..n-1, prompt 1 sample 0..n-1, ...);
+3. decode: one token per row per step against the cache. The new token's M-RoPE position is
+   the last prompt position + 1 + step on each of the 3 axes (what transformers does with its
+   rope_deltas), so no image bookkeeping is needed after the prefill;
+4. a row stops at its first eos id (its eos token is kept: it is part of the response GRPO
+   trains on) or at max_new_tokens. Finished rows are dropped from the batch (their cache rows
+   are gathered out) once they are at least `compact_frac` of the rows still decoding, so they
+   stop costing compute.
+
+Log-probs: for every generated token we return log_softmax(logits / temperature)[token] over
+the FULL vocabulary -- the distribution the policy defines at temperature T, which is what the
+GRPO loss recomputes (SRPO.md: "log-probabilities are computed on logits divided by the
+sampling temperature"). top-k / top-p only restrict which tokens can be drawn; they are not
+folded into the returned log-prob, so at unchanged weights logp_old == logp_new and the PPO
+ratio is exactly 1. Greedy decoding returns the same quantity for the argmax token.
+
+Sampling is reproducible: all randomness comes from one torch.Generator seeded with cfg.seed,
+one uniform number per output row and step, turned into a token by inverse CDF. A row's draws
+do not depend on the other rows, so dropping finished rows does not change the samples.
+
+FSDP2: a model sharded with fully_shard is all-gathered once for the whole rollout
+(`unsharded(model)`), instead of once per layer per decoded token, and resharded at the end.
+
+Command line:  python sampler.py --model PATH --image IMG --prompt "..."   (streams on a tty)
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0          # nucleus: keep the smallest set of tokens with mass >= top_p
+    top_k: int = 0              # 0 = off
+    greedy: bool = False        # argmax; temperature then only scales the returned log-probs
+    n: int = 1                  # samples per prompt (GRPO group size), sharing one prefill
+    seed: int = 0
+    compact_frac: float = 0.25  # drop finished rows when they are >= this fraction of the batch
+
+
+def _check(cfg: SampleConfig):
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"sampler.py: SampleConfig.max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if not cfg.greedy and not cfg.temperature > 0:
+        raise ValueError(f"sampler.py: SampleConfig.temperature must be > 0, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"sampler.py: SampleConfig.top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0 or cfg.n < 1:
+        raise ValueError(f"sampler.py: SampleConfig.top_k must be >= 0 and n >= 1, got {cfg.top_k}, {cfg.n}")
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+@contextlib.contextmanager
+def unsharded(model):
+    """All-gather the parameters of an FSDP2-sharded model once, keep them gathered through every
+    forward of the block (no reshard after each layer's forward), reshard at the end. No-op for
+    a plain model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = ()
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        yield
+        return
+    # fully_shard's reshard_after_forward lives in each param group's post_forward_mesh_info
+    # (None = keep unsharded after forward); save it, turn it off, restore it exactly afterwards.
+    groups = [g for m in mods for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for m in mods:
+        m.unshard()
+    for g in groups:
+        g.post_forward_mesh_info = None
+    try:
+        yield
+    finally:
+        for g, info in zip(groups, saved):
+            g.post_forward_mesh_info = info
+        for m in mods:
+            m.reshard()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_next(logits, cfg: SampleConfig, uniform):
+    """logits (B, V) float32, uniform (B,) in [0, 1) -> tokens (B,) long,
+    logprobs (B,) float32 = log_softmax(logits / T)[token] over the full vocabulary."""
+    if cfg.greedy:
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
+        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)  # (B, V)
+    masked = logprobs
+    if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(masked, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        masked = masked.masked_fill(masked < kth, float("-inf"))
+    if cfg.top_p < 1.0:  # as transformers: after top-k, on the renormalized distribution
+        sorted_lp, order = torch.sort(masked, dim=-1, descending=True)  # (B, V)
+        probs = sorted_lp.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= cfg.top_p  # the better tokens already hold top_p
+        masked = masked.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    # inverse CDF with one uniform per row: a row's draw does not depend on the other rows
+    cdf = masked.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    tokens = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)[:, 0]
+    tokens = tokens.clamp_(max=logits.shape[-1] - 1)
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------- cache rows
+
+def expand_cache(cache, small, n):
+    """cache.k/v[:, b*n + j, :, :T] = small.k/v[:, b, :, :T] for j < n (prompt-major repeat)."""
+    L, B, H, T, D = small.k.shape
+    cache.k.view(L, B, n, H, -1, D)[:, :, :, :, :T] = small.k[:, :, None]
+    cache.v.view(L, B, n, H, -1, D)[:, :, :, :, :T] = small.v[:, :, None]
+
+
+def select_cache_rows(cache, keep):
+    """Keep only the cache rows `keep` (K,) long (a gather: the old cache is freed)."""
+    cache.k = cache.k.index_select(1, keep)
+    cache.v = cache.v.index_select(1, keep)
+
+
+# ----------------------------------------------------------------------------- generate
+
+@torch.no_grad()
+def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
+    """Sample cfg.n completions for each left-padded prompt of `batch` (from data.collate).
+
+    batch: input_ids (B, T) long, attention_mask (B, T) 1 = real token (left padding),
+           pixel_values (N_patches, 1176) or None, image_grid_thw (N_images, 3) or None
+    eos_ids: token ids that end a completion (kept as its last token); [] = never stop early
+    stream: optional callable(step, rows (K,) long, tokens (K,) long) called after each step
+    returns dict(tokens (B*n, max_new) long, padded with pad_id after the end,
+                 logprobs (B*n, max_new) float32, 0 after the end,
+                 lengths (B*n,) long incl. the eos token, finish_reasons list "stop" | "length")
+    Rows are prompt-major: row b*n + j is sample j of prompt b.
+    """
+    import model as M  # KVCache lives with the model
+
+    _check(cfg)
+    input_ids, attn = batch["input_ids"], batch.get("attention_mask")
+    if input_ids.ndim != 2:
+        raise ValueError(f"sampler.py: batch['input_ids'] must be (B, T), got {tuple(input_ids.shape)}")
+    if attn is None:
+        attn = torch.ones_like(input_ids)
+    if not bool(attn[:, -1].all()):
+        raise ValueError("sampler.py: batch['attention_mask'] has padding at the last position: "
+                         "prompts must be LEFT-padded (data.collate(..., left_pad=True))")
+    params = next(model.parameters())
+    device, dtype = params.device, params.dtype
+    input_ids, attn = input_ids.to(device), attn.to(device).long()
+    pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+    if pixel_values is not None:
+        pixel_values, grid = pixel_values.to(device, dtype), grid.to(device)
+    B, T = input_ids.shape
+    n, max_new = cfg.n, cfg.max_new_tokens
+    R = B * n  # output rows
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+
+    with unsharded(model):
+        # ---- prefill: the B prompts once
+        pos_ids, _ = model.get_rope_index(input_ids, grid, attn)  # (3, B, T)
+        pos_ids = pos_ids.to(device)
+        prefill_cache = M.KVCache(model.config, B, T if n > 1 else T + max_new, device, dtype)
+        logits = model(input_ids, pixel_values=pixel_values, image_grid_thw=grid, attention_mask=attn,
+                       position_ids=pos_ids, cache=prefill_cache, cache_pos=0, logits_to_keep=1)
+        logits = logits[:, -1].float()  # (B, V)
+        next_pos = pos_ids[:, :, -1] + 1  # (3, B) M-RoPE position of the first new token
+        # ---- n samples per prompt: repeat everything prompt-major
+        if n > 1:
+            cache = M.KVCache(model.config, R, T + max_new, device, dtype)
+            expand_cache(cache, prefill_cache, n)
+            del prefill_cache
+            logits = logits.repeat_interleave(n, dim=0)
+            next_pos = next_pos.repeat_interleave(n, dim=1)
+            attn = attn.repeat_interleave(n, dim=0)
+        else:
+            cache = prefill_cache
+        mask = torch.cat([attn, attn.new_ones(R, max_new)], dim=1)  # (R, T + max_new)
+
+        tokens_out = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
+        logp_out = torch.zeros(R, max_new, dtype=torch.float32, device=device)
+        lengths = torch.full((R,), max_new, dtype=torch.long, device=device)
+        stopped = torch.zeros(R, dtype=torch.bool, device=device)  # stopped on eos, per output row
+        rows = torch.arange(R, device=device)  # output row of each batch row still in the cache
+        done = torch.zeros(R, dtype=torch.bool, device=device)  # per batch row
+        for step in range(max_new):
+            uniform = torch.rand(R, generator=generator, device=device)[rows]  # (K,) one draw per output row
+            tok, lp = sample_next(logits, cfg, uniform)  # (K,), (K,)
+            tok = tok.masked_fill(done, pad_id)
+            tokens_out[rows, step] = tok
+            logp_out[rows, step] = lp.masked_fill(done, 0.0)
+            if stream is not None:
+                stream(step, rows[~done], tok[~done])
+            hit = ~done & torch.isin(tok, eos)
+            lengths[rows[hit]] = step + 1
+            stopped[rows[hit]] = True
+            done = done | hit
+            n_done = int(done.sum())
+            if n_done == len(rows) or step == max_new - 1:
+                break
+            if n_done > 0 and n_done >= cfg.compact_frac * len(rows):
+                keep = (~done).nonzero()[:, 0]
+                select_cache_rows(cache, keep)
+                rows, done, tok = rows[keep], done[keep], tok[keep]
+                mask, next_pos = mask[keep], next_pos[:, keep]
+            p = T + step  # cache slot of this step's token
+            logits = model(tok[:, None], attention_mask=mask[:, : p + 1], position_ids=(next_pos + step)[:, :, None],
+                           cache=cache, cache_pos=p, logits_to_keep=1)[:, -1].float()
+        del cache
+    reasons = ["stop" if s else "length" for s in stopped.tolist()]
+    return dict(tokens=tokens_out, logprobs=logp_out, lengths=lengths, finish_reasons=reasons)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main():
+    import data
+    import model as M
+    ap = argparse.ArgumentParser(description="sample a completion from a Qwen2.5-VL checkpoint")
+    ap.add_argument("--model", required=True, help="checkpoint dir (config.json, model.safetensors, tokenizer.json)")
+    ap.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--system", default="reflect", choices=["reflect", "single", "none"])
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    net = M.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
+    tok = data.Tokenizer.from_dir(args.model)
+    content = [{"type": "image", "image": os.path.abspath(p)} for p in args.image]
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "user", "content": content}]
+    if args.system != "none":
+        system = data.SYSTEM_PROMPT_REFLECT if args.system == "reflect" else data.SYSTEM_PROMPT_SINGLE
+        messages.insert(0, {"role": "system", "content": system})
+    enc = data.encode_messages(messages, tok, image_root="/", add_generation_prompt=True, where="--prompt")
+    batch = data.collate([enc], tok.pad_id, left_pad=True)
+    cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, greedy=args.greedy, seed=args.seed)
+
+    tty = sys.stdout.isatty()
+    ids, shown = [], ""
+
+    def on_token(step, rows, toks):  # print the new text on a terminal as it comes
+        nonlocal shown
+        if len(toks):
+            ids.append(int(toks[0]))
+            text = tok.decode(ids)
+            if tty and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte char
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+
+    t0 = time.time()
+    out = generate(net, batch, tok.eos_ids, cfg, pad_id=tok.pad_id, stream=on_token)
+    n = int(out["lengths"][0])
+    text = tok.decode(out["tokens"][0, :n].tolist())
+    print(text[len(shown):] if tty else text, flush=True)
+    print(f"[{n} tokens, {out['finish_reasons'][0]}, {n / (time.time() - t0):.1f} tok/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""sampler.py against independent references: transformers' Qwen2_5_VLForConditionalGeneration
+(generate, full forward, logits warpers) loaded with the same random weights."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import model as M
+import sampler as S
+
+VOCAB = 256
+PAD = 0
+
+
+def random_model(seed=0):
+    """Tiny Qwen2.5-VL with weights big enough for peaked, non-degenerate next-token distributions."""
+    torch.manual_seed(seed)
+    cfg = M.tiny_config(vocab_size=VOCAB, tie_word_embeddings=False)
+    net = M.Qwen2_5_VL(cfg).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() >= 2 and not name.startswith("visual"):
+                p.normal_(0.0, 0.12)
+    return net
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    net = random_model()
+    path = str(tmp_path_factory.mktemp("tiny"))
+    M.save_pretrained(net, path)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    return net, hf
+
+
+def prompt(cfg, gen, parts):
+    """parts: ints (that many random text tokens) and (t, h, w) image grids -> encode_messages-like dict."""
+    ids, pixels, grids = [], [], []
+    for part in parts:
+        if isinstance(part, int):
+            ids += torch.randint(1, 200, (part,), generator=gen).tolist()
+        else:
+            t, h, w = part
+            ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id]
+            pixels.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=gen))
+            grids.append(torch.tensor([t, h, w]))
+    ids = torch.tensor(ids)
+    return dict(input_ids=ids, assistant_mask=torch.zeros_like(ids, dtype=torch.bool),
+                pixel_values=torch.cat(pixels) if pixels else None,
+                image_grid_thw=torch.stack(grids) if grids else None)
+
+
+PROMPTS = [[5, (1, 4, 4), 3],                    # one image, 4 image tokens
+           [7],                                  # text only
+           [2, (1, 4, 6), 2, (1, 2, 2), 4],      # two images of different sizes
+           [12, (1, 6, 4), 1]]
+
+
+def make_batch(cfg, prompts=PROMPTS, repeat=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    items = [prompt(cfg, gen, p) for p in prompts]
+    items = [it for it in items for _ in range(repeat)]  # prompt-major, as sampler rows
+    return data.collate(items, PAD, left_pad=True)
+
+
+def hf_inputs(batch, cfg):
+    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                mm_token_type_ids=(batch["input_ids"] == cfg.image_token_id).int())
+
+
+def hf_logprobs(hf, cfg, batch, out, temperature):
+    """log_softmax(logits / T) of the completion tokens from ONE full transformers forward over
+    prompt + completion (completion right-padded, masked after its length)."""
+    T, N = batch["input_ids"].shape[1], out["tokens"].shape[1]
+    comp_mask = (torch.arange(N)[None] < out["lengths"][:, None]).long()
+    # a token's log-prob comes from the logits one position earlier: the last token itself is not
+    # needed as input (it may be a vision special token, which the forward would take for an image)
+    last = (out["lengths"] - 1)[:, None]
+    comp = out["tokens"].scatter(1, last, 1)
+    full = dict(batch, input_ids=torch.cat([batch["input_ids"], comp], 1),
+                attention_mask=torch.cat([batch["attention_mask"], comp_mask], 1))
+    with torch.no_grad():
+        logits = hf(**hf_inputs(full, cfg)).logits[:, T - 1: T + N - 1].float()
+    lp = torch.log_softmax(logits / temperature, -1).gather(-1, out["tokens"][..., None])[..., 0]
+    return lp * comp_mask, comp_mask.bool()
+
+
+def test_greedy_matches_transformers_generate(models):
+    net, hf = models
+    cfg = net.config
+    batch = make_batch(cfg)
+    T, N = batch["input_ids"].shape[1], 24
+    # 1) no eos: exactly N tokens on both sides
+    ours = S.generate(net, batch, [], S.SampleConfig(max_new_tokens=N, greedy=True), pad_id=PAD)
+    ref = hf.generate(**hf_inputs(batch, cfg), do_sample=False, max_new_tokens=N, min_new_tokens=N)[:, T:]
+    assert ours["tokens"].shape == (4, N)
+    assert torch.equal(ours["tokens"], ref)
+    assert len(set(ours["tokens"][0].tolist())) > 3  # not a degenerate repeat-one-token model
+    # 2) per-row stop: eos = a token each row reaches at a different step (or never)
+    eos = [int(ours["tokens"][0, 5]), int(ours["tokens"][2, 11])]
+    stop = S.generate(net, batch, eos, S.SampleConfig(max_new_tokens=N, greedy=True), pad_id=PAD)
+    ref = hf.generate(**hf_inputs(batch, cfg), do_sample=False, max_new_tokens=N, eos_token_id=eos,
+                      pad_token_id=PAD)[:, T:]
+    ref = torch.cat([ref, torch.full((4, N - ref.shape[1]), PAD)], 1)
+    assert torch.equal(stop["tokens"], ref)
+    for r in range(4):
+        hits = [i for i, t in enumerate(ours["tokens"][r].tolist()) if t in eos]
+        want = hits[0] + 1 if hits else N
+        assert stop["lengths"][r] == want
+        assert stop["finish_reasons"][r] == ("stop" if hits else "length")
+        assert torch.equal(stop["tokens"][r, :want], ours["tokens"][r, :want])
+        assert (stop["logprobs"][r, want:] == 0).all()
+    assert len(set(stop["lengths"].tolist())) > 1
+
+
+def test_logprobs_equal_full_forward(models):
+    net, hf = models
+    cfg = net.config
+    n, temp = 3, 0.8
+    # ~3% of the vocabulary: some rows stop early; the vision special tokens (top of the vocab)
+    # stop too, so they never sit inside a completion
+    eos = list(range(40, 48)) + list(range(VOCAB - 6, VOCAB))
+    sc = S.SampleConfig(max_new_tokens=20, temperature=temp, top_k=50, top_p=0.9, n=n, seed=3)
+    out = S.generate(net, make_batch(cfg), eos, sc, pad_id=PAD)
+    assert out["tokens"].shape == (4 * n, 20) and out["logprobs"].dtype == torch.float32
+    ref, valid = hf_logprobs(hf, cfg, make_batch(cfg, repeat=n), out, temp)  # rows prompt-major
+    assert (out["logprobs"] - ref).abs().max() < 1e-4
+    assert (out["tokens"][~valid] == PAD).all()
+    for r in range(4 * n):
+        L = int(out["lengths"][r])
+        body = out["tokens"][r, :L].tolist()
+        assert not any(t in eos for t in body[:-1]) and len(body) == L
+        assert out["finish_reasons"][r] == ("stop" if body[-1] in eos else "length")
+    assert "stop" in out["finish_reasons"] and "length" in out["finish_reasons"]
+
+
+def test_seeded_reproducible_and_compaction_invariant(models):
+    net, _ = models
+    cfg = net.config
+    batch, eos = make_batch(cfg), list(range(40, 56))
+    sc = S.SampleConfig(max_new_tokens=16, temperature=1.0, n=4, seed=7)
+    a = S.generate(net, batch, eos, sc)
+    b = S.generate(net, batch, eos, sc)
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["logprobs"], b["logprobs"])
+    c = S.generate(net, batch, eos, S.SampleConfig(max_new_tokens=16, n=4, seed=8))
+    assert not torch.equal(a["tokens"], c["tokens"])
+    # the n samples of one prompt are different samples
+    assert len({tuple(row) for row in a["tokens"][:4].tolist()}) > 1
+    # dropping finished rows from the batch (at every finish / never) changes nothing
+    for frac in (0.0, 2.0):
+        d = S.generate(net, batch, eos, S.SampleConfig(max_new_tokens=16, n=4, seed=7, compact_frac=frac))
+        assert torch.equal(a["tokens"], d["tokens"]) and torch.equal(a["lengths"], d["lengths"])
+        assert (a["logprobs"] - d["logprobs"]).abs().max() < 1e-5
+    assert "stop" in a["finish_reasons"]
+
+
+def test_top_k_top_p_temperature_distribution(models):
+    """Empirical first-token frequencies over many samples vs transformers' logits warpers."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    net, hf = models
+    cfg = net.config
+    batch = make_batch(cfg, prompts=[PROMPTS[0]])
+    T = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = hf(**hf_inputs(batch, cfg)).logits[:, -1].float()  # (1, V)
+    for temp, k, p in [(1.3, 0, 1.0), (0.7, 20, 1.0), (1.0, 0, 0.8), (1.5, 30, 0.9)]:
+        scores = TemperatureLogitsWarper(temp)(batch["input_ids"], logits.clone())
+        if k:
+            scores = TopKLogitsWarper(k)(batch["input_ids"], scores)
+        if p < 1:
+            scores = TopPLogitsWarper(p)(batch["input_ids"], scores)
+        want = scores.softmax(-1)[0]
+        n = 4000
+        out = S.generate(net, batch, [], S.SampleConfig(max_new_tokens=1, temperature=temp, top_k=k, top_p=p,
+                                                          n=n, seed=1))
+        count = torch.bincount(out["tokens"][:, 0], minlength=VOCAB).double()
+        assert (count[want == 0] == 0).all(), "sampled a token outside top-k / top-p"
+        expect = n * want[want > 0].double()
+        chi2, dof = float(((count[want > 0] - expect) ** 2 / expect).sum()), int((want > 0).sum()) - 1
+        assert chi2 < dof + 6 * (2 * dof) ** 0.5, (temp, k, p, chi2, dof)  # ~6 sigma
+        full = torch.log_softmax(logits[0] / temp, -1)  # returned logp: full-vocab, temperature-scaled
+        assert (out["logprobs"][:, 0] - full[out["tokens"][:, 0]]).abs().max() < 1e-4
+    # top_k=1 and a tiny top_p are greedy
+    greedy = S.generate(net, batch, [], S.SampleConfig(max_new_tokens=12, greedy=True))
+    for sc in (S.SampleConfig(max_new_tokens=12, top_k=1, seed=5), S.SampleConfig(max_new_tokens=12, top_p=1e-6)):
+        assert torch.equal(S.generate(net, batch, [], sc)["tokens"], greedy["tokens"])
+    assert T > 0
+
+
+def test_bad_input_is_a_clear_error(models):
+    net, _ = models
+    batch = data.collate([prompt(net.config, torch.Generator(), p) for p in ([3], [5])], PAD, left_pad=False)
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        S.generate(net, batch, [], S.SampleConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="temperature"):
+        S.generate(net, make_batch(net.config), [], S.SampleConfig(max_new_tokens=2, temperature=0.0))
+
+
+# ----------------------------------------------------------------------------- FSDP2 (2 gloo ranks)
+
+def _fsdp_worker(rank, port, q):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    net = random_model()
+    cfg = net.config
+    batch = make_batch(cfg)
+    sc = S.SampleConfig(max_new_tokens=12, temperature=0.9, n=2, seed=4)
+    ref = S.generate(net, batch, [40, 41], sc)
+    for blk in net.visual.blocks:
+        fully_shard(blk)
+    for layer in net.layers:
+        fully_shard(layer)
+    fully_shard(net)
+    calls = [0]
+    orig = pg.foreach_all_gather
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+
+    pg.foreach_all_gather = counting
+    out = S.generate(net, batch, [40, 41], sc)
+    n_groups = sum(1 for m in net.modules() if hasattr(m, "unshard"))
+    sharded_after = all(type(p).__name__ == "DTensor" for p in net.parameters())
+    pg.foreach_all_gather = orig
+    q.put((rank, torch.equal(out["tokens"], ref["tokens"]), float((out["logprobs"] - ref["logprobs"]).abs().max()),
+           calls[0], n_groups, sharded_after))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_model_unsharded_once():
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_fsdp_worker, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    for rank, same, diff, calls, n_groups, sharded_after in results:
+        assert same and diff < 1e-5, (rank, diff)
+        assert calls == n_groups, f"rank {rank}: {calls} all-gathers for {n_groups} FSDP modules"
+        assert sharded_after
+
+
+# ----------------------------------------------------------------------------- CLI
+
+@pytest.mark.slow
+def test_cli_prints_the_greedy_completion(tmp_path):
+    from PIL import Image
+    tok = data.train_tokenizer(["a red square and two blue circles", "how many shapes are there?"] * 20,
+                               str(tmp_path / "tok"), vocab_size=300)
+    torch.manual_seed(0)
+    cfg = M.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
+                        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
+                        eos_token_id=tok.eos_ids)
+    net = M.Qwen2_5_VL(cfg).eval()
+    ckpt = str(tmp_path / "ckpt")
+    M.save_pretrained(net, ckpt, tokenizer_dir=str(tmp_path / "tok"))
+    img = str(tmp_path / "x.png")
+    Image.new("RGB", (60, 90), (200, 30, 30)).save(img)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "sampler.py"), "--model", ckpt, "--image", img,
+                          "--prompt", "how many shapes?", "--greedy", "--max-new-tokens", "10", "--system", "none"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    messages = [{"role": "user", "content": [{"type": "image", "image": img},
+                                             {"type": "text", "text": "how many shapes?"}]}]
+    enc = data.encode_messages(messages, tok, image_root="/", add_generation_prompt=True)
+    out = S.generate(net, data.collate([enc], tok.pad_id, True), tok.eos_ids,
+                     S.SampleConfig(max_new_tokens=10, greedy=True), pad_id=tok.pad_id)
+    want = tok.decode(out["tokens"][0, :int(out["lengths"][0])].tolist())
+    assert res.stdout == want + "\n"
+    assert "tok/s" in res.stderr
