@@ -135,7 +135,7 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if text(key) is None:
                 raise ValueError(f"{where}: missing field {key!r} (text config)")
-        tie = d.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)) or tc.get("tie_word_embeddings", False)
+        tie = d.get("tie_word_embeddings", False) or tc.get("tie_word_embeddings", False)  # as transformers
         t = TextConfig(
             vocab_size=text("vocab_size"),
             hidden_size=text("hidden_size"),
@@ -237,6 +237,9 @@ def tiny_config(vocab_size=1024, image_token_id=None, vision_start_token_id=None
         else:
             raise ValueError(f"tiny_config: unknown field {k!r}")
     vision.out_hidden_size = text.hidden_size
+    if "mrope_section" not in overrides:  # Qwen's 1/4, 3/8, 3/8 split of the rotary frequencies
+        half = text.head_dim // 2
+        text.mrope_section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     return cfg.validate("tiny_config")
 
 

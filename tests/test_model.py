@@ -296,6 +296,10 @@ def test_tiny_config_and_param_count(pair):
     assert 1e6 < M.count_params(tiny) < 10e6
     assert tiny.lm_head.weight is tiny.embed_tokens.weight
     assert isinstance(tiny.layers, torch.nn.ModuleList) and isinstance(tiny.visual.blocks, torch.nn.ModuleList)
+    wide = M.tiny_config(hidden_size=96, vision_depth=1)  # mrope_section follows the head dim
+    assert sum(wide.text.mrope_section) == 12 and wide.vision.out_hidden_size == 96
+    with pytest.raises(ValueError, match="unknown field 'hidden'"):
+        M.tiny_config(hidden=3)
 
 
 def _copy_ckpt(src, dst, edit_tensors=None, edit_config=None):
