@@ -41,6 +41,7 @@ Answer matching (answers_match), after unwrapping the last \\boxed{}, $...$, "Th
     (math-verify's own signal timeout only works in the main thread, and sympy can hang).
 A ground truth none of these can read raises BadGroundTruth. An unreadable prediction is wrong.
 """
+import atexit
 import math
 import os
 import multiprocessing as mp
@@ -249,33 +250,35 @@ def _mv_wrap(s: str) -> str:
     return s if ("$" in s or "\\(" in s or "\\[" in s) else "$" + s + "$"
 
 
-def _worker_loop(conn, timeout_s):
-    """Helper process: math-verify with its own (main-thread) signal timeout, gt parses cached."""
+def _verify_job(gt, preds, timeout_s, gt_cache):
+    """math-verify one job with its own signal timeout (main thread only): ("ok", [bool]) | ("bad", None)."""
     import logging
     from math_verify import parse, verify
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)   # it logs whole inputs on timeout
     t = max(1, math.ceil(timeout_s))
+    try:
+        if gt not in gt_cache:
+            parsed = parse(_mv_wrap(gt), parsing_timeout=t)
+            if len(gt_cache) > 4096:
+                gt_cache.clear()
+            gt_cache[gt] = parsed if any(not isinstance(x, str) for x in parsed) else None
+        if gt_cache[gt] is None:
+            return ("bad", None)
+        return ("ok", [bool(verify(gt_cache[gt], parse(_mv_wrap(p), parsing_timeout=t), timeout_seconds=t))
+                       for p in preds])
+    except Exception:   # math-verify is meant not to raise; if it does, the answers are wrong
+        return ("ok", [False] * len(preds))
+
+
+def _worker_loop(conn, timeout_s):
+    """Helper process: runs jobs until the parent closes the pipe; gt parses cached."""
     gt_cache = {}
     while True:
         try:
             gt, preds = conn.recv()
         except EOFError:
             return
-        try:
-            if gt not in gt_cache:
-                parsed = parse(_mv_wrap(gt), parsing_timeout=t)
-                if len(gt_cache) > 4096:
-                    gt_cache.clear()
-                gt_cache[gt] = parsed if any(not isinstance(x, str) for x in parsed) else None
-            g = gt_cache[gt]
-            if g is None:
-                conn.send(("bad", None))
-                continue
-            out = [bool(verify(g, parse(_mv_wrap(p), parsing_timeout=t), timeout_seconds=t))
-                   for p in preds]
-            conn.send(("ok", out))
-        except Exception:   # math-verify is meant not to raise; if it does, the answers are wrong
-            conn.send(("ok", [False] * len(preds)))
+        conn.send(_verify_job(gt, preds, timeout_s, gt_cache))
 
 
 class _MathVerifier:
@@ -286,6 +289,12 @@ class _MathVerifier:
     def __init__(self):
         self.lock = threading.Lock()
         self.workers = {}   # index -> (process, connection, timeout_s)
+        self.gt_cache = {}  # only for the in-process fallback
+        atexit.register(self.close)
+
+    def close(self):
+        for w in list(self.workers):
+            self._kill(w)
 
     def _start(self, w, timeout_s):
         import math_verify  # noqa: F401  imported before the fork, so a restart costs milliseconds
@@ -304,6 +313,9 @@ class _MathVerifier:
 
     def __call__(self, jobs: list, n_workers: int, timeout_s: float) -> list:
         """jobs: [(gt, [pred, ...])] -> per job ("ok", [bool per pred]) | ("bad", None) | ("timeout", None)."""
+        if mp.current_process().daemon:   # may not have children (DataLoader / Pool worker):
+            # in-process, bounded by math-verify's signal timeout, which needs the main thread
+            return [_verify_job(g, preds, timeout_s, self.gt_cache) for g, preds in jobs]
         results = [("timeout", None)] * len(jobs)
         todo, busy = list(range(len(jobs)))[::-1], {}   # busy: worker -> (job, deadline)
         with self.lock:

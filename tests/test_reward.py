@@ -323,3 +323,14 @@ def test_fast_numeric_path_agrees_with_math_verify():
         b = a if rng.random() < 0.5 else rng.randint(-3000, 3000)
         p, g = spell(a), spell(b)
         assert R.answers_match(p, g) == verify(parse("$" + g + "$"), parse("$" + p + "$")), (p, g)
+
+
+def _match_sqrt(_):
+    return R.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+
+
+def test_works_in_daemonic_process():
+    # Pool / DataLoader workers may not start helper processes: in-process fallback
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.map(_match_sqrt, [0, 1]) == [True, True]
