@@ -1,0 +1,375 @@
+"""
+Supervised fine-tuning of the Qwen2.5-VL of model.py on JSONL conversations with images.
+
+Two uses, one code path:
+- `--init tiny`: train the tiny default tokenizer (data.train_tokenizer) on the training texts,
+  build the tiny model (model.tiny_config) from a seed and train it from scratch: this makes
+  the built-in *base* model. The default one-liner builds the built-in task and does this:
+      python sft.py --task runs/task --out runs/base
+- `--init PATH`: continue from a checkpoint (HF format); on reflection data this is SRPO stage 1:
+      python sft.py --data runs/reflect/train.jsonl --init runs/base --out runs/sft --lr 1e-4
+
+The idea:
+- loss = cross-entropy on assistant tokens only (data.encode_messages' assistant_mask), as a
+  token-level mean over the whole *global* batch: every micro-batch adds sum(CE) / N_global,
+  N_global counted up front, so 1 process and N processes (torchrun, FSDP2) compute the same
+  loss and gradient for the same global batch;
+- data order is a pure function of (seed, step): every epoch is a seeded permutation cut into
+  windows of `bucket` global batches sorted by length (length bucketing: little padding), the
+  batches are then shuffled. Step s always sees the same examples, so resuming needs only s;
+- global batch = batch_size examples = world_size x grad_accum x micro_batch_size;
+- AdamW, linear warmup then cosine decay to min_lr, gradient clipping;
+- every save_every steps and at the end an atomic training checkpoint (dist.save_train_state:
+  HF weights + optimizer + step + RNG, no pickle) goes to out/checkpoints/step_N; a rerun of the
+  same command resumes from the newest one (also after kill -9) and ends with the same weights
+  as an uninterrupted run. At the end the HF files (config.json, model.safetensors,
+  tokenizer.json, ...) are also copied into out/ itself, loadable by transformers;
+- metrics (loss, lr, grad norm, tokens/s) go to out/log.jsonl, progress to a tqdm bar.
+Images are re-encoded per micro-batch (cheap), so memory does not grow with the data set.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dist
+import model as model_lib
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""              # training JSONL (images relative to its directory)
+    task: str = ""              # or: build the built-in task in this dir (task.make_task), train on its train split
+    init: str = "tiny"          # "tiny" = new tokenizer + tiny model from scratch, else a checkpoint dir
+    out: str = "runs/base"      # final HF checkpoint + log.jsonl + checkpoints/
+    system_prompt: str = "keep" # keep the records' system message, or replace it: "single" / "reflect"
+    epochs: float = 1.0
+    max_steps: int = 0          # 0 = epochs * steps_per_epoch
+    batch_size: int = 32        # global batch, in examples (all processes, all micro-batches)
+    micro_batch_size: int = 8   # examples per forward per process
+    lr: float = 2e-3
+    min_lr: float = 2e-4        # end of the cosine
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta2: float = 0.95
+    grad_clip: float = 1.0      # 0 = off
+    freeze_vision: bool = False
+    bucket: int = 8             # length bucketing window, in global batches (1 = plain shuffle)
+    save_every: int = 50        # checkpoint every K steps (and at the end)
+    keep_last: int = 2          # training checkpoints kept
+    seed: int = 1337
+    vocab_size: int = 1024      # --init tiny: tokenizer size
+    tiny: str = ""              # --init tiny: JSON of model.tiny_config overrides, e.g. '{"hidden_size": 96}'
+    max_len: int = 0            # >0: error on longer examples
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Example:
+    messages: list
+    image_root: str
+    where: str          # "file.jsonl:LINE" for error messages
+    length: int         # tokens
+    n_loss: int         # assistant tokens that are predicted (assistant_mask[1:].sum())
+
+
+def load_examples(path, tokenizer, system_prompt, max_len=0) -> list[Example]:
+    """Read and encode every record once: checks each one (errors name file:line) and records
+    its length and number of loss tokens. Pixels are not kept."""
+    records = data.read_jsonl(path)
+    with open(path, encoding="utf-8") as f:  # line numbers of the non-blank lines, as read_jsonl skips blanks
+        lines = [i for i, line in enumerate(f.read().split("\n"), start=1) if line.strip()]
+    root = os.path.dirname(os.path.abspath(path))
+    examples = []
+    for rec, line in zip(records, lines):
+        where = f"{path}:{line}"
+        messages = rec.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: field 'messages' missing or not a non-empty list")
+        if system_prompt is not None:
+            messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m.get("role") != "system"]
+        enc = data.encode_messages(messages, tokenizer, root, where=where)
+        n_loss = int(enc["assistant_mask"][1:].sum())
+        if n_loss == 0:
+            raise ValueError(f"{where}: no assistant message to learn from (field 'messages')")
+        length = len(enc["input_ids"])
+        if max_len and length > max_len:
+            raise ValueError(f"{where}: {length} tokens > max_len {max_len}")
+        examples.append(Example(messages, root, where, length, n_loss))
+    if not examples:
+        raise ValueError(f"{path}: no records")
+    return examples
+
+
+def epoch_batches(examples, cfg, epoch) -> list[list[int]]:
+    """The epoch's global batches (lists of example indices), a pure function of (seed, epoch):
+    seeded permutation -> windows of `bucket` batches sorted by length -> batches -> shuffled."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    n_batches = len(examples) // cfg.batch_size
+    perm = torch.randperm(len(examples), generator=g)[:n_batches * cfg.batch_size].tolist()
+    window = cfg.batch_size * max(1, cfg.bucket)
+    batches = []
+    for w in range(0, len(perm), window):
+        chunk = sorted(perm[w:w + window], key=lambda i: examples[i].length) if cfg.bucket > 1 else perm[w:w + window]
+        batches += [chunk[b:b + cfg.batch_size] for b in range(0, len(chunk), cfg.batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def rank_micro_batches(batch, examples, micro_batch_size, rank, world_size) -> list[list[int]]:
+    """This process's share of a global batch: sorted by length, cut into micro-batches, dealt
+    round-robin to the processes."""
+    batch = sorted(batch, key=lambda i: examples[i].length)
+    micro = [batch[m:m + micro_batch_size] for m in range(0, len(batch), micro_batch_size)]
+    return micro[rank::world_size]
+
+
+def encode_batch(idx, examples, tokenizer, device):
+    encoded = [data.encode_messages(examples[i].messages, tokenizer, examples[i].image_root, where=examples[i].where)
+               for i in idx]
+    b = data.collate(encoded, tokenizer.pad_id, left_pad=False)
+    return {k: (v.to(device) if v is not None else None) for k, v in b.items()}
+
+
+# ----------------------------------------------------------------------------- model / tokenizer
+
+def tokenizer_texts(path):
+    """Training texts for the tiny tokenizer: every text of the data + both system prompts."""
+    texts = [data.SYSTEM_PROMPT_SINGLE, data.SYSTEM_PROMPT_REFLECT, data.DEFAULT_SYSTEM,
+             "<think></think><answer></answer><reflection></reflection>"]
+    for rec in data.read_jsonl(path):
+        for m in rec.get("messages") or []:
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, str):
+                texts.append(c)
+            elif isinstance(c, list):
+                texts += [p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return texts
+
+
+def build_tiny(tokenizer, cfg) -> "model_lib.Qwen2_5_VL":
+    overrides = json.loads(cfg.tiny) if cfg.tiny else {}
+    mcfg = model_lib.tiny_config(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_pad_id,
+                                 vision_start_token_id=tokenizer.vision_start_id,
+                                 vision_end_token_id=tokenizer.vision_end_id,
+                                 eos_token_id=tokenizer.eos_ids, **overrides)
+    torch.manual_seed(cfg.seed)
+    return model_lib.Qwen2_5_VL(mcfg)
+
+
+def latest_checkpoint(out):
+    """Newest complete out/checkpoints/step_N (complete = renamed into place), or None."""
+    d = os.path.join(out, "checkpoints")
+    if not os.path.isdir(d):
+        return None
+    steps = sorted(int(m.group(1)) for n in os.listdir(d) if (m := re.fullmatch(r"step_(\d+)", n))
+                   and os.path.isfile(os.path.join(d, n, "train_state.json")))
+    return os.path.join(d, f"step_{steps[-1]:06d}") if steps else None
+
+
+def export_final(ckpt, out):
+    """Copy the HF files of a training checkpoint into out/ (each one atomically)."""
+    for name in sorted(os.listdir(ckpt)):
+        if name in ("optimizer.safetensors", "train_state.json") or name.startswith("rng_rank"):
+            continue
+        tmp = os.path.join(out, name + ".tmp")
+        shutil.copyfile(os.path.join(ckpt, name), tmp)
+        os.replace(tmp, os.path.join(out, name))
+
+
+def prune_checkpoints(out, keep_last):
+    d = os.path.join(out, "checkpoints")
+    steps = sorted(n for n in os.listdir(d) if re.fullmatch(r"step_\d+", n))
+    for n in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+def lr_at(step, max_steps, cfg):
+    """Linear warmup to lr, then cosine to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+
+
+def micro_loss(model, batch, autocast):
+    """Summed CE over the assistant tokens of a micro-batch -> (loss_sum, n_tokens)."""
+    with autocast:
+        logits = model(batch["input_ids"], pixel_values=batch["pixel_values"],
+                       image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])  # (b, T, V)
+    targets = batch["input_ids"][:, 1:]               # (b, T-1)
+    mask = batch["assistant_mask"][:, 1:]             # (b, T-1) predict token t+1 from position t
+    logp = logits[:, :-1][mask].float()               # (n, V) only the positions that count
+    loss_sum = F.cross_entropy(logp, targets[mask], reduction="sum")
+    return loss_sum, int(mask.sum())
+
+
+def train(cfg: SFTConfig):
+    d = dist.init()
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    log_path = os.path.join(cfg.out, "log.jsonl")
+
+    # data source
+    if cfg.task:
+        import task
+        if d.is_main:
+            task.make_task(cfg.task, task.TaskConfig())
+        dist.barrier()
+        cfg.data = os.path.join(cfg.task, "train.jsonl")
+    if not cfg.data:
+        raise SystemExit("sft.py: give --data FILE.jsonl or --task DIR")
+    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
+        raise SystemExit(f"sft.py: batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
+                         f"{cfg.micro_batch_size} x world_size {d.world_size}")
+
+    # tokenizer + model: from the newest training checkpoint (resume), a given checkpoint, or new
+    resume = latest_checkpoint(cfg.out)
+    if resume:
+        tokenizer_dir = resume
+        model = model_lib.from_pretrained(resume, device=d.device)
+    elif cfg.init == "tiny":
+        tokenizer_dir = os.path.join(cfg.out, "tokenizer")
+        if d.is_main:
+            data.train_tokenizer(tokenizer_texts(cfg.data), tokenizer_dir, vocab_size=cfg.vocab_size)
+        dist.barrier()
+    else:
+        tokenizer_dir = cfg.init
+        model = model_lib.from_pretrained(cfg.init, device=d.device)
+    tokenizer = data.Tokenizer.from_dir(tokenizer_dir)
+    if not resume and cfg.init == "tiny":
+        model = build_tiny(tokenizer, cfg).to(d.device)
+
+    prompts = {"keep": None, "single": data.SYSTEM_PROMPT_SINGLE, "reflect": data.SYSTEM_PROMPT_REFLECT}
+    if cfg.system_prompt not in prompts:
+        raise SystemExit(f"sft.py: --system_prompt must be one of {list(prompts)}, got {cfg.system_prompt!r}")
+    examples = load_examples(cfg.data, tokenizer, prompts[cfg.system_prompt], cfg.max_len)
+    steps_per_epoch = len(examples) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"sft.py: {cfg.data} has {len(examples)} examples < batch_size {cfg.batch_size}")
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    if cfg.freeze_vision:
+        model.visual.requires_grad_(False)
+    model.train()
+    dist.shard_model(model)
+    optimizer = make_optimizer(model, cfg)
+    step = 0
+    if resume:
+        step, extra = dist.load_train_state(resume, model, optimizer)
+        if d.is_main:
+            print(f"sft.py: resuming from {resume} at step {step}")
+            # drop log lines written after that checkpoint (the killed run's lost steps)
+            if os.path.exists(log_path):
+                rows = [r for r in data.read_jsonl(log_path, allow_torn_tail=True) if r.get("step", 0) <= step]
+                with open(log_path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                os.replace(log_path + ".tmp", log_path)
+    elif d.is_main and os.path.exists(log_path):
+        os.remove(log_path)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in model.parameters())
+    if d.is_main:
+        print(f"sft.py: {len(examples)} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, "
+              f"world {d.world_size}, {n_params / 1e6:.2f}M params (full model)")
+
+    def save(step):
+        dist.save_train_state(os.path.join(ckpt_dir, f"step_{step:06d}"), model, optimizer, step,
+                              extra={"config": asdict(cfg), "epoch": step // steps_per_epoch},
+                              tokenizer_dir=tokenizer_dir)
+        if d.is_main:
+            prune_checkpoints(cfg.out, cfg.keep_last)
+
+    bar = tqdm(total=max_steps, initial=step, disable=not d.is_main, desc="sft", dynamic_ncols=True)
+    cached_epoch, batches = -1, None
+    t0 = time.time()
+    while step < max_steps:
+        epoch = step // steps_per_epoch
+        if epoch != cached_epoch:
+            cached_epoch, batches = epoch, epoch_batches(examples, cfg, epoch)
+        batch = batches[step % steps_per_epoch]
+        n_global = sum(examples[i].n_loss for i in batch)  # loss tokens of the whole global batch
+        lr = lr_at(step, max_steps, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        micro = rank_micro_batches(batch, examples, cfg.micro_batch_size, d.rank, d.world_size)
+        loss_sum = torch.zeros((), device=d.device)
+        for k, idx in enumerate(micro):
+            if d.world_size > 1:  # reduce-scatter gradients only after the last micro-batch
+                model.set_requires_gradient_sync(k == len(micro) - 1)
+            mb = encode_batch(idx, examples, tokenizer, d.device)
+            ls, _ = micro_loss(model, mb, autocast)
+            # FSDP averages gradients over processes: x world_size makes it the global-batch sum / N
+            (ls * d.world_size / n_global).backward()
+            loss_sum += ls.detach()
+        dist.all_reduce(loss_sum, "sum")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss = loss_sum.item() / n_global
+        if d.is_main:
+            tokens = sum(examples[i].length for i in batch)
+            dt = time.time() - t0
+            data.append_jsonl(log_path, {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                                         "loss_tokens": n_global, "tokens": tokens, "epoch": step / steps_per_epoch,
+                                         "elapsed_s": round(dt, 3)})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        if step % cfg.save_every == 0 or step == max_steps:
+            save(step)
+    bar.close()
+
+    final = latest_checkpoint(cfg.out)
+    if final is None or not final.endswith(f"step_{max_steps:06d}"):
+        save(max_steps)  # resumed at max_steps from an older layout: make sure the last state is saved
+        final = latest_checkpoint(cfg.out)
+    if d.is_main:
+        export_final(final, cfg.out)
+        print(f"sft.py: done, {max_steps} steps in {time.time() - t0:.1f}s; final model in {cfg.out}")
+    dist.barrier()
+    dist.close()
+    return cfg.out
+
+
+def parse_args(argv=None) -> SFTConfig:
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    for f in fields(SFTConfig):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        if f.type is bool or f.type == "bool":
+            ap.add_argument(*names, dest=f.name, type=lambda s: s.lower() in ("1", "true", "yes"),
+                            default=f.default, nargs="?", const=True)
+        else:
+            ap.add_argument(*names, dest=f.name, type=type(f.default), default=f.default)
+    return SFTConfig(**vars(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    train(parse_args())

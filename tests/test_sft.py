@@ -1,0 +1,235 @@
+"""sft.py: assistant-only loss against transformers, data order, schedule, bad input, and (slow)
+end to end: torchrun x2 == 1 process, kill -9 + rerun == uninterrupted run, output loadable by
+transformers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import model as M
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vision_depth": 1, "vision_hidden_size": 32, "vision_intermediate_size": 64,
+        "vision_num_heads": 2, "vision_fullatt_block_indexes": [0]}
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
+
+
+def make_dataset(d, n=24, seed=0):
+    """n records: an image with k colored squares, 'How many squares?', answer k. Image sizes vary
+    (56..112 px), so sequence lengths vary."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(os.path.join(d, "images"), exist_ok=True)
+    lines = []
+    for i in range(n):
+        size = 56 + 28 * int(torch.randint(0, 3, (1,), generator=g))
+        k = 1 + int(torch.randint(0, 4, (1,), generator=g))
+        color = list(COLORS)[int(torch.randint(0, 3, (1,), generator=g))]
+        img = Image.new("RGB", (size, size), "white")
+        for j in range(k):
+            img.paste(COLORS[color], (4 + 12 * j, 4, 12 + 12 * j, 12))
+        img.save(os.path.join(d, "images", f"{i}.png"))
+        think = " ".join(f"{color} {j + 1}" for j in range(k)) * (1 + i % 3)
+        rec = {"id": f"r{i}", "answer": str(k), "messages": [
+            {"role": "system", "content": data.SYSTEM_PROMPT_SINGLE},
+            {"role": "user", "content": [{"type": "image", "image": f"images/{i}.png"},
+                                         {"type": "text", "text": "How many squares are there?"}]},
+            {"role": "assistant", "content": f"<think>{think}</think>\n<answer>{k}</answer>"}]}
+        lines.append(json.dumps(rec))
+    path = os.path.join(d, "train.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("sftdata")))
+
+
+@pytest.fixture(scope="module")
+def tok(dataset, tmp_path_factory):
+    return data.train_tokenizer(sft.tokenizer_texts(dataset), str(tmp_path_factory.mktemp("tok")), vocab_size=400)
+
+
+def test_assistant_only_loss_matches_transformers(dataset, tok, tmp_path):
+    """micro_loss = sum of CE over assistant tokens; transformers' loss with labels = -100 outside
+    the assistant tokens is its mean. Same checkpoint, right-padded batch of different lengths."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    cfg = sft.SFTConfig(tiny=json.dumps(TINY))
+    model = sft.build_tiny(tok, cfg)
+    M.save_pretrained(model, str(tmp_path / "ck"), tokenizer_dir=os.path.dirname(tok.path))
+    examples = sft.load_examples(dataset, tok, None)
+    batch = sft.encode_batch([0, 1, 2, 5], examples, tok, "cpu")
+    assert batch["input_ids"].shape[0] == 4 and (batch["attention_mask"] == 0).any()  # padding present
+    loss_sum, n = sft.micro_loss(model, batch, torch.autocast("cpu", enabled=False))
+    assert n == sum(examples[i].n_loss for i in [0, 1, 2, 5])
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "ck"), dtype=torch.float32).eval()
+    labels = batch["input_ids"].masked_fill(~batch["assistant_mask"], -100)
+    with torch.no_grad():
+        out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    torch.testing.assert_close(loss_sum / n, out.loss, rtol=1e-5, atol=1e-5)
+    # the mask covers exactly the assistant content + <|im_end|>
+    first = batch["input_ids"][0][batch["assistant_mask"][0]]
+    assert tok.decode(first).startswith("<think>") and first[-1] == tok.im_end_id
+
+
+def test_data_order_is_deterministic_bucketed_and_sharded(dataset, tok):
+    examples = sft.load_examples(dataset, tok, None)
+    cfg = sft.SFTConfig(batch_size=8, bucket=3, seed=3)
+    e0, e0b, e1 = (sft.epoch_batches(examples, cfg, 0), sft.epoch_batches(examples, cfg, 0),
+                   sft.epoch_batches(examples, cfg, 1))
+    assert e0 == e0b and e0 != e1
+    flat = [i for b in e0 for i in b]
+    assert len(e0) == 3 and all(len(b) == 8 for b in e0) and sorted(flat) == list(range(24))
+    # bucketing: padding of the bucketed batches is at most that of an unsorted split of the same window
+    pad = lambda bs: sum(max(examples[i].length for i in b) * len(b) - sum(examples[i].length for i in b) for b in bs)
+    plain = sft.epoch_batches(examples, sft.SFTConfig(batch_size=8, bucket=1, seed=3), 0)
+    assert pad(e0) <= pad(plain)
+    # each global batch is split into micro-batches dealt to the ranks: a partition
+    b = e0[0]
+    shares = [sft.rank_micro_batches(b, examples, 2, r, 2) for r in range(2)]
+    assert all(len(s) == 2 for s in shares)
+    assert sorted(i for s in shares for mb in s for i in mb) == sorted(b)
+
+
+def test_lr_schedule():
+    cfg = sft.SFTConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
+    assert sft.lr_at(0, 14, cfg) == pytest.approx(0.25)
+    assert sft.lr_at(3, 14, cfg) == pytest.approx(1.0)
+    assert sft.lr_at(4, 14, cfg) == pytest.approx(1.0)
+    assert sft.lr_at(9, 14, cfg) == pytest.approx(0.55)   # halfway through the cosine: (1 + 0.1) / 2
+    assert sft.lr_at(14, 14, cfg) == pytest.approx(0.1)
+
+
+def _records(path):
+    with open(path) as f:
+        return f.read().split("\n")
+
+
+def test_bad_input_names_file_and_line(dataset, tok, tmp_path):
+    lines = [l for l in _records(dataset) if l]
+    d = os.path.dirname(dataset)
+
+    def write(name, ls):
+        p = os.path.join(d, name)
+        with open(p, "w") as f:
+            f.write("\n".join(ls) + "\n")
+        return p
+
+    bad = write("bad_json.jsonl", lines[:2] + ['{"id": "x", "messages": [}'] + lines[3:5])
+    with pytest.raises(ValueError, match=r"bad_json\.jsonl:3: invalid JSON"):
+        sft.load_examples(bad, tok, None)
+
+    missing = json.loads(lines[1])
+    missing["messages"][1]["content"][0]["image"] = "images/nope.png"
+    p = write("missing.jsonl", [lines[0], "", json.dumps(missing)])  # blank line: the record is on line 3
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl:3: image file not found: .*nope\.png"):
+        sft.load_examples(p, tok, None)
+
+    with open(os.path.join(d, "images", "corrupt.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not a png")
+    corrupt = json.loads(lines[1])
+    corrupt["messages"][1]["content"][0]["image"] = "images/corrupt.png"
+    p = write("corrupt.jsonl", [lines[0], json.dumps(corrupt)])
+    with pytest.raises(ValueError, match=r"corrupt\.jsonl:2: cannot read image .*corrupt\.png"):
+        sft.load_examples(p, tok, None)
+
+    no_asst = json.loads(lines[0])
+    no_asst["messages"] = no_asst["messages"][:2]
+    p = write("no_asst.jsonl", [lines[1], json.dumps(no_asst)])
+    with pytest.raises(ValueError, match=r"no_asst\.jsonl:2: no assistant message"):
+        sft.load_examples(p, tok, None)
+
+    no_msgs = {"id": "y", "answer": "1"}
+    p = write("no_msgs.jsonl", [json.dumps(no_msgs)])
+    with pytest.raises(ValueError, match=r"no_msgs\.jsonl:1: field 'messages'"):
+        sft.load_examples(p, tok, None)
+
+
+# ----------------------------------------------------------------------------- end to end (subprocess)
+
+def _args(data_path, out, steps=6, save_every=2):
+    return ["--data", data_path, "--out", out, "--init", "tiny", "--tiny", json.dumps(TINY), "--vocab_size", "400",
+            "--max_steps", str(steps), "--batch_size", "8", "--micro_batch_size", "2", "--save_every", str(save_every),
+            "--lr", "3e-3", "--warmup_steps", "2", "--seed", "7"]
+
+
+def _env(threads=1):
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+
+
+def _run(cmd, threads=1, timeout=240):
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _losses(out):
+    return [r["loss"] for r in data.read_jsonl(os.path.join(out, "log.jsonl"))]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(dataset, tmp_path):
+    """Same global batch (8 = 1 x 4 x 2 = 2 x 2 x 2): the loss curves agree to 1e-5 relative and
+    the final weights to 1e-5 absolute (only float summation order differs)."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run([sys.executable, "sft.py"] + _args(dataset, one, steps=6, save_every=3))
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+          "sft.py"] + _args(dataset, two, steps=6, save_every=3))
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 6 and l1[-1] < l1[0]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=0)
+    w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+    # the distributed run's optimizer checkpoint holds the full (unsharded) state
+    o1 = load_file(os.path.join(one, "checkpoints", "step_000006", "optimizer.safetensors"))
+    o2 = load_file(os.path.join(two, "checkpoints", "step_000006", "optimizer.safetensors"))
+    assert o1.keys() == o2.keys() and all(o1[k].shape == o2[k].shape for k in o1)
+
+
+@pytest.mark.slow
+def test_kill9_then_rerun_gives_same_weights(dataset, tmp_path):
+    """Uninterrupted run vs a run killed with SIGKILL after its step-4 checkpoint, then rerun with
+    the same command: bitwise identical final weights, and a log with each step once."""
+    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+    _run([sys.executable, "sft.py"] + _args(dataset, ref, steps=8, save_every=2))
+
+    cmd = [sys.executable, "sft.py"] + _args(dataset, killed, steps=8, save_every=2)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(killed, "checkpoints", "step_000004", "train_state.json")
+    t0 = time.time()
+    while not os.path.exists(ckpt) and p.poll() is None and time.time() - t0 < 180:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(os.path.join(killed, "model.safetensors")), "run finished before the kill"
+    r = _run(cmd)
+    assert "resuming from" in r.stdout
+
+    w_ref, w_res = (load_file(os.path.join(ref, "model.safetensors")),
+                    load_file(os.path.join(killed, "model.safetensors")))
+    assert w_ref.keys() == w_res.keys()
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_res[k]), k
+    steps = [r["step"] for r in data.read_jsonl(os.path.join(killed, "log.jsonl"))]
+    assert steps == list(range(1, 9))
+    assert _losses(killed) == _losses(ref)
+    # out/ is a complete HF checkpoint: transformers loads it, our tokenizer loads it
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(killed, dtype=torch.float32)
+    assert torch.equal(hf.get_input_embeddings().weight, M.from_pretrained(killed).embed_tokens.weight)
+    assert data.Tokenizer.from_dir(killed).vocab_size == hf.config.text_config.vocab_size
