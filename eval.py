@@ -7,7 +7,8 @@ responses per question, score each with reward.py and report:
     w2r r2r r2w w2w   reflection cases (wrong->right, ...)   single / none   one answer / no answer
     format  fraction in the prompt's format      len  mean response length in tokens
 
-as a table on stdout, metrics.json + one predictions JSONL per (checkpoint, dataset) in --out.
+as a table on stdout (n = questions; case columns count responses, n per question when sampling),
+metrics.json + one predictions JSONL per (checkpoint, dataset) in --out.
 
 Datasets: project JSONL files (--data, e.g. the built-in task's test.jsonl) and benchmarks
 read from local files in their published formats (--bench NAME=PATH), nothing downloaded:
@@ -277,15 +278,16 @@ def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None):
     assert n * len(records) == len(gens), f"{len(gens)} responses for {len(records)} records"
     texts = [g["text"] for g in gens]
     gts = [records[i // n]["answer"] for i in range(len(gens))]
-    srpo = reward.score_batch(texts, gts, mode="srpo", count_tokens=count_tokens, cfg=rcfg)
+    opts = [records[i // n].get("options") for i in range(len(gens))]
+    srpo = reward.score_batch(texts, gts, mode="srpo", count_tokens=count_tokens, cfg=rcfg, options=opts)
     # format compliance is judged against the format the prompt asked for
-    fmt = srpo if cfg.prompt == "reflect" else reward.score_batch(texts, gts, mode="grpo", count_tokens=count_tokens, cfg=rcfg)
+    fmt = srpo if cfg.prompt == "reflect" else reward.score_batch(texts, gts, mode="grpo", cfg=rcfg, options=opts)
     preds = []
     for i, (g, s, f) in enumerate(zip(gens, srpo, fmt)):
         p = reward.parse_response(g["text"])
         rec = records[i // n]
         preds.append(dict(id=rec["id"], sample=i % n, answer=rec["answer"], response=g["text"],
-                          first_answer=p.answers[0] if p.answers else None,
+                          first_answer=(p.answers[0] if p.is_two_pass else p.answers[-1]) if p.answers else None,
                           final_answer=p.answers[-1] if p.answers else None,
                           first_correct=bool(s["first_correct"]), final_correct=bool(s["final_correct"]),
                           case=s["case"], format_ok=f["format"] > 0, reward=float(s["total"]),
@@ -357,7 +359,7 @@ def check_answers(name, records):
     good, bad = [], []
     for r in records:
         try:
-            reward.answers_match(r["answer"], r["answer"])
+            reward.answers_match(r["answer"], r["answer"], r.get("options"))
             good.append(r)
         except reward.BadGroundTruth as e:
             bad.append(f"{r['id']}: {e}")

@@ -206,14 +206,29 @@ def test_aggregate_known_predictions():
     assert (m["w2r"], m["r2r"], m["r2w"], m["w2w"], m["single"], m["none"]) == (1, 1, 1, 1, 1, 1)
     assert m["format"] == pytest.approx(4 / 6)
     assert m["mean_len"] == pytest.approx(114 / 6) and m["truncated"] == pytest.approx(1 / 6)
-    # reward: the two-pass ones get 0.5 format + accuracy (1, .75, .25, 0) + 0.1 * length term
-    # (<= 1 each); single correct 0.5; none 0
-    assert (0.5 * 4 + 2.0 + 0.5) / 6 <= m["mean_reward"] <= (0.5 * 4 + 2.0 + 0.5 + 0.4) / 6
+    # reward: two-pass ones 0.5 format + accuracy (1, .75, .25, 0) + 0.1 * length term. Word counts:
+    # S = 6 (first think) + 1 (first answer) = 7, L = 15 words, T = 14, Tmax = 17.5;
+    # single correct 0.5; none 0
+    r_len = math.exp(-((15 - 14) / (17.5 - 14)) ** 2)
+    assert m["mean_reward"] == pytest.approx((0.5 * 4 + 2.0 + 0.4 * r_len + 0.5) / 6)
+    assert [p["reward"] for p in preds][4:] == [0.5, 0.0]
     # the single prompt judges format against <think><answer>: only response 4 complies
     preds_s = ev.score_predictions(records, gens, ev.EvalConfig(prompt="single"), count_tokens=lambda s: len(s.split()))
     assert [p["format_ok"] for p in preds_s] == [False, False, False, False, True, False]
     table = ev.format_table([dict(checkpoint="ck", dataset="test", metrics=m)])
     assert "ck" in table and "0.500" in table and "0.667" in table
+
+
+def test_options_and_bad_answers(capsys):
+    """Benchmark records carry options: the option's text counts as its letter. A record whose
+    answer reward.py cannot read is skipped and reported, never scored."""
+    recs = [{"id": "m1", "answer": "B", "options": ["30°", "45°"]}, {"id": "m2", "answer": "???"}]
+    good, bad = ev.check_answers("mathvista", recs)
+    assert [r["id"] for r in good] == ["m1"] and len(bad) == 1 and bad[0].startswith("m2:")
+    assert "1 record(s) with an unparsable answer" in capsys.readouterr().err
+    gens = [dict(text="<think>it is 45</think><answer>45°</answer>", length=5, finish="stop")]
+    (p,) = ev.score_predictions(good, gens, ev.EvalConfig(prompt="single"), count_tokens=len)
+    assert p["final_correct"] and p["case"] == "single" and p["format_ok"]
 
 
 def test_aggregate_pass_at_k():
@@ -272,13 +287,18 @@ def test_eval_end_to_end_tiny_model(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = qwen.tiny_config(tok.vocab_size, tok.image_pad_id, tok.vision_start_id, tok.vision_end_id, tok.eos_ids)
     qwen.save_pretrained(qwen.Qwen2_5_VL(cfg), str(tmp_path / "ck"), tokenizer_dir=str(tmp_path / "tok"))
+    png(tmp_path / "mv" / "images/1.jpg", size=(70, 50))
+    (tmp_path / "mv" / "test.jsonl").write_text(json.dumps({"id": "1", "question": "Which?", "options": ["a", "b"],
+                                                            "image": "images/1.jpg", "answer": "B"}) + "\n")
     out = tmp_path / "eval"
-    ev.main(["--model", str(tmp_path / "ck"), "--data", test, "--out", str(out), "--max-new-tokens", "12",
-             "--batch-size", "3"])
-    table = capsys.readouterr().out
-    assert "ck" in table and "test" in table
+    ev.main(["--model", str(tmp_path / "ck"), "--data", test, "--bench", f"mathvision={tmp_path}/mv/test.jsonl",
+             "--out", str(out), "--max-new-tokens", "12", "--batch-size", "3"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:5] == ["checkpoint", "dataset", "n", "first", "final"]
+    assert table[2].split()[:3] == ["ck", "test", str(len(recs))] and table[3].split()[:3] == ["ck", "mathvision", "1"]
     res = json.loads((out / "metrics.json").read_text())["results"]
-    assert len(res) == 1 and res[0]["metrics"]["n_questions"] == len(recs)
+    assert [(r["dataset"], r["metrics"]["n_questions"]) for r in res] == [("test", len(recs)), ("mathvision", 1)]
+    assert (out / "predictions" / "ck__mathvision.jsonl").exists()
     preds = [json.loads(l) for l in open(out / "predictions" / "ck__test.jsonl")]
     assert [p["id"] for p in preds] == [r["id"] for r in recs]
     assert all(0 < p["length"] <= 12 for p in preds)
