@@ -96,9 +96,9 @@ class Parsed:
 
 
 def _blocks(text):
-    """Well-formed blocks (name, content, start, end): an open tag directly followed by its close
-    tag (no other tag in between). Also returns the full tag sequence and whether only whitespace
-    lies outside the blocks. Linear in len(text)."""
+    """(blocks, clean): the well-formed blocks (name, content, start, end), an open tag directly
+    followed by its close tag, and whether the text is nothing but such blocks and whitespace
+    (no stray, nested or unbalanced tag). Linear in len(text)."""
     tags = [(m.group(1) == "/", m.group(2), m.start(), m.end()) for m in _TAG_RE.finditer(text)]
     blocks, clean, prev_end, i = [], True, 0, 0
     while i < len(tags):
@@ -319,31 +319,40 @@ class _MathVerifier:
         results = [("timeout", None)] * len(jobs)
         todo, busy = list(range(len(jobs)))[::-1], {}   # busy: worker -> (job, deadline)
         with self.lock:
-            while todo or busy:
-                for w in range(max(1, n_workers)):
-                    if w in busy or not todo:
-                        continue
-                    if w in self.workers and (not self.workers[w][0].is_alive()
-                                              or self.workers[w][2] != timeout_s):
+            try:
+                self._run(jobs, n_workers, timeout_s, todo, busy, results)
+            finally:   # interrupted (Ctrl-C, broken pipe): never leave a stale answer in a pipe
+                for w in busy:
+                    if w in self.workers:
                         self._kill(w)
-                    if w not in self.workers:
-                        self._start(w, timeout_s)
-                    j = todo.pop()
-                    self.workers[w][1].send(jobs[j])
-                    busy[w] = (j, time.monotonic() + timeout_s)
-                wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
-                ready = mp_connection.wait([self.workers[w][1] for w in busy], timeout=wait_s)
-                for w, (j, deadline) in list(busy.items()):
-                    if self.workers[w][1] in ready:
-                        try:
-                            results[j] = self.workers[w][1].recv()
-                        except EOFError:   # the worker died: the job stays "timeout"
-                            self._kill(w)
-                        del busy[w]
-                    elif time.monotonic() >= deadline:
-                        self._kill(w)
-                        del busy[w]
         return results
+
+    def _run(self, jobs, n_workers, timeout_s, todo, busy, results):
+        """Keep up to n_workers jobs in flight; collect answers; kill workers past their deadline."""
+        while todo or busy:
+            for w in range(max(1, n_workers)):
+                if w in busy or not todo:
+                    continue
+                if w in self.workers and (not self.workers[w][0].is_alive()
+                                          or self.workers[w][2] != timeout_s):
+                    self._kill(w)
+                if w not in self.workers:
+                    self._start(w, timeout_s)
+                j = todo.pop()
+                self.workers[w][1].send(jobs[j])
+                busy[w] = (j, time.monotonic() + timeout_s)
+            wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+            ready = mp_connection.wait([self.workers[w][1] for w in busy], timeout=wait_s)
+            for w, (j, deadline) in list(busy.items()):
+                if self.workers[w][1] in ready:
+                    try:
+                        results[j] = self.workers[w][1].recv()
+                    except EOFError:   # the worker died: the job stays "timeout"
+                        self._kill(w)
+                    del busy[w]
+                elif time.monotonic() >= deadline:
+                    self._kill(w)
+                    del busy[w]
 
 
 _MV = _MathVerifier()

@@ -334,3 +334,14 @@ def test_works_in_daemonic_process():
     import multiprocessing as mp
     with mp.get_context("fork").Pool(1) as pool:
         assert pool.map(_match_sqrt, [0, 1]) == [True, True]
+
+
+def test_pool_survives_timeouts_in_a_batch():
+    good = "<answer>\\frac{\\sqrt{2}}{2}</answer>"
+    bad = "<answer>$" + TOWER + "$</answer>"
+    cfg = RewardConfig(timeout_s=1.0, verify_workers=2)
+    t0 = time.time()
+    out = R.score_batch([good, bad, good, bad, good], ["\\frac{1}{\\sqrt{2}}"] * 5, cfg=cfg)
+    assert [o["final_correct"] for o in out] == [True, False, True, False, True]
+    assert time.time() - t0 < 2 * cfg.timeout_s + 3.0
+    assert R.answers_match(good[8:-9], "\\frac{1}{\\sqrt{2}}", cfg=cfg)   # workers restarted
