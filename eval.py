@@ -402,7 +402,9 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu"):
 # -----------------------------------------------------------------------------
 # training curves from JSONL logs, drawn with Pillow
 
-PLOT_KEYS = ["reward", "acc", "len", "kl", "loss"]
+# grpo.py / sft.py log fields, in panel order (others via --keys)
+PLOT_KEYS = ["reward", "test_reward", "acc_final", "test_acc_final", "acc_first", "test_acc_first",
+             "resp_len", "kl_ref", "kl_old", "loss"]
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
@@ -426,14 +428,16 @@ def read_log(path):
     return series
 
 
-def plot_logs(paths, out_png, w=480, h=300):
+def plot_logs(paths, out_png, keys=None, w=480, h=300):
+    """One panel per key (default: the PLOT_KEYS present, else the first 8 numeric fields),
+    one coloured line per log."""
     from PIL import Image, ImageDraw
     logs = [read_log(p) for p in paths]
-    keys = sorted({k for s in logs for k in s})
-    chosen = [k for pat in PLOT_KEYS for k in keys if pat in k.lower()]
-    chosen = list(dict.fromkeys(chosen))[:8] or keys[:8]
-    if not chosen:
-        raise SystemExit(f"{paths}: no numeric fields to plot")
+    have = sorted({k for s in logs for k in s})
+    chosen = keys or [k for k in PLOT_KEYS if k in have] or have[:8]
+    missing = [k for k in chosen if k not in have]
+    if missing or not chosen:
+        raise SystemExit(f"{paths}: no numeric field {missing or ''} to plot (fields: {have})")
     cols = 2 if len(chosen) > 1 else 1
     nrow = (len(chosen) + cols - 1) // cols
     img = Image.new("RGB", (cols * w, nrow * h + 24), "white")
@@ -447,7 +451,10 @@ def plot_logs(paths, out_png, w=480, h=300):
         pts = [(s, v) for s in logs for s, v in s.get(key, [])]
         xs, ys = [a for a, _ in pts], [b for _, b in pts]
         xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
-        xhi, yhi = (xhi if xhi > xlo else xlo + 1), (yhi if yhi > ylo else ylo + 1)
+        if xhi == xlo:  # a single step / a constant: centre it
+            xlo, xhi = xlo - 1, xhi + 1
+        if yhi == ylo:
+            ylo, yhi = ylo - 0.5 * max(abs(ylo), 1), yhi + 0.5 * max(abs(yhi), 1)
         d.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
         d.text((x0 + pw // 2 - 4 * len(key), y0 - 16), key, fill="black")
         d.text((x0 - 56, y0 - 4), f"{yhi:.3g}", fill="black")
@@ -474,6 +481,7 @@ def main(argv=None):
     ap.add_argument("--data", nargs="*", default=[], help="project JSONL files (e.g. the built-in test.jsonl)")
     ap.add_argument("--bench", nargs="*", default=[], help=f"NAME=PATH, NAME in {sorted(LOADERS)}")
     ap.add_argument("--plot", nargs="+", help="training JSONL logs: draw curves to --out (a .png)")
+    ap.add_argument("--keys", nargs="+", help=f"--plot: fields to draw (default: those of {PLOT_KEYS} present)")
     ap.add_argument("--out", required=True, help="output directory (eval) or PNG file (--plot)")
     ap.add_argument("--prompt", choices=["single", "reflect"], default="reflect")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -486,7 +494,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     a = ap.parse_args(argv)
     if a.plot:
-        keys = plot_logs(a.plot, a.out)
+        keys = plot_logs(a.plot, a.out, a.keys)
         print(f"[eval] wrote {a.out} ({', '.join(keys)})")
         return
     if not a.model or not (a.data or a.bench):

@@ -259,13 +259,15 @@ def test_plot_png(tmp_path):
     sft, grpo = tmp_path / "sft" / "log.jsonl", tmp_path / "grpo" / "log.jsonl"
     os.makedirs(sft.parent), os.makedirs(grpo.parent)
     sft.write_text("".join(json.dumps({"step": s, "loss": 3.0 / (s + 1), "lr": 1e-4}) + "\n" for s in range(20)))
-    grpo.write_text("".join(json.dumps({"step": s, "reward": {"total": 0.5 + 0.05 * s}, "accuracy": 0.1 * s,
-                                        "length": 100 - s, "kl": 0.001 * s, "note": "x"}) + "\n" for s in range(10)))
+    grpo.write_text("".join(json.dumps({"step": s, "reward": 0.5 + 0.05 * s, "acc_final": 0.1 * s, "resp_len": 100 - s,
+                                        "kl_ref": 0.001 * s, "case_w2r": s, "note": "x"}) + "\n" for s in range(10))
+                    + json.dumps({"step": 10, "eval": True, "test_reward": 0.7}) + "\n")
     out = tmp_path / "plots" / "curves.png"
     ev.main(["--plot", str(sft), str(grpo), "--out", str(out)])
     w, h = png_size(out)
     img = Image.open(out).convert("RGB")
-    assert img.size == (w, h) == (960, 3 * 300 + 24)  # 5 panels: reward/total, accuracy, length, kl, loss
+    # 6 panels (reward, test_reward, acc_final, resp_len, kl_ref, loss) in 2 columns
+    assert img.size == (w, h) == (960, 3 * 300 + 24)
     colors = set(img.getdata())
     assert ev.COLORS[0] in colors and ev.COLORS[1] in colors  # both logs drew lines
 
@@ -314,3 +316,12 @@ def test_eval_end_to_end_tiny_model(tmp_path, capsys):
         while ids and ids[-1] in tok.eos_ids:
             ids.pop()
         assert preds[row]["response"] == tok.decode(ids) and preds[row]["length"] == len(ids)
+
+
+def test_plot_keys(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "a": s, "b": -s}) + "\n" for s in range(3)))
+    ev.main(["--plot", str(log), "--keys", "b", "--out", str(tmp_path / "p.png")])
+    assert png_size(tmp_path / "p.png") == (480, 300 + 24)
+    with pytest.raises(SystemExit, match=r"no numeric field \['c'\]"):
+        ev.main(["--plot", str(log), "--keys", "c", "--out", str(tmp_path / "q.png")])
