@@ -358,17 +358,20 @@ def check_answers(name, records):
     import reward
     good, bad = [], []
     for r in records:
+        field(r, "answer", r.get("source", f"{name}: record {r.get('id')}"))
         try:
             reward.answers_match(r["answer"], r["answer"], r.get("options"))
             good.append(r)
         except reward.BadGroundTruth as e:
-            bad.append(f"{r['id']}: {e}")
+            bad.append(f"{r.get('id')}: {e}")
     if bad:
         print(f"[eval] {name}: {len(bad)} record(s) with an unparsable answer skipped, e.g. {bad[:3]}", file=sys.stderr)
     return good, bad
 
 
 def evaluate(ckpts, datasets, cfg, out_dir, device="cpu"):
+    """Every checkpoint on every (name, records, image_root) dataset; writes out_dir/metrics.json and
+    out_dir/predictions/<checkpoint>__<dataset>.jsonl; returns the table rows."""
     import torch
     import data
     import model as qwen
@@ -383,6 +386,9 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu"):
         m = qwen.from_pretrained(ckpt, device=device, dtype=dtype).eval()
         count_tokens = lambda s: len(tok.encode(s))
         for dname, recs, bad, root in checked:
+            if not recs:
+                print(f"[eval] {dname}: no records to evaluate", file=sys.stderr)
+                continue
             t0 = time.time()
             gens = generate_responses(m, tok, recs, root, cfg)
             preds = score_predictions(recs, gens, cfg, count_tokens)
@@ -409,9 +415,9 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def read_log(path):
-    """-> (steps, {key: values}) of the numeric fields (nested dicts flattened as a/b)."""
+    """-> {key: [(step, value)]} of the numeric fields (nested dicts flattened as a/b)."""
     import data
-    series, steps = {}, []
+    series = {}
     for i, row in enumerate(data.read_jsonl(path)):
         flat = {}
         stack = [("", row)]
