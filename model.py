@@ -409,6 +409,8 @@ class VisionTower(nn.Module):
         device = pixel_values.device
         grid_thw = grid_thw.cpu()
         n_expected = int(grid_thw.prod(-1).sum())
+        if (grid_thw[:, 1:] % cfg.spatial_merge_size).any():
+            raise ValueError(f"image_grid_thw {grid_thw.tolist()}: h and w must be multiples of {cfg.spatial_merge_size}")
         if pixel_values.shape[0] != n_expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says {n_expected}")
         x = self.patch_embed(pixel_values)  # (N, D)
@@ -583,6 +585,8 @@ class Qwen2_5_VL(nn.Module):
             bounds = [0] + change.tolist() + [len(ids)]
             pos, cur = [], 0
             for s, e in zip(bounds[:-1], bounds[1:]):
+                if s == e:  # a fully padded row
+                    continue
                 if not is_img[s]:
                     pos.append(torch.arange(cur, cur + e - s).expand(3, -1))
                     cur += e - s
@@ -613,12 +617,12 @@ class Qwen2_5_VL(nn.Module):
         if pixel_values is not None:
             if cache is not None and cache_pos > 0:
                 raise ValueError("images are only supported in the prefill (cache_pos == 0)")
-            img = self.visual(pixel_values, image_grid_thw).to(x.dtype)  # (n_img_tokens, C)
             is_img = input_ids == self.config.image_token_id  # (B, T)
-            n = int(is_img.sum())
-            if n != img.shape[0]:
+            n, n_img = int(is_img.sum()), int(image_grid_thw.prod(-1).sum()) // self.config.vision.spatial_merge_size**2
+            if n != n_img:
                 raise ValueError(f"input_ids hold {n} image tokens (id {self.config.image_token_id}) "
-                                 f"but the images give {img.shape[0]} (image_grid_thw {image_grid_thw.tolist()})")
+                                 f"but the images give {n_img} (image_grid_thw {image_grid_thw.tolist()})")
+            img = self.visual(pixel_values, image_grid_thw).to(x.dtype)  # (n_img, C)
             x = x.masked_scatter(is_img[..., None], img)
 
         # positions: prefill/full forward -> rope index; decode -> cache index + rope_deltas

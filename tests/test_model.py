@@ -361,3 +361,18 @@ def test_backward_gradient_checkpointing_and_bf16_load(pair):
         lf = ours(ids, pv, grid, attention_mask=mask)
     assert lb.dtype == torch.bfloat16
     assert (lb.float() - lf)[mask.bool()].abs().max() < 0.1
+
+
+def test_mismatched_images_and_tokens_fail_clearly(pair):
+    _, _, ours = pair
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.tensor([seq_with_images([[1, 4, 6]], gen)])
+    pv, _ = pixels([[1, 4, 6]], gen)
+    with pytest.raises(ValueError, match=r"input_ids hold 6 image tokens \(id 250\) but the images give 12"):
+        ours(ids, torch.cat([pv, pv]), torch.tensor([[1, 4, 12]]))
+    with pytest.raises(ValueError, match="image 0 needs 12 image tokens, found 6"):
+        ours.get_rope_index(ids, torch.tensor([[1, 4, 12]]))
+    with pytest.raises(ValueError, match="pixel_values has 48 patches, image_grid_thw says 24"):
+        ours(ids, torch.cat([pv, pv]), torch.tensor([[1, 4, 6]]))
+    with pytest.raises(ValueError, match="more image tokens than images"):
+        ours(ids)
