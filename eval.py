@@ -45,6 +45,8 @@ CASES = ["w2r", "r2r", "r2w", "w2w", "single", "none"]
 
 def read_rows(path):
     """Rows of a .json (list, or dict of records), .jsonl or .parquet file, as (where, dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"benchmark file not found: {path}")
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -507,6 +509,9 @@ def main(argv=None):
         ap.error("give --model CKPT [...] and --data / --bench (or --plot LOG ...)")
     if a.n > 1 and a.temperature <= 0:
         ap.error("--n > 1 needs --temperature > 0 (greedy samples are identical)")
+    for c in a.model:  # fail before any work, not after the first checkpoint's
+        if not (os.path.isfile(os.path.join(c, "config.json")) and os.path.isfile(os.path.join(c, "tokenizer.json"))):
+            raise SystemExit(f"--model {c}: not a checkpoint directory (needs config.json and tokenizer.json)")
     cfg = EvalConfig(prompt=a.prompt, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, n=a.n,
                      temperature=a.temperature, top_p=a.top_p, seed=a.seed, limit=a.limit)
     datasets = load_datasets(a.data, a.bench, os.path.join(a.out, "bench_images"), a.limit)
