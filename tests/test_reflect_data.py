@@ -1,0 +1,444 @@
+"""reflect_data.py: two-pass SFT data from policy attempts + teacher reflections.
+
+- built-in task + rule teacher, with a scripted policy whose attempts the test controls: every
+  written sample passes reward.py's two-pass format check and has a correct final answer, the
+  case matches the attempt, the mix holds on every prefix of the file, rejections are recorded;
+- filters (empty reflection, copied attempt, wrong second answer, tags in the teacher's text);
+- resume: a rerun skips written and rejected ids, repairs a torn last line, and ends with the
+  same file as an uninterrupted run;
+- OpenAI-compatible teacher against a fake server on 127.0.0.1: good replies, timeouts, 500s,
+  malformed JSON, replies without tags; retries, a report of what failed, a rerun that fetches
+  only what failed; the API key reaches the server and nowhere else;
+- the real sampler path (tiny random checkpoint) through the command line, and the local teacher.
+"""
+import base64
+import http.server
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+import data
+import reflect_data as rd
+import reward
+import task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    task.make_task(str(d), task.TaskConfig(n_train=48, n_test=2, difficulty=2, seed=3))
+    return d
+
+
+def wrong_attempt(rec, delta=1):
+    """The worked solution with its final count and answer off by delta."""
+    think = task.think_text(rec)
+    think = re.sub(r"(-?\d+)(?!.*\d)", lambda m: str(int(m.group(1)) + delta), think)
+    return f"<think>{think}</think>\n<answer>{int(rec['answer']) + delta}</answer>"
+
+
+class ScriptedPolicy:
+    """attempts(items): by id, from a plan {id: 'correct' | 'wrong' | 'garbage'}; logs what it was asked."""
+
+    def __init__(self, plan):
+        self.plan, self.asked = plan, []
+
+    def attempts(self, items):
+        out = []
+        for it in items:
+            self.asked.append(it.id)
+            kind = self.plan[it.id]
+            out.append(task.solution(it.record) if kind == "correct" else
+                       wrong_attempt(it.record) if kind == "wrong" else "I think it is some number")
+        return out
+
+
+def plan_for(path, pattern):
+    recs = data.read_jsonl(path)
+    return {r["id"]: pattern[i % len(pattern)] for i, r in enumerate(recs)}
+
+
+def cfg_for(tmp_path, data_path, **kw):
+    return rd.ReflectConfig(data=str(data_path), out=str(tmp_path / "out" / "reflect.jsonl"), batch_size=8, **kw)
+
+
+def check_written(out_path, data_path, frac):
+    """Every sample: two-pass format, correct final answer, case == source; mix on every prefix."""
+    recs = data.read_jsonl(out_path)
+    truth = {r["id"]: r for r in data.read_jsonl(data_path)}
+    texts = [r["messages"][-1]["content"] for r in recs]
+    scores = reward.score_batch(texts, [truth[r["id"]]["answer"] for r in recs], mode="srpo")
+    for r, s in zip(recs, scores):
+        assert r["messages"][0] == {"role": "system", "content": data.SYSTEM_PROMPT_REFLECT}
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        assert reward.parse_response(r["messages"][-1]["content"]).is_two_pass_format
+        assert s["format"] == 0.5 and s["final_correct"], r
+        assert s["case"] == {"correct": "r2r", "wrong": "w2r"}[r["source"]] == r["case"]
+        assert r["answer"] == truth[r["id"]]["answer"]
+    n = Counter()
+    for r in recs:  # the streaming rule: count(kind) <= ceil(share * total) on every prefix
+        n[r["source"]] += 1
+        tot = n["correct"] + n["wrong"]
+        if frac >= 0:
+            assert n["correct"] <= math.ceil(frac * tot - 1e-9) and n["wrong"] <= math.ceil((1 - frac) * tot - 1e-9)
+    return recs, n
+
+
+# ----------------------------------------------------------------------------- built-in task, rule teacher
+
+def test_rule_teacher_builtin_format_answers_and_mix(task_dir, tmp_path):
+    data_path = task_dir / "train.jsonl"
+    plan = plan_for(data_path, ["correct", "wrong", "correct", "garbage", "correct", "wrong"])
+    policy = ScriptedPolicy(plan)
+    s = rd.run(cfg_for(tmp_path, data_path, correct_frac=0.3), policy=policy)
+    recs, n = check_written(tmp_path / "out" / "reflect.jsonl", data_path, 0.3)
+    want_wrong = sum(v == "wrong" for v in plan.values())  # 16: all wrong ones fit, the correct ones are capped
+    assert n["wrong"] == want_wrong and s["written"]["wrong"] == want_wrong
+    total = n["correct"] + n["wrong"]
+    assert abs(n["correct"] / total - 0.3) <= 1 / total
+    # every record is accounted for: written or rejected (with the reason), nothing failed
+    rej = data.read_jsonl(tmp_path / "out" / "reflect.rejected.jsonl")
+    assert len(recs) + len(rej) == len(plan) and s["teacher_failures"]["count"] == 0
+    reasons = Counter(r["reason"] for r in rej)
+    assert reasons["attempt_format"] == sum(v == "garbage" for v in plan.values())
+    assert reasons["over_quota_correct"] == sum(v == "correct" for v in plan.values()) - n["correct"]
+    assert s["rejected"] == dict(reasons)
+    # the rule teacher's reflection names the true count for a wrong attempt; the first pass is the attempt
+    for r in recs:
+        p = reward.parse_response(r["messages"][-1]["content"])
+        assert r["attempt"].startswith(f"<think>{p.thinks[0]}</think>")
+        if r["source"] == "wrong":
+            assert f"answer is {r['answer']}, not {int(r['answer']) + 1}" in p.reflection
+    # images point at the task's files, relative to the output file
+    img = recs[0]["messages"][1]["content"][0]["image"]
+    assert img == recs[0]["image"] and os.path.samefile(tmp_path / "out" / img, task_dir / "images" / os.path.basename(img))
+    with open(tmp_path / "out" / "summary.json") as f:
+        assert json.load(f) == s
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.5, 1.0, -1.0])
+def test_mix_parameter(task_dir, tmp_path, frac):
+    data_path = task_dir / "train.jsonl"
+    plan = plan_for(data_path, ["correct", "wrong", "wrong"])
+    s = rd.run(cfg_for(tmp_path, data_path, correct_frac=frac), policy=ScriptedPolicy(plan))
+    _, n = check_written(tmp_path / "out" / "reflect.jsonl", data_path, frac)
+    n_c, n_w = (sum(v == k for v in plan.values()) for k in ("correct", "wrong"))  # 16, 32
+    # 0.5: all 16 correct, and wrong ones while wrong <= ceil(total / 2): 17 at total 33
+    want = {0.0: (0, n_w), 0.5: (n_c, n_c + 1), 1.0: (n_c, 0), -1.0: (n_c, n_w)}[frac]
+    assert (n["correct"], n["wrong"]) == want
+    assert s["correct_share"] == (round(want[0] / sum(want), 4) if sum(want) else None)
+
+
+class ListTeacher:
+    """Returns given replies by item id (default: a good one)."""
+    name = "list"
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def reflect(self, items):
+        return [self.replies.get(it.id) or rd.TeacherReply(f"I recounted: it is {it.gt}.", f"count {it.gt}", it.gt)
+                for it in items]
+
+
+def test_filters(task_dir, tmp_path):
+    data_path = task_dir / "train.jsonl"
+    recs = data.read_jsonl(data_path)[:6]
+    plan = {r["id"]: "wrong" for r in recs}
+    think = lambda r: reward.parse_response(wrong_attempt(r)).thinks[0]
+    bad = {
+        recs[0]["id"]: rd.TeacherReply("   ", "recount", recs[0]["answer"]),
+        recs[1]["id"]: rd.TeacherReply(think(recs[1]).upper(), "recount", recs[1]["answer"]),   # the attempt, shouting
+        recs[2]["id"]: rd.TeacherReply("I recounted.", "recount", str(int(recs[2]["answer"]) + 2)),
+        recs[3]["id"]: rd.TeacherReply("I recounted </think> oops", "recount", recs[3]["answer"]),
+    }
+    s = rd.run(cfg_for(tmp_path, data_path, correct_frac=-1, limit=6), policy=ScriptedPolicy(plan),
+               teacher=ListTeacher(bad))
+    rej = {r["id"]: r["reason"] for r in data.read_jsonl(tmp_path / "out" / "reflect.rejected.jsonl")}
+    assert rej == {recs[0]["id"]: "empty_reflection", recs[1]["id"]: "reflection_copies_attempt",
+                   recs[2]["id"]: "second_answer_wrong", recs[3]["id"]: "bad_format"}
+    assert [r["id"] for r in data.read_jsonl(tmp_path / "out" / "reflect.jsonl")] == [recs[4]["id"], recs[5]["id"]]
+    assert s["written"]["total"] == 2
+
+
+def test_copies_attempt_and_quota_rule():
+    t = "red: 1 circle, 2 square. red 2"
+    assert rd.copies_attempt(t, t) and rd.copies_attempt("  RED: 1 circle,  2 square. red 2 ", t)
+    assert rd.copies_attempt(f"I wrote: {t}", t)
+    assert not rd.copies_attempt("red: missed 1 square. red is 3, not 2. answer is 3, not 2.", t)
+    # 0.3: first correct sample allowed (ceil(0.3) = 1), a second only at total >= 4 (ceil(1.2) = 2)
+    assert rd.within_quota(Counter(), "correct", 0.3)
+    assert not rd.within_quota(Counter(correct=1, wrong=1), "correct", 0.3)
+    assert rd.within_quota(Counter(correct=1, wrong=3), "correct", 0.3)  # 2 <= ceil(1.5)
+    assert rd.within_quota(Counter(correct=3, wrong=7), "wrong", 0.3)      # 8 <= ceil(7.7)
+    assert rd.within_quota(Counter(correct=3, wrong=7), "correct", 0.3)    # 4 <= ceil(3.3)
+    assert not rd.within_quota(Counter(correct=2, wrong=7), "wrong", 0.3)  # 8 > 7 = 0.7 * 10 (float: 7.000000000000001)
+    assert rd.within_quota(Counter(correct=2, wrong=7), "correct", 0.3)    # 3 <= 3
+    assert not rd.within_quota(Counter(wrong=5), "correct", 0.0) and rd.within_quota(Counter(wrong=5), "wrong", 0.0)
+    assert rd.within_quota(Counter(correct=5), "correct", -1) and rd.within_quota(Counter(correct=5), "wrong", -1)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_skips_done_and_repairs_torn_tail(task_dir, tmp_path):
+    data_path = task_dir / "train.jsonl"
+    plan = plan_for(data_path, ["correct", "wrong", "garbage", "wrong", "correct"])
+    # uninterrupted run
+    rd.run(cfg_for(tmp_path / "a", data_path, correct_frac=0.3), policy=ScriptedPolicy(plan))
+    # interrupted: first 20 records, then a kill mid-append (torn line), then the full run
+    b = tmp_path / "b"
+    rd.run(cfg_for(b, data_path, correct_frac=0.3, limit=20), policy=ScriptedPolicy(plan))
+    out, rej = b / "out" / "reflect.jsonl", b / "out" / "reflect.rejected.jsonl"
+    done_ids = {r["id"] for r in data.read_jsonl(out)} | {r["id"] for r in data.read_jsonl(rej)}
+    assert len(done_ids) == 20
+    with open(out, "a") as f:
+        f.write('{"id": "train-000099", "messages": [{"role": "sys')
+    policy = ScriptedPolicy(plan)
+    s = rd.run(cfg_for(b, data_path, correct_frac=0.3), policy=policy)
+    assert set(policy.asked) == set(plan) - done_ids and len(policy.asked) == len(plan) - 20
+    with open(tmp_path / "a" / "out" / "reflect.jsonl") as fa, open(out) as fb:
+        assert fa.read() == fb.read()
+    with open(tmp_path / "a" / "out" / "reflect.rejected.jsonl") as fa, open(rej) as fb:
+        assert fa.read() == fb.read()
+    assert s["this_run"]["todo"] == len(plan) - 20
+    # a third run has nothing to do and does not need the policy at all
+    s3 = rd.run(cfg_for(b, data_path, correct_frac=0.3), policy=None)
+    assert s3["this_run"]["todo"] == 0 and s3["written"] == s["written"] and s3["rejected"] == s["rejected"]
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible teacher
+
+KEY = "sk-test-Zq8v3KEYxx-must-not-leak"
+
+
+class FakeServer:
+    """/v1/chat/completions on 127.0.0.1. Behaviour per question tag ('Q3') and request number,
+    from script {tag: [action, ...]} (the last action repeats): good | sleep | 500 | badjson |
+    notags | 401. Records every request."""
+
+    def __init__(self, script, sleep_s):
+        self.script, self.sleep_s, self.requests = script, sleep_s, []
+        self.lock = threading.Lock()
+        srv = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user = body["messages"][1]["content"]
+                text = user[-1]["text"]
+                tag = re.search(r"Question: (Q\d+)", text).group(1)
+                with srv.lock:
+                    k = sum(r["tag"] == tag for r in srv.requests)
+                    srv.requests.append(dict(tag=tag, auth=self.headers.get("Authorization"), body=body,
+                                             path=self.path))
+                acts = srv.script.get(tag, ["good"])
+                act = acts[min(k, len(acts) - 1)]
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    act = "401"
+                if act == "sleep":
+                    time.sleep(srv.sleep_s)
+                    act = "good"
+                gt = re.search(r"Correct answer: (\S+)", text).group(1)
+                if act == "good" or act == "notags":
+                    content = (f"<reflection>I counted the dots in {tag} again and found my slip.</reflection>\n"
+                               f"<think>there are {gt} dots</think>\n<answer>{gt}</answer>")
+                    if act == "notags":
+                        content = f"The answer is {gt}."
+                    self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
+                elif act == "badjson":
+                    self.reply(200, '{"choices": [{"message": {"content": "<reflection>tru')
+                else:  # error bodies echo the key back: a hostile server must not make us log it
+                    self.reply(int(act), json.dumps({"error": f"boom {self.headers.get('Authorization')}"}))
+
+            def reply(self, code, text):
+                raw = text.encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and went away
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def count(self, tag):
+        return sum(r["tag"] == tag for r in self.requests)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def dots_task(d, n):
+    """A non-built-in data set: n records 'Qi', image with i+1 dots, answer i+1 (no scene)."""
+    os.makedirs(d / "img", exist_ok=True)
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(n):
+            img = Image.new("RGB", (56, 56), "white")
+            for j in range(i + 1):
+                img.putpixel((5 + 6 * j, 20), (0, 0, 0))
+            img.save(d / "img" / f"q{i}.png")
+            q = f"Q{i}: how many dots are there?"
+            f.write(json.dumps({"id": f"q{i}", "answer": str(i + 1), "question": q, "messages": [
+                {"role": "user", "content": [{"type": "image", "image": f"img/q{i}.png"}, {"type": "text", "text": q}]}]})
+                    + "\n")
+    return d / "train.jsonl"
+
+
+class WrongByOne:
+    """Attempts that miscount by one (so every item is a 'wrong' one); Q1 right."""
+
+    def attempts(self, items):
+        return [f"<think>I see {int(it.gt) + (it.id != 'q1')} dots</think>\n<answer>{int(it.gt) + (it.id != 'q1')}</answer>"
+                for it in items]
+
+
+def test_openai_teacher_fake_server(tmp_path, monkeypatch, capsys):
+    data_path = dots_task(tmp_path / "d", 7)
+    script = {"Q0": ["good"], "Q1": ["good"], "Q2": ["sleep", "good"], "Q3": ["500"], "Q4": ["badjson", "good"],
+              "Q5": ["badjson"], "Q6": ["notags"]}
+    server = FakeServer(script, sleep_s=1.5)
+    monkeypatch.setenv("MY_TEACHER_KEY", KEY)
+    cfg = rd.ReflectConfig(data=str(data_path), out=str(tmp_path / "o" / "r.jsonl"), teacher="openai",
+                           teacher_url=server.url, teacher_model="fake-vl", teacher_key_env="MY_TEACHER_KEY",
+                           timeout_s=0.5, retries=2, backoff_s=0.01, concurrency=4, correct_frac=-1, batch_size=8)
+    try:
+        t0 = time.time()
+        s = rd.run(cfg, policy=WrongByOne())
+        took = time.time() - t0
+        out = data.read_jsonl(tmp_path / "o" / "r.jsonl")
+        assert sorted(r["id"] for r in out) == ["q0", "q1", "q2", "q4"]
+        assert {r["id"]: r["source"] for r in out}["q1"] == "correct"
+        assert s["teacher_failures"]["count"] == 3 and s["teacher_failures"]["ids"] == ["q3", "q5", "q6"]
+        assert s["teacher_failures"]["reasons"] == {
+            "HTTP 500": 1, "malformed JSON": 1, "unparsable reply (no non-empty <reflection>, <think>, <answer>)": 1}
+        assert not os.path.exists(tmp_path / "o" / "r.rejected.jsonl")  # failures are not rejections
+        # retries: one per failure until success, all 3 tries for the hopeless ones
+        assert [server.count(f"Q{i}") for i in range(7)] == [1, 1, 2, 3, 2, 3, 3]
+        assert took < 10
+        # what the server saw: our key, the image inline, the prompt, the ground truth
+        r0 = [r for r in server.requests if r["tag"] == "Q0"][0]
+        assert r0["auth"] == f"Bearer {KEY}" and r0["path"] == "/v1/chat/completions"
+        assert r0["body"]["model"] == "fake-vl" and r0["body"]["messages"][0]["content"] == rd.TEACHER_PROMPT
+        url = r0["body"]["messages"][1]["content"][0]["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        with open(tmp_path / "d" / "img" / "q0.png", "rb") as f:
+            assert base64.b64decode(url.split(",", 1)[1]) == f.read()
+        assert "Correct answer: 1" in r0["body"]["messages"][1]["content"][-1]["text"]
+        for r in out:  # the written samples are valid two-pass data with the teacher's text
+            assert reward.srpo_reward(r["messages"][-1]["content"], r["answer"])["format"] == 0.5
+            assert "found my slip" in r["messages"][-1]["content"]
+
+        # rerun with a healthy server: only the 3 failures are asked again
+        server.script.clear()
+        s2 = rd.run(cfg, policy=WrongByOne())
+        assert [server.count(f"Q{i}") for i in range(7)] == [1, 1, 2, 4, 2, 4, 4]
+        assert s2["teacher_failures"]["count"] == 0 and s2["written"]["total"] == 7
+        assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "o" / "r.jsonl")) == [f"q{i}" for i in range(7)]
+
+        # a wrong key: 401 is not retried, and the error does not carry the key
+        monkeypatch.setenv("MY_TEACHER_KEY", KEY + "-old")
+        n_before = len(server.requests)
+        cfg3 = rd.ReflectConfig(**{**cfg.__dict__, "out": str(tmp_path / "o3" / "r.jsonl")})
+        s3 = rd.run(cfg3, policy=WrongByOne())
+        assert s3["teacher_failures"]["reasons"] == {"HTTP 401": 7} and len(server.requests) - n_before == 7
+    finally:
+        server.close()
+    logs = capsys.readouterr()
+    for text in [logs.out, logs.err] + [open(os.path.join(dp, f)).read() for d in ("o", "o3")
+                                        for dp, _, fs in os.walk(tmp_path / d) for f in fs]:
+        assert KEY not in text and "Zq8v3KEY" not in text
+
+
+def test_openai_teacher_needs_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    cfg = rd.ReflectConfig(teacher="openai", teacher_url="http://127.0.0.1:9/v1", teacher_model="m",
+                           teacher_key_env="NO_SUCH_KEY_VAR")
+    with pytest.raises(SystemExit, match="NO_SUCH_KEY_VAR"):
+        rd.make_teacher(cfg)
+
+
+def test_bad_input_names_file_line_field(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"id": "a", "answer": "1", "messages": [{"role": "user", "content": "x"}]}\n\n'
+                 '{"id": "b", "messages": [{"role": "user", "content": "x"}]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: field 'answer'"):
+        rd.load_items(str(p), 0)
+
+
+# ----------------------------------------------------------------------------- real sampler, CLI, local teacher
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(task_dir, tmp_path_factory):
+    import torch
+    import model as model_lib
+    import sft
+    d = tmp_path_factory.mktemp("ckpt")
+    tok = data.train_tokenizer(sft.tokenizer_texts(str(task_dir / "train.jsonl")), str(d / "tok"), vocab_size=400)
+    cfg = model_lib.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
+                                vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
+                                eos_token_id=tok.eos_ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    torch.manual_seed(0)
+    return model_lib.save_pretrained(model_lib.Qwen2_5_VL(cfg), str(d / "policy"), tokenizer_dir=str(d / "tok"))
+
+
+def test_cli_with_real_sampler(task_dir, tiny_ckpt, tmp_path):
+    """The sampler path end to end: a random tiny policy's attempts are not in the format, so each
+    item is rejected as attempt_format; the summary says so and a rerun does nothing."""
+    out = tmp_path / "r" / "reflect.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "reflect_data.py"), "--policy", tiny_ckpt, "--data",
+           str(task_dir / "train.jsonl"), "--out", str(out), "--teacher", "rule", "--limit", "5",
+           "--batch-size", "3", "--max-new-tokens", "12", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "r" / "summary.json") as f:
+        s = json.load(f)
+    assert s["rejected"] == {"attempt_format": 5} and s["written"]["total"] == 0
+    rej = data.read_jsonl(tmp_path / "r" / "reflect.rejected.jsonl")
+    assert [x["id"] for x in rej] == [f"train-{i:06d}" for i in range(5)]
+    assert json.loads(r.stdout) == s
+
+
+def test_sampler_policy_and_local_teacher(task_dir, tiny_ckpt, tmp_path):
+    """SamplerPolicy decodes exactly what sampler.generate produced for the SINGLE prompt; the
+    local teacher (random model) never yields the tags: every item is a reported failure."""
+    import sampler
+    cfg = rd.ReflectConfig(policy=tiny_ckpt, data=str(task_dir / "train.jsonl"), max_new_tokens=6, device="cpu",
+                           teacher="local", teacher_model=tiny_ckpt, teacher_max_tokens=6, retries=1, seed=5)
+    items = rd.load_items(cfg.data, 3)
+    pol = rd.SamplerPolicy(cfg)
+    texts = pol.attempts(items)
+    tok = data.Tokenizer.from_dir(tiny_ckpt)
+    enc = [data.encode_messages(data.prompt_messages(it.record, data.SYSTEM_PROMPT_SINGLE), tok, str(task_dir),
+                                add_generation_prompt=True) for it in items]
+    ref = sampler.generate(pol.net, data.collate(enc, tok.pad_id, left_pad=True), tok.eos_ids,
+                           sampler.SampleConfig(max_new_tokens=6, seed=6), pad_id=tok.pad_id)
+    assert texts == [tok.decode(ref["tokens"][i, :int(ref["lengths"][i])].tolist(), skip_special_tokens=True)
+                     for i in range(3)]
+    for it in items:
+        it.attempt_think, it.attempt_answer = "red 1", "1"
+    replies = rd.make_teacher(cfg).reflect(items)
+    assert all(r.error.startswith("unparsable reply") for r in replies)
