@@ -31,9 +31,10 @@ For each training question:
 
 Resumable: samples are appended one line at a time (data.append_jsonl: one write, fsync), ids of
 rejected items go to a sidecar OUT_STEM.rejected.jsonl with the reason; a rerun skips both and
-repairs a torn last line left by a kill. Teacher failures (timeouts, HTTP errors, malformed
+repairs a torn last line left by a kill (OUT_STEM is OUT without .jsonl). Teacher failures (timeouts, HTTP errors, malformed
 replies after all retries) are written nowhere, so the next run tries them again. At the end a
-summary (per-case counts, rejections by reason, teacher failures) is printed and written as JSON.
+summary (per-case counts, rejections by reason, teacher failures) is printed and written as JSON
+(--summary, default <dir of OUT>/summary.json).
 
     python reflect_data.py --policy runs/base --data runs/task/train.jsonl --out runs/reflect/train.jsonl --teacher rule
     TEACHER_KEY=... python reflect_data.py --policy CKPT --data train.jsonl --out reflect.jsonl \\
@@ -366,7 +367,8 @@ class OpenAITeacher:
             with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:
-            msg = f"HTTP {e.code}"
+            msg = f"HTTP {e.code}"  # the body is not read: it is not ours to log (it may echo the request)
+            e.close()
             if e.code in (408, 409, 425, 429) or e.code >= 500:
                 raise RetryableError(msg) from None
             raise RuntimeError(msg) from None  # 400/401/403/404...: retrying will not help
@@ -543,6 +545,7 @@ def run(cfg: ReflectConfig, policy=None, teacher=None, count_tokens=None):
 
     items = load_items(cfg.data, cfg.limit)
     written, rejected = load_done(cfg.out, rejected_path)
+    open(cfg.out, "a").close()  # the output exists (maybe empty) even if nothing passes
     skip = {str(r.get("id")) for r in written} | {str(r.get("id")) for r in rejected}
     todo = [it for it in items if it.id not in skip]
     counts = Counter(r.get("source") for r in written)  # samples per kind ('correct' | 'wrong') so far
@@ -561,24 +564,13 @@ def run(cfg: ReflectConfig, policy=None, teacher=None, count_tokens=None):
     bar = tqdm(total=len(todo), desc="reflect", unit="q")
     for b in range(0, len(todo), cfg.batch_size):
         chunk = todo[b:b + cfg.batch_size]
-        why = judge_attempts(chunk, policy.attempts(chunk))          # {id: reason}
-        # the mix, before asking the teacher: count what this chunk would add
-        pending = Counter()
-        ask = []
-        for it in chunk:
-            if it.id in why:
-                continue
-            kind = "correct" if it.attempt_correct else "wrong"
-            if within_quota(counts + pending, kind, cfg.correct_frac):
-                pending[kind] += 1
-                ask.append(it)
-            else:
-                why[it.id] = f"over_quota_{kind}"
+        why = judge_attempts(chunk, policy.attempts(chunk))  # {id: rejection reason}
+        ask = precheck_quota(chunk, why, counts, cfg.correct_frac)
         replies = dict(zip([it.id for it in ask], teacher.reflect(ask))) if ask else {}
         answered = [it for it in ask if not replies[it.id].error]
         checked = dict(zip([it.id for it in answered],
                            check_samples(answered, [replies[it.id] for it in answered], count_tokens)))
-        # write in data order: sample, rejection, or nothing (a teacher failure, retried next run)
+        # in data order: a sample, a rejection, or nothing (a teacher failure, retried next run)
         for it in chunk:
             kind = "correct" if it.attempt_correct else "wrong"
             if it.id in replies and replies[it.id].error:
@@ -587,38 +579,58 @@ def run(cfg: ReflectConfig, policy=None, teacher=None, count_tokens=None):
             if it.id in checked:
                 text, reason = checked[it.id]
                 if not reason and not within_quota(counts, kind, cfg.correct_frac):
-                    reason = f"over_quota_{kind}"  # another kind's teacher call failed
+                    reason = f"over_quota_{kind}"  # the precheck counted an item whose teacher call failed
                 if not reason:
                     data.append_jsonl(cfg.out, sample_record(it, text, out_dir, teacher.name))
                     counts[kind] += 1
                     run_written[kind] += 1
                     continue
                 why[it.id] = reason
-            reason = why[it.id]
-            data.append_jsonl(rejected_path, {"id": it.id, "reason": reason.split(":")[0], "detail": reason,
+            reason = why[it.id].split(":")[0]
+            data.append_jsonl(rejected_path, {"id": it.id, "reason": reason, "detail": why[it.id],
                                               "attempt_correct": it.attempt_correct if it.attempt_think else None})
-            run_rejected[reason.split(":")[0]] += 1
+            run_rejected[reason] += 1
         bar.update(len(chunk))
         bar.set_postfix(correct=counts["correct"], wrong=counts["wrong"], failed=len(failures))
     bar.close()
 
-    all_rejected = Counter(r.get("reason", "?") for r in rejected) + run_rejected
+    summary = make_summary(cfg, teacher.name, len(items), counts, Counter(r.get("reason", "?") for r in rejected),
+                           len(todo), run_written, run_rejected, failures)
+    _write_json_atomic(summary_path, summary)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def precheck_quota(chunk, why, counts, frac):
+    """Items of the chunk to send to the teacher: usable attempts within the mix quota, counting
+    the ones already chosen from this chunk. Over-quota items get a reason in `why`."""
+    pending, ask = Counter(), []
+    for it in chunk:
+        if it.id in why:
+            continue
+        kind = "correct" if it.attempt_correct else "wrong"
+        if within_quota(counts + pending, kind, frac):
+            pending[kind] += 1
+            ask.append(it)
+        else:
+            why[it.id] = f"over_quota_{kind}"
+    return ask
+
+
+def make_summary(cfg, teacher_name, n_records, counts, old_rejected, n_todo, run_written, run_rejected, failures):
+    """Everything so far (this run and earlier ones) + what this run did + what failed."""
     total = counts["correct"] + counts["wrong"]
-    summary = dict(
-        out=cfg.out, rejected_file=rejected_path, teacher=teacher.name, correct_frac=cfg.correct_frac,
-        records=len(items),
+    return dict(
+        out=cfg.out, teacher=teacher_name, correct_frac=cfg.correct_frac, records=n_records,
         written=dict(correct=counts["correct"], wrong=counts["wrong"], total=total,
                      r2r=counts["correct"], w2r=counts["wrong"]),
         correct_share=round(counts["correct"] / total, 4) if total else None,
-        rejected=dict(sorted(all_rejected.items())),
-        this_run=dict(todo=len(todo), written=dict(run_written), rejected=dict(sorted(run_rejected.items())),
+        rejected=dict(sorted((old_rejected + run_rejected).items())),
+        this_run=dict(todo=n_todo, written=dict(run_written), rejected=dict(sorted(run_rejected.items())),
                       teacher_failures=len(failures)),
         teacher_failures=dict(count=len(failures), reasons=dict(Counter(_failure_kind(e) for e in failures.values())),
                               ids=sorted(failures)[:100], note="not recorded as done: the next run retries them"),
     )
-    _write_json_atomic(summary_path, summary)
-    print(json.dumps(summary, indent=1))
-    return summary
 
 
 def _failure_kind(error):

@@ -44,6 +44,21 @@ def task_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(task_dir, tmp_path_factory):
+    """A random tiny Qwen2.5-VL + a tokenizer trained on the task: its attempts are gibberish."""
+    import torch
+    import model as model_lib
+    import sft
+    d = tmp_path_factory.mktemp("ckpt")
+    tok = data.train_tokenizer(sft.tokenizer_texts(str(task_dir / "train.jsonl")), str(d / "tok"), vocab_size=400)
+    cfg = model_lib.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
+                                vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
+                                eos_token_id=tok.eos_ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    torch.manual_seed(0)
+    return model_lib.save_pretrained(model_lib.Qwen2_5_VL(cfg), str(d / "policy"), tokenizer_dir=str(d / "tok"))
+
+
 def wrong_attempt(rec, delta=1):
     """The worked solution with its final count and answer off by delta."""
     think = task.think_text(rec)
@@ -100,7 +115,7 @@ def check_written(out_path, data_path, frac):
 
 # ----------------------------------------------------------------------------- built-in task, rule teacher
 
-def test_rule_teacher_builtin_format_answers_and_mix(task_dir, tmp_path):
+def test_rule_teacher_builtin_format_answers_and_mix(task_dir, tiny_ckpt, tmp_path):
     data_path = task_dir / "train.jsonl"
     plan = plan_for(data_path, ["correct", "wrong", "correct", "garbage", "correct", "wrong"])
     policy = ScriptedPolicy(plan)
@@ -128,6 +143,11 @@ def test_rule_teacher_builtin_format_answers_and_mix(task_dir, tmp_path):
     assert img == recs[0]["image"] and os.path.samefile(tmp_path / "out" / img, task_dir / "images" / os.path.basename(img))
     with open(tmp_path / "out" / "summary.json") as f:
         assert json.load(f) == s
+    # sft.py reads it as it is: images found, loss on the two-pass assistant turn
+    import sft
+    tok = data.Tokenizer.from_dir(tiny_ckpt)
+    ex = sft.load_examples(str(tmp_path / "out" / "reflect.jsonl"), tok, None)
+    assert len(ex) == len(recs) and all(e.n_loss > 10 for e in ex)
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.5, 1.0, -1.0])
@@ -391,20 +411,7 @@ def test_bad_input_names_file_line_field(tmp_path):
 
 # ----------------------------------------------------------------------------- real sampler, CLI, local teacher
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(task_dir, tmp_path_factory):
-    import torch
-    import model as model_lib
-    import sft
-    d = tmp_path_factory.mktemp("ckpt")
-    tok = data.train_tokenizer(sft.tokenizer_texts(str(task_dir / "train.jsonl")), str(d / "tok"), vocab_size=400)
-    cfg = model_lib.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
-                                vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
-                                eos_token_id=tok.eos_ids, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-    torch.manual_seed(0)
-    return model_lib.save_pretrained(model_lib.Qwen2_5_VL(cfg), str(d / "policy"), tokenizer_dir=str(d / "tok"))
-
-
+@pytest.mark.slow
 def test_cli_with_real_sampler(task_dir, tiny_ckpt, tmp_path):
     """The sampler path end to end: a random tiny policy's attempts are not in the format, so each
     item is rejected as attempt_format; the summary says so and a rerun does nothing."""
