@@ -1,6 +1,10 @@
 """Tests for grpo.py: the loss and its gradient against a direct per-token computation of the
 formula in ../shared/SRPO.md, log-probs against float64 log_softmax, advantages against numpy."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -154,3 +158,172 @@ def test_accuracy_band_keep():
     keep = grpo.accuracy_band_keep(correct.view(-1), G, 0.1, 0.9).view(5, G)
     assert keep.all(1).tolist() == [False, True, True, True, False]
     assert (keep.all(1) == keep.any(1)).all()           # whole groups kept or dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# a tiny world: the built-in task, a tokenizer trained on it, a random tiny Qwen2.5-VL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import data
+    import model as M
+    import task
+    out = str(tmp_path_factory.mktemp("grpo_world"))
+    train, test = task.make_task(os.path.join(out, "task"), task.TaskConfig(n_train=48, n_test=8, difficulty=1))
+    recs = data.read_jsonl(train)
+    texts = [json.dumps(r["messages"]) for r in recs] + [data.SYSTEM_PROMPT_REFLECT, data.SYSTEM_PROMPT_SINGLE]
+    tok = data.train_tokenizer(texts, os.path.join(out, "tok"), vocab_size=400)
+    cfg = M.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
+                        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
+                        eos_token_id=tok.eos_ids, num_hidden_layers=2)
+    torch.manual_seed(0)
+    M.save_pretrained(M.Qwen2_5_VL(cfg), os.path.join(out, "init"), tokenizer_dir=os.path.join(out, "tok"))
+    return dict(dir=out, model=os.path.join(out, "init"), train=train, test=test)
+
+
+def _synthetic_roll(world, tok, P, G, R, seed=0):
+    """P task prompts x G made-up responses of random lengths (right-padded in an (N, R) tensor)."""
+    import data
+    recs = grpo.load_records(world["train"])[:P]
+    root = os.path.dirname(world["train"])
+    prompts = [grpo.encode_prompt(r, tok, root, data.SYSTEM_PROMPT_REFLECT) for r in recs]
+    g = torch.Generator().manual_seed(seed)
+    N = P * G
+    lengths = torch.randint(2, R + 1, (N,), generator=g)
+    tokens = torch.randint(0, tok.image_pad_id, (N, R), generator=g)
+    tokens[torch.arange(R)[None] >= lengths[:, None]] = tok.pad_id
+    return dict(prompts=prompts, prompt_of=torch.arange(N) // G, tokens=tokens, lengths=lengths,
+                adv=torch.randn(N, generator=g), keep=torch.ones(N, dtype=torch.bool), pad_id=tok.pad_id)
+
+
+def test_policy_logprobs_match_unpadded_forward(world):
+    """train_batch's layout (left-padded prompts with images + right-padded responses, logits of
+    the response positions only) gives each row the log-probs of its own unpadded sequence."""
+    import data
+    import model as M
+    tok = data.Tokenizer.from_dir(world["model"])
+    net = M.from_pretrained(world["model"])
+    cfg = grpo.GRPOConfig(temperature=0.8, logprob_chunk=5)
+    roll = _synthetic_roll(world, tok, P=3, G=2, R=9)
+    rows = torch.tensor([5, 0, 3, 2])                  # prompts of different lengths, any order
+    b = grpo.train_batch(roll, rows, tok.pad_id, torch.device("cpu"))
+    logp, _ = grpo.policy_logprobs(net, b, cfg, torch.device("cpu"))
+    assert b["mask"].sum() == roll["lengths"][rows].sum()
+    for j, i in enumerate(rows.tolist()):
+        p = roll["prompts"][int(roll["prompt_of"][i])]
+        L = int(roll["lengths"][i])
+        ids = torch.cat([p["input_ids"], roll["tokens"][i, :L]])[None]
+        with torch.no_grad():
+            logits = net(ids, pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"])[0].double()
+        Tp = len(p["input_ids"])
+        want = torch.log_softmax(logits[Tp - 1:Tp + L - 1] / 0.8, -1).gather(-1, ids[0, Tp:, None])[:, 0]
+        assert torch.allclose(logp[j, :L].double(), want, atol=2e-5), (i, logp[j, :L], want)
+
+
+# ----------------------------------------------------------------------------------------------
+# one process vs torchrun --nproc_per_node=2: the same update for the same global batch
+
+UPDATE_SCRIPT = r'''
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import data, dist, grpo, model as M
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+from test_grpo import _synthetic_roll
+
+world = json.loads(sys.argv[2]); out = sys.argv[3]
+d = dist.init()
+cfg = grpo.GRPOConfig(prompts_per_step=4, group_size=4, n_minibatches=2, micro_batch=3, mu=2, lr=1e-3,
+                      eps_low=0.2, eps_high=0.28, beta=float(sys.argv[4]), grad_clip=0.5)
+grpo.check_config(cfg, d.world_size)
+tok = data.Tokenizer.from_dir(world["model"])
+policy = M.from_pretrained(world["model"]); policy.visual.requires_grad_(False)
+dist.shard_model(policy)
+ref = None
+if cfg.beta > 0:
+    ref = M.from_pretrained(world["model"]).requires_grad_(False)
+    dist.shard_model(ref)
+opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+
+# the GLOBAL batch: 4 prompts x 4 responses; prompt 1's group filtered out; logp_old = the
+# model's own log-probs + noise, so that the clip is active on some tokens
+G, P, R = 4, 4, 10
+roll = _synthetic_roll(world, tok, P, G, R, seed=0)
+roll["keep"][G:2 * G] = False
+with torch.no_grad():
+    b = grpo.train_batch(roll, torch.arange(P * G), tok.pad_id, d.device)
+    lp, _ = grpo.policy_logprobs(policy, b, cfg, d.device)
+noise = torch.randn(P * G, R, generator=torch.Generator().manual_seed(1)) * 0.3
+roll["logp_old"] = torch.zeros(P * G, R)
+roll["logp_old"][:, :b["R"]] = lp + noise[:, :b["R"]]
+ref_lp = grpo.reference_logprobs(ref, roll, cfg, d) if ref is not None else None
+
+# this rank's block of prompts
+Pl = P // d.world_size
+rows = slice(d.rank * Pl * G, (d.rank + 1) * Pl * G)
+mine = dict(prompts=roll["prompts"][d.rank * Pl:(d.rank + 1) * Pl], prompt_of=torch.arange(Pl * G) // G,
+            tokens=roll["tokens"][rows], lengths=roll["lengths"][rows], logp_old=roll["logp_old"][rows],
+            adv=roll["adv"][rows], keep=roll["keep"][rows], pad_id=tok.pad_id)
+st = grpo.update(policy, opt, mine, cfg, d, None if ref_lp is None else ref_lp[rows])
+st = grpo.reduce_sums(st, d.device)
+sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if d.is_main:
+    save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, out + ".safetensors")
+    with open(out + ".json", "w") as f:
+        json.dump({k: v / (1 if k == "opt_steps" else 1) for k, v in st.items()}, f)
+dist.close()
+'''
+
+
+def _run_update(world, tmp_path, nproc, beta):
+    script = tmp_path / "update_check.py"
+    script.write_text(UPDATE_SCRIPT)
+    out = str(tmp_path / f"update_{nproc}_{beta}")
+    w = json.dumps({k: world[k] for k in ("model", "train")})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(script), ROOT, w, out, str(beta)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), str(script), ROOT, w, out, str(beta)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    from safetensors.torch import load_file
+    with open(out + ".json") as f:
+        return load_file(out + ".safetensors"), json.load(f)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_one_vs_two_processes_same_update(world, tmp_path, beta):
+    from safetensors.torch import load_file
+    import model as M
+    init = M.from_pretrained(world["model"]).state_dict()
+    w1, s1 = _run_update(world, tmp_path, 1, beta)
+    w2, s2 = _run_update(world, tmp_path, 2, beta)
+    # the same tokens, clipped tokens, loss and gradient norm over the global batch...
+    assert s1["opt_steps"] == 4 and s2["opt_steps"] == 2 * 4        # summed over ranks
+    assert s1["tokens"] == s2["tokens"] and s1["clipped"] == s2["clipped"] and s1["clipped"] > 0
+    assert s1["loss"] == pytest.approx(s2["loss"] / 2, rel=1e-5, abs=1e-7)
+    assert s1["grad_norm"] == pytest.approx(s2["grad_norm"] / 2, rel=1e-5)
+    if beta > 0:
+        assert s1["kl_ref"] > 0 and s1["kl_ref"] == pytest.approx(s2["kl_ref"], rel=1e-4)
+    # ... and the same weights after the 4 AdamW steps (2 passes x 2 mini-batches)
+    # (AdamW divides by sqrt(v): on elements whose gradient is ~0 float noise of the 2-rank
+    # reduction shows up at ~1e-3 of lr, so compare the update direction and size)
+    moved = 0.0
+    for k, v in w1.items():
+        d1, d2 = v - init[k], w2[k] - init[k]
+        if k.startswith("visual."):
+            assert torch.equal(v, init[k]) and torch.equal(w2[k], init[k]), f"{k}: frozen vision tower changed"
+            continue
+        assert d1.norm() > 0, k
+        assert (d1 - d2).norm() <= 1e-3 * d1.norm(), (k, float((d1 - d2).norm() / d1.norm()))
+        assert (d1 - d2).abs().max() <= 1e-2 * 1e-3, (k, float((d1 - d2).abs().max()))   # 1% of lr
+        moved = max(moved, float(d1.abs().max()))
+    assert moved > 1e-3                                               # the update did something
