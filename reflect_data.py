@@ -301,16 +301,18 @@ def judge_attempts(items, texts):
 
 # ----------------------------------------------------------------------------- teachers
 
-TAG_RE = {t: re.compile(rf"<{t}>(.*?)</{t}>", re.S) for t in ("reflection", "think", "answer")}
-
-
 def parse_teacher(text):
-    """TeacherReply from '<reflection>..</reflection><think>..</think><answer>..</answer>'."""
-    got = {t: r.search(text or "") for t, r in TAG_RE.items()}
-    missing = [t for t, m in got.items() if m is None or not m.group(1).strip()]
-    if missing:
-        return TeacherReply(error=f"unparsable reply (no non-empty <{'>, <'.join(missing)}>)")
-    return TeacherReply(*(got[t].group(1).strip() for t in ("reflection", "think", "answer")))
+    """TeacherReply from '<reflection>..</reflection><think>..</think><answer>..</answer>': the
+    first reflection, then the first think after it, then the first answer after that (so a
+    reasoning model's own leading <think> block is skipped)."""
+    text, got, pos = text or "", {}, 0
+    for tag in ("reflection", "think", "answer"):
+        m = re.compile(rf"<{tag}>(.*?)</{tag}>", re.S).search(text, pos)
+        if m is None or not m.group(1).strip():
+            return TeacherReply(error=f"unparsable reply (no non-empty <{tag}> block in order "
+                                      f"<reflection>, <think>, <answer>)")
+        got[tag], pos = m.group(1).strip(), m.end()
+    return TeacherReply(got["reflection"], got["think"], got["answer"])
 
 
 class RuleTeacher:
@@ -510,12 +512,12 @@ def check_samples(items, replies, count_tokens):
 def sample_record(it, text, out_dir, teacher_name):
     """The SFT record: the training record's fields, two-pass messages, images relative to out_dir."""
     rel = [os.path.relpath(p, out_dir) for p in it.images]
-    user = with_abs_images([m for m in data.prompt_messages(it.record, None) if m.get("role") == "user"][-1:], rel)
+    turns = with_abs_images([m for m in data.prompt_messages(it.record, None) if m.get("role") != "system"], rel)
     rec = {k: v for k, v in it.record.items() if k != "messages"}
     if isinstance(rec.get("image"), str) and len(rel) == 1:
         rec["image"] = rel[0]
     source = "correct" if it.attempt_correct else "wrong"
-    rec.update(messages=[{"role": "system", "content": data.SYSTEM_PROMPT_REFLECT}, *user,
+    rec.update(messages=[{"role": "system", "content": data.SYSTEM_PROMPT_REFLECT}, *turns,
                          {"role": "assistant", "content": text}],
                source=source, case="r2r" if it.attempt_correct else "w2r", teacher=teacher_name,
                attempt=it.attempt)

@@ -212,6 +212,19 @@ def test_copies_attempt_and_quota_rule():
     assert rd.within_quota(Counter(correct=5), "correct", -1) and rd.within_quota(Counter(correct=5), "wrong", -1)
 
 
+def test_parse_teacher():
+    good = rd.parse_teacher("Sure!\n<reflection> I missed a square. </reflection>\n<think>red 3</think> <answer>3</answer>")
+    assert (good.reflection, good.think, good.answer, good.error) == ("I missed a square.", "red 3", "3", "")
+    # a reasoning model's own <think> first: skipped, the think after the reflection is the second attempt
+    r = rd.parse_teacher("<think>hidden musing</think><reflection>r</reflection><think>t</think><answer>a</answer>")
+    assert (r.reflection, r.think, r.answer) == ("r", "t", "a")
+    for bad, tag in [("<think>t</think><answer>a</answer>", "reflection"),
+                     ("<reflection>r</reflection><answer>a</answer><think>t</think>", "answer"),
+                     ("<reflection> </reflection><think>t</think><answer>a</answer>", "reflection"),
+                     ("<reflection>r</reflection><think>t</think><answer></answer>", "answer"), ("", "reflection")]:
+        assert rd.parse_teacher(bad).error.startswith(f"unparsable reply (no non-empty <{tag}> block"), bad
+
+
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_skips_done_and_repairs_torn_tail(task_dir, tmp_path):
@@ -354,7 +367,8 @@ def test_openai_teacher_fake_server(tmp_path, monkeypatch, capsys):
         assert {r["id"]: r["source"] for r in out}["q1"] == "correct"
         assert s["teacher_failures"]["count"] == 3 and s["teacher_failures"]["ids"] == ["q3", "q5", "q6"]
         assert s["teacher_failures"]["reasons"] == {
-            "HTTP 500": 1, "malformed JSON": 1, "unparsable reply (no non-empty <reflection>, <think>, <answer>)": 1}
+            "HTTP 500": 1, "malformed JSON": 1,
+            "unparsable reply (no non-empty <reflection> block in order <reflection>, <think>, <answer>)": 1}
         assert not os.path.exists(tmp_path / "o" / "r.rejected.jsonl")  # failures are not rejections
         # retries: one per failure until success, all 3 tries for the hopeless ones
         assert [server.count(f"Q{i}") for i in range(7)] == [1, 1, 2, 3, 2, 3, 3]
