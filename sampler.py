@@ -53,6 +53,7 @@ class SampleConfig:
     n: int = 1                  # samples per prompt (GRPO group size), sharing one prefill
     seed: int = 0
     compact_frac: float = 0.25  # drop finished rows when they are >= this fraction of the batch
+    prefill_chunk: int = 8      # prompts per prefill forward
 
 
 def _check(cfg: SampleConfig):
@@ -62,8 +63,9 @@ def _check(cfg: SampleConfig):
         raise ValueError(f"sampler.py: SampleConfig.temperature must be > 0, got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise ValueError(f"sampler.py: SampleConfig.top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.top_k < 0 or cfg.n < 1:
-        raise ValueError(f"sampler.py: SampleConfig.top_k must be >= 0 and n >= 1, got {cfg.top_k}, {cfg.n}")
+    if cfg.top_k < 0 or cfg.n < 1 or cfg.prefill_chunk < 1:
+        raise ValueError(f"sampler.py: SampleConfig.top_k must be >= 0, n and prefill_chunk >= 1, "
+                         f"got {cfg.top_k}, {cfg.n}, {cfg.prefill_chunk}")
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -139,6 +141,50 @@ def select_cache_rows(cache, keep):
     cache.v = cache.v.index_select(1, keep)
 
 
+# ----------------------------------------------------------------------------- prefill
+
+class CacheRows:
+    """Rows [a, b) of a KVCache, as a cache the model can write through (views of k, v)."""
+
+    def __init__(self, cache, a, b):
+        self.k, self.v = cache.k[:, a:b], cache.v[:, a:b]
+
+
+def image_spans(config, input_ids, grid):
+    """Row r's images are grid[img[r]:img[r+1]] and its patches pixel_values[patch[r]:patch[r+1]]
+    (images are listed in the order of the rows). Returns two lists of B + 1 ints."""
+    B = input_ids.shape[0]
+    if grid is None:
+        return [0] * (B + 1), [0] * (B + 1)
+    patches = grid.prod(-1)  # (N_img,)
+    tok_end = (patches // config.vision.spatial_merge_size ** 2).cumsum(0)  # image tokens up to image i
+    row_end = (input_ids == config.image_token_id).sum(1).cumsum(0).to(tok_end.device)  # (B,)
+    if int(row_end[-1]) != int(tok_end[-1]):
+        raise ValueError(f"sampler.py: batch['input_ids'] holds {int(row_end[-1])} image tokens, "
+                         f"batch['image_grid_thw'] gives {int(tok_end[-1])}")
+    img = [0] + torch.searchsorted(tok_end, row_end, right=True).tolist()
+    patch_end = [0] + patches.cumsum(0).tolist()
+    return img, [patch_end[i] for i in img]
+
+
+def prefill(model, input_ids, attn, pos_ids, pixel_values, grid, cache, chunk):
+    """Run the prompts through the model `chunk` rows at a time (bounds the activation memory and
+    the vision tower's attention, quadratic in the patches of one forward), writing the cache rows.
+    Returns the logits of the last prompt position (B, V) float32."""
+    B = input_ids.shape[0]
+    img, patch = image_spans(model.config, input_ids, grid)
+    logits = []
+    for a in range(0, B, chunk):
+        b = min(a + chunk, B)
+        pv, g = None, None
+        if img[b] > img[a]:
+            pv, g = pixel_values[patch[a]:patch[b]], grid[img[a]:img[b]]
+        out = model(input_ids[a:b], pixel_values=pv, image_grid_thw=g, attention_mask=attn[a:b],
+                    position_ids=pos_ids[:, a:b], cache=CacheRows(cache, a, b), cache_pos=0, logits_to_keep=1)
+        logits.append(out[:, -1].float())
+    return torch.cat(logits)  # (B, V)
+
+
 # ----------------------------------------------------------------------------- generate
 
 @torch.no_grad()
@@ -178,13 +224,11 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
     with unsharded(model):
-        # ---- prefill: the B prompts once
+        # ---- prefill: the B prompts once, cfg.prefill_chunk prompts per forward
         pos_ids, _ = model.get_rope_index(input_ids, grid, attn)  # (3, B, T)
         pos_ids = pos_ids.to(device)
         prefill_cache = M.KVCache(model.config, B, T if n > 1 else T + max_new, device, dtype)
-        logits = model(input_ids, pixel_values=pixel_values, image_grid_thw=grid, attention_mask=attn,
-                       position_ids=pos_ids, cache=prefill_cache, cache_pos=0, logits_to_keep=1)
-        logits = logits[:, -1].float()  # (B, V)
+        logits = prefill(model, input_ids, attn, pos_ids, pixel_values, grid, prefill_cache, cfg.prefill_chunk)
         next_pos = pos_ids[:, :, -1] + 1  # (3, B) M-RoPE position of the first new token
         # ---- n samples per prompt: repeat everything prompt-major
         if n > 1:

@@ -151,9 +151,11 @@ def test_seeded_reproducible_and_compaction_invariant(models):
     assert not torch.equal(a["tokens"], c["tokens"])
     # the n samples of one prompt are different samples
     assert len({tuple(row) for row in a["tokens"][:4].tolist()}) > 1
-    # dropping finished rows from the batch (at every finish / never) changes nothing
-    for frac in (0.0, 2.0):
-        d = S.generate(net, batch, eos, S.SampleConfig(max_new_tokens=16, n=4, seed=7, compact_frac=frac))
+    # dropping finished rows from the batch (at every finish / never) and prefilling one prompt
+    # or three prompts per forward change nothing
+    for frac, chunk in ((0.0, 1), (2.0, 3)):
+        d = S.generate(net, batch, eos, S.SampleConfig(max_new_tokens=16, n=4, seed=7, compact_frac=frac,
+                                                       prefill_chunk=chunk))
         assert torch.equal(a["tokens"], d["tokens"]) and torch.equal(a["lengths"], d["lengths"])
         assert (a["logprobs"] - d["logprobs"]).abs().max() < 1e-5
     assert "stop" in a["finish_reasons"]
