@@ -199,9 +199,17 @@ def load_train_state(path, model, optimizer, rng: bool = True) -> tuple[int, dic
     for key, value in flat.items():
         fqn, name = key.rsplit("/", 1)
         optim_state.setdefault(fqn, {})[name] = value
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(optim_state) - names)
+    if unknown:
+        raise ValueError(f"{path}/optimizer.safetensors: state for {len(unknown)} parameter(s) the model does not "
+                         f"train, first {unknown[0]!r} (different model, or --freeze_vision changed?)")
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["param_groups"]]
+    # strict=False: parameters that never had a gradient (unused so far) have no state, as in a fresh optimizer
     set_optimizer_state_dict(model, optimizer, {"state": optim_state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    for g in optimizer.param_groups:  # the full-state-dict path hands tuples back as lists
+        g.update({k: tuple(v) for k, v in g.items() if k == "betas" and isinstance(v, list)})
     rng_file = os.path.join(path, f"rng_rank{rank}.safetensors")
     if rng and os.path.exists(rng_file):
         with open(os.path.join(path, f"rng_rank{rank}.json")) as f:

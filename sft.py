@@ -70,6 +70,8 @@ class SFTConfig:
     vocab_size: int = 1024      # --init tiny: tokenizer size
     tiny: str = ""              # --init tiny: JSON of model.tiny_config overrides, e.g. '{"hidden_size": 96}'
     max_len: int = 0            # >0: error on longer examples
+    threads: int = 1            # CPU only: torch threads per process (0 = torch's default). 1 is robust
+                                # on a shared machine: spinning OpenMP threads on busy cores cost up to 10x
 
 
 # ----------------------------------------------------------------------------- data
@@ -226,6 +228,8 @@ def micro_loss(model, batch, autocast):
 
 def train(cfg: SFTConfig):
     d = dist.init()
+    if d.device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -278,6 +282,12 @@ def train(cfg: SFTConfig):
     step = 0
     if resume:
         step, extra = dist.load_train_state(resume, model, optimizer)
+        saved = extra.get("config", {})
+        changed = [k for k in ("data", "batch_size", "seed", "bucket", "system_prompt", "freeze_vision")
+                   if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:
+            raise SystemExit(f"sft.py: {resume} was trained with different {', '.join(f'--{k} {saved[k]!r}' for k in changed)}; "
+                             f"rerun with the same settings to resume, or use a new --out")
         if d.is_main:
             print(f"sft.py: resuming from {resume} at step {step}")
             # drop log lines written after that checkpoint (the killed run's lost steps)

@@ -158,6 +158,27 @@ def test_bad_input_names_file_and_line(dataset, tok, tmp_path):
         sft.load_examples(p, tok, None)
 
 
+def test_freeze_vision_and_init_from_checkpoint(dataset, tmp_path):
+    """In-process run from scratch, then --init from its output with --freeze_vision: the vision
+    tower is bit-for-bit the one it started from, the language model moved, the loss went down
+    and the optimizer holds no vision state."""
+    base, stage1 = str(tmp_path / "base"), str(tmp_path / "stage1")
+    sft.train(sft.parse_args(_args(dataset, base, steps=3, save_every=10)))
+    argv = _args(dataset, stage1, steps=4, save_every=10)
+    argv[argv.index("--init") + 1] = base
+    sft.train(sft.parse_args(argv + ["--freeze_vision", "1"]))
+    w0, w1 = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(stage1, "model.safetensors"))
+    vision = [k for k in w0 if "visual." in k]
+    assert vision and all(torch.equal(w0[k], w1[k]) for k in vision)
+    emb = next(k for k in w0 if k.endswith("embed_tokens.weight"))
+    assert not torch.equal(w0[emb], w1[emb])
+    opt = load_file(os.path.join(stage1, "checkpoints", "step_000004", "optimizer.safetensors"))
+    assert opt and not any(k.startswith("visual.") for k in opt)
+    assert os.path.exists(os.path.join(stage1, "tokenizer.json"))
+    losses = _losses(stage1)
+    assert len(losses) == 4 and losses[-1] < _losses(base)[0]
+
+
 # ----------------------------------------------------------------------------- end to end (subprocess)
 
 def _args(data_path, out, steps=6, save_every=2):
