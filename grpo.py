@@ -303,6 +303,14 @@ def rollout(policy, tok, records, image_root, cfg, d, step, system_prompt):
         lengths.append(out["lengths"].cpu())
         reasons += out["finish_reasons"]
     tokens, logp_old, lengths = torch.cat(tokens), torch.cat(logps), torch.cat(lengths)   # (N, R)
+    # an <|image_pad|> / <|video_pad|> the policy wrote cannot be replayed (the model would take it
+    # for an image slot): the response ends just before the first one, for reward and training
+    vis = torch.isin(tokens, torch.tensor([tok.image_pad_id, tok.video_pad_id])) & (
+        torch.arange(tokens.shape[1])[None] < lengths[:, None])
+    cut = torch.where(vis.any(1), vis.float().argmax(1), lengths)
+    n_cut = int((cut < lengths).sum())
+    lengths = cut
+    tokens = tokens.masked_fill(torch.arange(tokens.shape[1])[None] >= lengths[:, None], tok.pad_id)
 
     texts = [decode_response(tok, tokens[i], int(lengths[i])) for i in range(len(tokens))]
     gts = [r["answer"] for r in records for _ in range(G)]
@@ -318,7 +326,7 @@ def rollout(policy, tok, records, image_root, cfg, d, step, system_prompt):
 
     stats = dict(n=len(scores), groups=len(records), groups_kept=int(keep.sum()) // G,
                  reward=float(rewards.sum()), resp_len=float(lengths.sum()),
-                 truncated=sum(r == "length" for r in reasons))
+                 truncated=sum(r == "length" for r in reasons), vision_token_cut=n_cut)
     for key in ("format", "accuracy", "length"):
         stats[f"r_{key}"] = sum(float(s.get(key, 0.0)) for s in scores)
     stats["acc_first"] = sum(float(s.get("first_correct", False)) for s in scores)
@@ -335,7 +343,7 @@ def train_batch(roll, rows, pad_id, device):
     targets (B, R) response tokens, mask (B, R) True on response tokens, R."""
     prompts = data.collate([roll["prompts"][int(roll["prompt_of"][i])] for i in rows], pad_id, left_pad=True)
     L = roll["lengths"][rows]                                        # (B,)
-    R = int(L.max())
+    R = max(int(L.max()), 1)
     targets = roll["tokens"][rows, :R]                               # (B, R)
     mask = torch.arange(R)[None] < L[:, None]                        # (B, R)
     targets = targets.masked_fill(~mask, pad_id)
@@ -583,7 +591,7 @@ def train(cfg: GRPOConfig, d):
         n, tokens = rs["n"], max(us["tokens"], 1.0)
         rec = {"step": step + 1, "reward": rs["reward"] / n}
         rec.update({k: rs[k] / n for k in ("r_format", "r_accuracy", "r_length", "acc_first", "acc_final",
-                                           "resp_len", "truncated")})
+                                           "resp_len", "truncated", "vision_token_cut")})
         rec.update({k: int(rs[k]) for k in rs if k.startswith("case_")})
         rec["groups_kept"] = rs["groups_kept"] / rs["groups"]
         opt_steps = max(us["opt_steps"] / d.world_size, 1.0)
