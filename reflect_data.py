@@ -107,8 +107,8 @@ class ReflectConfig:
     teacher_url: str = ""         # openai: base URL (.../v1) or the full .../chat/completions URL
     teacher_model: str = ""       # openai: model name; local: checkpoint dir
     teacher_key_env: str = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key
-    teacher_temperature: float = 0.7
-    teacher_max_tokens: int = 1024
+    teacher_temperature: float = 0.7  # openai / local teacher sampling
+    teacher_max_tokens: int = 1024    # openai / local teacher reply length
     timeout_s: float = 120.0      # openai: per request
     retries: int = 3              # openai: extra tries per item after a failure; local: resampling rounds
     backoff_s: float = 2.0        # openai: wait backoff_s * 2^k (+ jitter) before retry k
@@ -116,10 +116,10 @@ class ReflectConfig:
     correct_frac: float = 0.3     # share of samples from correct attempts; < 0 = keep everything
     limit: int = 0                # use only the first N training records (0 = all)
     batch_size: int = 16          # prompts per sampler call (and items per teacher round)
-    max_new_tokens: int = 256     # policy attempt / local teacher
+    max_new_tokens: int = 256     # policy attempt length
     temperature: float = 1.0      # policy sampling
-    top_p: float = 1.0
-    seed: int = 0
+    top_p: float = 1.0            # policy sampling nucleus
+    seed: int = 0                 # sampling seed (policy; local teacher uses a derived one)
     device: str = ""              # default: cuda if available, else cpu
 
 
@@ -268,7 +268,6 @@ class SamplerPolicy:
         self.net, self.tok = load_checkpoint(cfg.policy, cfg.device)
         self.scfg = sampler.SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_p=cfg.top_p, seed=cfg.seed)
-        self.calls = 0
 
     def attempts(self, items):
         self.scfg.seed += 1  # a fresh draw per batch, reproducible from cfg.seed
@@ -654,10 +653,14 @@ def _write_json_atomic(path, obj):
 
 
 def parse_args(argv=None) -> ReflectConfig:
-    ap = argparse.ArgumentParser(description="SRPO stage 1: reflection SFT data from the policy's attempts")
-    d = ReflectConfig()
-    for name, val in asdict(d).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
+    """Every ReflectConfig field as --field-name; help = the field's comment in the dataclass."""
+    import inspect
+    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(ReflectConfig), re.M))
+    ap = argparse.ArgumentParser(description="SRPO stage 1: reflection SFT data from the policy's attempts",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, val in asdict(ReflectConfig()).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help=comments.get(name, " "),
+                        choices=["rule", "openai", "local"] if name == "teacher" else None)
     return ReflectConfig(**vars(ap.parse_args(argv)))
 
 
