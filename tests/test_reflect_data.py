@@ -332,7 +332,7 @@ def dots_task(d, n):
         for i in range(n):
             img = Image.new("RGB", (56, 56), "white")
             for j in range(i + 1):
-                img.putpixel((5 + 6 * j, 20), (0, 0, 0))
+                img.putpixel((4 + 4 * (j % 12), 20 + 8 * (j // 12)), (0, 0, 0))
             img.save(d / "img" / f"q{i}.png")
             q = f"Q{i}: how many dots are there?"
             f.write(json.dumps({"id": f"q{i}", "answer": str(i + 1), "question": q, "messages": [
@@ -463,3 +463,32 @@ def test_sampler_policy_and_local_teacher(task_dir, tiny_ckpt, tmp_path):
         it.attempt_think, it.attempt_answer = "red 1", "1"
     replies = rd.make_teacher(cfg).reflect(items)
     assert all(r.error.startswith("unparsable reply") for r in replies)
+
+
+@pytest.mark.slow
+def test_kill_mid_run_then_resume(tmp_path, monkeypatch):
+    """SIGKILL a run (OpenAI teacher, slow server) after a few samples, rerun: every item exactly once."""
+    data_path = dots_task(tmp_path / "d", 12)
+    server = FakeServer({f"Q{i}": ["sleep"] for i in range(12)}, sleep_s=0.3)
+    out = tmp_path / "o" / "r.jsonl"
+    kw = dict(data=str(data_path), out=str(out), teacher="openai", teacher_url=server.url, teacher_model="m",
+              teacher_key_env="MY_TEACHER_KEY", timeout_s=5, concurrency=1, correct_frac=-1, batch_size=2)
+    script = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
+              f"import reflect_data as rd, test_reflect_data as t\n"
+              f"rd.run(rd.ReflectConfig(**{kw!r}), policy=t.WrongByOne())\n")
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MY_TEACHER_KEY": KEY},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 3):
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        n_first = out.read_text().count("\n")
+        assert 3 <= n_first < 12
+        monkeypatch.setenv("MY_TEACHER_KEY", KEY)
+        s = rd.run(rd.ReflectConfig(**kw), policy=WrongByOne())
+    finally:
+        server.close()
+    ids = [r["id"] for r in data.read_jsonl(out)]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(12)) and s["this_run"]["todo"] == 12 - n_first
