@@ -488,10 +488,10 @@ def two_pass_text(it, reply):
             f"<think>{reply.think.strip()}</think>\n<answer>{reply.answer.strip()}</answer>")
 
 
-def check_samples(items, replies, count_tokens):
+def check_samples(items, replies):
     """(response text, rejection reason or '') per item with a teacher reply (reply.error == '')."""
     texts = [two_pass_text(it, r) for it, r in zip(items, replies)]
-    scores = reward.score_batch(texts, [it.gt for it in items], mode="srpo", count_tokens=count_tokens)
+    scores = reward.score_batch(texts, [it.gt for it in items], mode="srpo")  # format + final answer
     out = []
     for it, r, text, s in zip(items, replies, texts, scores):
         if not r.reflection.strip():
@@ -531,7 +531,7 @@ def paths(cfg):
     return stem + ".rejected.jsonl", summary
 
 
-def run(cfg: ReflectConfig, policy=None, teacher=None, count_tokens=None):
+def run(cfg: ReflectConfig, policy=None, teacher=None):
     """Build (or continue) cfg.out. policy: object with attempts(items) -> list[str] (default:
     SamplerPolicy(cfg)); teacher: object with reflect(items) -> list[TeacherReply] and a name
     (default: from cfg.teacher). Returns the summary dict."""
@@ -555,8 +555,6 @@ def run(cfg: ReflectConfig, policy=None, teacher=None, count_tokens=None):
         if not cfg.policy:
             raise SystemExit("reflect_data.py: --policy CHECKPOINT is required")
         policy = SamplerPolicy(cfg)
-    if count_tokens is None and cfg.policy and os.path.isfile(os.path.join(cfg.policy, "tokenizer.json")):
-        count_tokens = data.Tokenizer.from_dir(cfg.policy).count_tokens
     print(f"reflect_data.py: {len(items)} records, {len(items) - len(todo)} done in earlier runs "
           f"({sum(counts.values())} written, {len(rejected)} rejected), {len(todo)} to do; teacher {teacher.name}",
           file=sys.stderr)
@@ -570,7 +568,7 @@ def run(cfg: ReflectConfig, policy=None, teacher=None, count_tokens=None):
         replies = dict(zip([it.id for it in ask], teacher.reflect(ask))) if ask else {}
         answered = [it for it in ask if not replies[it.id].error]
         checked = dict(zip([it.id for it in answered],
-                           check_samples(answered, [replies[it.id] for it in answered], count_tokens)))
+                           check_samples(answered, [replies[it.id] for it in answered])))
         # in data order: a sample, a rejection, or nothing (a teacher failure, retried next run)
         for it in chunk:
             kind = "correct" if it.attempt_correct else "wrong"
