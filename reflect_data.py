@@ -3,10 +3,12 @@ Stage 1 data: reflection SFT samples from the policy's own attempts (SRPO.md, "R
 
 For each training question:
 
-1. the policy answers it once (sampler.generate, batched, system prompt SYSTEM_PROMPT_SINGLE);
-2. reward.py judges the attempt against record["answer"]: it must be in the single-pass format
-   <think>..</think><answer>..</answer> (else the item is rejected: there is no attempt to
-   reflect on), and it is either correct or wrong;
+1. the policy answers it (sampler.generate, batched, system prompt SYSTEM_PROMPT_SINGLE), once
+   or --attempts k times;
+2. reward.py judges each attempt against record["answer"]: it must be in the single-pass format
+   <think>..</think><answer>..</answer> (an item with no such attempt is rejected: there is
+   nothing to reflect on), and it is either correct or wrong. With k > 1 the attempt used is one
+   of the kind the mix needs (below);
 3. a teacher that sees the question, the image, the attempt, its answer and the ground truth
    writes a reflection and a second attempt:
        rule    the built-in task's rule-based teacher (task.teacher_reflection, which knows the
@@ -114,6 +116,7 @@ class ReflectConfig:
     backoff_s: float = 2.0        # openai: wait backoff_s * 2^k (+ jitter) before retry k
     concurrency: int = 8          # openai: requests in flight
     correct_frac: float = 0.3     # share of samples from correct attempts; < 0 = keep everything
+    attempts: int = 1             # policy samples per question; the one of the kind the mix needs is used
     limit: int = 0                # use only the first N training records (0 = all)
     batch_size: int = 16          # prompts per sampler call (and items per teacher round)
     max_new_tokens: int = 256     # policy attempt length
@@ -237,14 +240,15 @@ def load_checkpoint(path, device):
 
 
 def sample_texts(net, tok, conversations, wheres, scfg):
-    """One sampled response per conversation (messages with absolute image paths) -> list[str]."""
+    """scfg.n sampled responses per conversation (messages with absolute image paths) -> list[str],
+    conversation-major."""
     import sampler
     enc = [data.encode_messages(m, tok, "/", add_generation_prompt=True, where=w)
            for m, w in zip(conversations, wheres)]
     batch = data.collate(enc, tok.pad_id, left_pad=True)
     out = sampler.generate(net, batch, tok.eos_ids, scfg, pad_id=tok.pad_id)
     return [tok.decode(out["tokens"][i, :int(out["lengths"][i])].tolist(), skip_special_tokens=True)
-            for i in range(len(conversations))]
+            for i in range(len(out["tokens"]))]
 
 
 def with_abs_images(messages, image_paths):
@@ -267,35 +271,61 @@ class SamplerPolicy:
         import sampler
         self.net, self.tok = load_checkpoint(cfg.policy, cfg.device)
         self.scfg = sampler.SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                         top_p=cfg.top_p, seed=cfg.seed)
+                                         top_p=cfg.top_p, seed=cfg.seed, n=cfg.attempts)
 
     def attempts(self, items):
+        """-> per item, a list of cfg.attempts responses."""
         self.scfg.seed += 1  # a fresh draw per batch, reproducible from cfg.seed
         convs = [with_abs_images(data.prompt_messages(it.record, data.SYSTEM_PROMPT_SINGLE), it.images) for it in items]
-        return sample_texts(self.net, self.tok, convs, [it.where for it in items], self.scfg)
+        texts = sample_texts(self.net, self.tok, convs, [it.where for it in items], self.scfg)
+        k = self.scfg.n
+        return [texts[i * k:(i + 1) * k] for i in range(len(items))]
 
 
-def judge_attempts(items, texts):
-    """Fill in each item's attempt; returns {item id: rejection reason} for unusable attempts."""
-    bad = {}
-    ok = []
-    for it, text in zip(items, texts):
-        it.attempt = text
+def judge_attempts(items, attempts):
+    """attempts: per item a response or a list of them. -> per item a list of usable candidates
+    (text, think, answer, correct) -- single-pass format, judged by reward.py -- and
+    {item id: rejection reason} for items without one."""
+    bad, cands, flat = {}, [[] for _ in items], []
+    for i, (it, texts) in enumerate(zip(items, attempts)):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        it.attempt = texts[0] if texts else ""
         try:
             reward.answers_match(it.gt, it.gt)
         except reward.BadGroundTruth as e:
             bad[it.id] = f"bad_ground_truth: {e}"
             continue
-        p = reward.parse_response(text)
-        if not p.is_single_pass_format:
+        for text in texts:
+            p = reward.parse_response(text)
+            if p.is_single_pass_format:
+                flat.append((i, text, p.thinks[0].strip(), p.answers[0].strip()))
+        if not any(f[0] == i for f in flat):
             bad[it.id] = "attempt_format"
+    scores = reward.score_batch([f[1] for f in flat], [items[f[0]].gt for f in flat], mode="grpo")
+    for (i, text, think, answer), sc in zip(flat, scores):
+        cands[i].append((text, think, answer, bool(sc["final_correct"])))
+    return cands, bad
+
+
+def choose_attempts(items, cands, why, counts, frac):
+    """Pick each item's attempt and decide who goes to the teacher: the candidate of the kind the
+    mix needs most (correct while its share is below frac, else wrong), if that kind is within
+    quota, counting the items already chosen from this chunk. Over-quota items get a reason."""
+    pending, ask = Counter(), []
+    for it, cs in zip(items, cands):
+        if it.id in why:
             continue
-        it.attempt_think, it.attempt_answer = p.thinks[0].strip(), p.answers[0].strip()
-        ok.append(it)
-    scores = reward.score_batch([it.attempt for it in ok], [it.gt for it in ok], mode="grpo")
-    for it, s in zip(ok, scores):
-        it.attempt_correct = bool(s["final_correct"])
-    return bad
+        c = counts + pending
+        need_correct = frac >= 0 and c["correct"] < frac * (c["correct"] + c["wrong"] + 1)
+        text, think, answer, ok = next((x for x in cs if x[3] == need_correct), cs[0])
+        it.attempt, it.attempt_think, it.attempt_answer, it.attempt_correct = text, think, answer, ok
+        kind = "correct" if ok else "wrong"
+        if within_quota(c, kind, frac):
+            pending[kind] += 1
+            ask.append(it)
+        else:
+            why[it.id] = f"over_quota_{kind}"
+    return ask
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -563,8 +593,8 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
     bar = tqdm(total=len(todo), desc="reflect", unit="q")
     for b in range(0, len(todo), cfg.batch_size):
         chunk = todo[b:b + cfg.batch_size]
-        why = judge_attempts(chunk, policy.attempts(chunk))  # {id: rejection reason}
-        ask = precheck_quota(chunk, why, counts, cfg.correct_frac)
+        cands, why = judge_attempts(chunk, policy.attempts(chunk))  # why: {id: rejection reason}
+        ask = choose_attempts(chunk, cands, why, counts, cfg.correct_frac)
         replies = dict(zip([it.id for it in ask], teacher.reflect(ask))) if ask else {}
         answered = [it for it in ask if not replies[it.id].error]
         checked = dict(zip([it.id for it in answered],
@@ -598,22 +628,6 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
     _write_json_atomic(summary_path, summary)
     print(json.dumps(summary, indent=1))
     return summary
-
-
-def precheck_quota(chunk, why, counts, frac):
-    """Items of the chunk to send to the teacher: usable attempts within the mix quota, counting
-    the ones already chosen from this chunk. Over-quota items get a reason in `why`."""
-    pending, ask = Counter(), []
-    for it in chunk:
-        if it.id in why:
-            continue
-        kind = "correct" if it.attempt_correct else "wrong"
-        if within_quota(counts + pending, kind, frac):
-            pending[kind] += 1
-            ask.append(it)
-        else:
-            why[it.id] = f"over_quota_{kind}"
-    return ask
 
 
 def make_summary(cfg, teacher_name, n_records, counts, old_rejected, n_todo, run_written, run_rejected, failures):

@@ -163,6 +163,38 @@ def test_mix_parameter(task_dir, tmp_path, frac):
     assert s["correct_share"] == (round(want[0] / sum(want), 4) if sum(want) else None)
 
 
+class ManyAttempts:
+    """attempts(items): several candidates per item, from {id: [kind, ...]}."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def attempts(self, items):
+        make = {"correct": task.solution, "wrong": wrong_attempt, "garbage": lambda r: "no idea"}
+        return [[make[k](it.record) for k in self.plan[it.id]] for it in items]
+
+
+def test_several_attempts_fill_the_mix(task_dir, tmp_path):
+    """--attempts k: the candidate of the kind the mix needs is used, so with both kinds on offer
+    every question yields a sample and the mix still holds on every prefix."""
+    data_path = task_dir / "train.jsonl"
+    ids = [r["id"] for r in data.read_jsonl(data_path)]
+    offers = [["wrong", "correct"], ["garbage", "correct"], ["wrong", "garbage", "wrong"], ["garbage", "garbage"]]
+    plan = {rid: offers[i % 4] if i < 24 else ["wrong", "correct"] for i, rid in enumerate(ids)}
+    s = rd.run(cfg_for(tmp_path, data_path, correct_frac=0.3), policy=ManyAttempts(plan))
+    recs, n = check_written(tmp_path / "out" / "reflect.jsonl", data_path, 0.3)
+    rej = {r["id"]: r["reason"] for r in data.read_jsonl(tmp_path / "out" / "reflect.rejected.jsonl")}
+    assert {ids[i]: "attempt_format" for i in range(3, 24, 4)}.items() <= rej.items()
+    for r in recs:  # the attempt that was used is one that was offered, of the recorded kind
+        assert r["attempt"] == (task.solution(r) if r["source"] == "correct" else wrong_attempt(r))
+    # an item offering both kinds is always written; one offering a single kind may be over quota
+    both = {rid for rid in ids if set(plan[rid]) >= {"correct", "wrong"}}
+    assert both <= {r["id"] for r in recs} and len(both) == 30
+    assert all(rej[rid] == f"over_quota_{plan[rid][-1]}" for rid in rej if rid not in both and plan[rid][-1] != "garbage")
+    assert n["correct"] + n["wrong"] == 48 - len(rej)
+    assert abs(n["correct"] / (n["correct"] + n["wrong"]) - 0.3) <= 1 / (n["correct"] + n["wrong"])
+
+
 class ListTeacher:
     """Returns given replies by item id (default: a good one)."""
     name = "list"
@@ -457,8 +489,11 @@ def test_sampler_policy_and_local_teacher(task_dir, tiny_ckpt, tmp_path):
                                 add_generation_prompt=True) for it in items]
     ref = sampler.generate(pol.net, data.collate(enc, tok.pad_id, left_pad=True), tok.eos_ids,
                            sampler.SampleConfig(max_new_tokens=6, seed=6), pad_id=tok.pad_id)
-    assert texts == [tok.decode(ref["tokens"][i, :int(ref["lengths"][i])].tolist(), skip_special_tokens=True)
+    assert texts == [[tok.decode(ref["tokens"][i, :int(ref["lengths"][i])].tolist(), skip_special_tokens=True)]
                      for i in range(3)]
+    pol.scfg.n = 2  # --attempts 2: two per question, prompt-major
+    two = pol.attempts(items)
+    assert [len(x) for x in two] == [2, 2, 2] and two[0][0] != two[0][1]
     for it in items:
         it.attempt_think, it.attempt_answer = "red 1", "1"
     replies = rd.make_teacher(cfg).reflect(items)
