@@ -54,11 +54,11 @@ class SFTConfig:
     system_prompt: str = "keep" # keep the records' system message, or replace it: "single" / "reflect"
     epochs: float = 1.0
     max_steps: int = 0          # 0 = epochs * steps_per_epoch
-    batch_size: int = 32        # global batch, in examples (all processes, all micro-batches)
+    batch_size: int = 16        # global batch, in examples (all processes, all micro-batches)
     micro_batch_size: int = 8   # examples per forward per process
-    lr: float = 2e-3
-    min_lr: float = 2e-4        # end of the cosine
-    warmup_steps: int = 10
+    lr: float = 3e-3            # defaults: the tiny base model from scratch; stage 1 wants ~10x less
+    min_lr: float = 3e-4        # end of the cosine
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     beta2: float = 0.95
     grad_clip: float = 1.0      # 0 = off
