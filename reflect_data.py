@@ -46,6 +46,7 @@ summary (per-case counts, rejections by reason, teacher failures) is printed and
 import argparse
 import base64
 import concurrent.futures
+import http.client
 import json
 import math
 import mimetypes
@@ -409,7 +410,7 @@ class OpenAITeacher:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 raise RetryableError("timeout") from None
             raise RetryableError(f"connection error: {type(e.reason).__name__}") from None
-        except (ConnectionError, OSError) as e:  # reset / remote closed mid-read
+        except (OSError, http.client.HTTPException) as e:  # reset, remote closed, incomplete read
             raise RetryableError(f"connection error: {type(e).__name__}") from None
         try:
             c = json.loads(raw)["choices"][0]["message"]["content"]

@@ -7,7 +7,8 @@
 - resume: a rerun skips written and rejected ids, repairs a torn last line, and ends with the
   same file as an uninterrupted run;
 - OpenAI-compatible teacher against a fake server on 127.0.0.1: good replies, timeouts, 500s,
-  malformed JSON, replies without tags; retries, a report of what failed, a rerun that fetches
+  malformed JSON, replies without tags, dropped connections, truncated bodies; retries, a report
+  of what failed, a rerun that fetches
   only what failed; the API key reaches the server and nowhere else;
 - the real sampler path (tiny random checkpoint) through the command line, and the local teacher.
 """
@@ -320,6 +321,16 @@ class FakeServer:
                 if act == "sleep":
                     time.sleep(srv.sleep_s)
                     act = "good"
+                if act == "drop":  # close without a reply
+                    self.close_connection = True
+                    return
+                if act == "partial":  # promise more bytes than are sent, then close
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": ')
+                    self.close_connection = True
+                    return
                 gt = re.search(r"Correct answer: (\S+)", text).group(1)
                 if act == "good" or act == "notags":
                     content = (f"<reflection>I counted the dots in {tag} again and found my slip.</reflection>\n"
@@ -382,9 +393,9 @@ class WrongByOne:
 
 
 def test_openai_teacher_fake_server(tmp_path, monkeypatch, capsys):
-    data_path = dots_task(tmp_path / "d", 7)
+    data_path = dots_task(tmp_path / "d", 9)
     script = {"Q0": ["good"], "Q1": ["good"], "Q2": ["sleep", "good"], "Q3": ["500"], "Q4": ["badjson", "good"],
-              "Q5": ["badjson"], "Q6": ["notags"]}
+              "Q5": ["badjson"], "Q6": ["notags"], "Q7": ["drop", "good"], "Q8": ["partial", "good"]}
     server = FakeServer(script, sleep_s=1.5)
     monkeypatch.setenv("MY_TEACHER_KEY", KEY)
     cfg = rd.ReflectConfig(data=str(data_path), out=str(tmp_path / "o" / "r.jsonl"), teacher="openai",
@@ -395,7 +406,7 @@ def test_openai_teacher_fake_server(tmp_path, monkeypatch, capsys):
         s = rd.run(cfg, policy=WrongByOne())
         took = time.time() - t0
         out = data.read_jsonl(tmp_path / "o" / "r.jsonl")
-        assert sorted(r["id"] for r in out) == ["q0", "q1", "q2", "q4"]
+        assert sorted(r["id"] for r in out) == ["q0", "q1", "q2", "q4", "q7", "q8"]
         assert {r["id"]: r["source"] for r in out}["q1"] == "correct"
         assert s["teacher_failures"]["count"] == 3 and s["teacher_failures"]["ids"] == ["q3", "q5", "q6"]
         assert s["teacher_failures"]["reasons"] == {
@@ -403,7 +414,7 @@ def test_openai_teacher_fake_server(tmp_path, monkeypatch, capsys):
             "unparsable reply (no non-empty <reflection> block in order <reflection>, <think>, <answer>)": 1}
         assert not os.path.exists(tmp_path / "o" / "r.rejected.jsonl")  # failures are not rejections
         # retries: one per failure until success, all 3 tries for the hopeless ones
-        assert [server.count(f"Q{i}") for i in range(7)] == [1, 1, 2, 3, 2, 3, 3]
+        assert [server.count(f"Q{i}") for i in range(9)] == [1, 1, 2, 3, 2, 3, 3, 2, 2]
         assert took < 10
         # what the server saw: our key, the image inline, the prompt, the ground truth
         r0 = [r for r in server.requests if r["tag"] == "Q0"][0]
@@ -421,16 +432,16 @@ def test_openai_teacher_fake_server(tmp_path, monkeypatch, capsys):
         # rerun with a healthy server: only the 3 failures are asked again
         server.script.clear()
         s2 = rd.run(cfg, policy=WrongByOne())
-        assert [server.count(f"Q{i}") for i in range(7)] == [1, 1, 2, 4, 2, 4, 4]
-        assert s2["teacher_failures"]["count"] == 0 and s2["written"]["total"] == 7
-        assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "o" / "r.jsonl")) == [f"q{i}" for i in range(7)]
+        assert [server.count(f"Q{i}") for i in range(9)] == [1, 1, 2, 4, 2, 4, 4, 2, 2]
+        assert s2["teacher_failures"]["count"] == 0 and s2["written"]["total"] == 9
+        assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "o" / "r.jsonl")) == [f"q{i}" for i in range(9)]
 
         # a wrong key: 401 is not retried, and the error does not carry the key
         monkeypatch.setenv("MY_TEACHER_KEY", KEY + "-old")
         n_before = len(server.requests)
         cfg3 = rd.ReflectConfig(**{**cfg.__dict__, "out": str(tmp_path / "o3" / "r.jsonl")})
         s3 = rd.run(cfg3, policy=WrongByOne())
-        assert s3["teacher_failures"]["reasons"] == {"HTTP 401": 7} and len(server.requests) - n_before == 7
+        assert s3["teacher_failures"]["reasons"] == {"HTTP 401": 9} and len(server.requests) - n_before == 9
     finally:
         server.close()
     logs = capsys.readouterr()
