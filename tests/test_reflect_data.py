@@ -8,8 +8,9 @@
   same file as an uninterrupted run;
 - OpenAI-compatible teacher against a fake server on 127.0.0.1: good replies, timeouts, 500s,
   malformed JSON, replies without tags, dropped connections, truncated bodies; retries, a report
-  of what failed, a rerun that fetches
-  only what failed; the API key reaches the server and nowhere else;
+  of what failed, a rerun that fetches only what failed; the API key reaches the server and
+  nowhere else; a SIGKILLed run resumed (slow);
+- --attempts k: the candidate of the kind the mix needs is used;
 - the real sampler path (tiny random checkpoint) through the command line, and the local teacher.
 """
 import base64
