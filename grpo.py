@@ -161,6 +161,7 @@ class GRPOConfig:
     acc_high: float = 0.9
     grad_clip: float = 1.0
     freeze_vision: bool = True
+    grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
     logprob_chunk: int = 256                # time chunk of the float32 log-softmax
     # run
     steps: int = 30
@@ -176,15 +177,16 @@ class GRPOConfig:
 #   torchrun --nproc_per_node=8 grpo.py \
 #       --model ckpt/qwen2.5-vl-7b-reflection-sft --train data/srpo_rl.jsonl --test data/val.jsonl \
 #       --out runs/grpo-7b --prompts_per_step 128 --group_size 8 --max_new_tokens 2048 \
-#       --rollout_batch 16 --lr 1e-6 --weight_decay 1e-2 --mu 1 --n_minibatches 4 --micro_batch 4 \
-#       --eps_low 0.2 --eps_high 0.2 --beta 0.0 --grad_clip 1.0 --steps 300 --save_every 20 \
-#       --eval_every 20 --n_eval 512
+#       --rollout_batch 4 --lr 1e-6 --weight_decay 1e-2 --mu 1 --n_minibatches 4 --micro_batch 4 \
+#       --grad_checkpoint 1 --eps_low 0.2 --eps_high 0.2 --beta 0.0 --grad_clip 1.0 --steps 300 \
+#       --save_every 20 --eval_every 20 --n_eval 512
 #
 # i.e. the paper-code defaults (lr 1e-6, eps 0.2, G 8, beta 0 -- 0.01 for the verl variant,
 # frozen vision tower, accuracy band [0.1, 0.9]) with 128 prompts x 8 = 1024 rollouts per step,
 # 4 optimizer steps of 256 rollouts each. Memory per H100-80GB: fp32 master weights + AdamW state
-# sharded 8 ways (~14 GB), bf16 autocast compute; the rollout all-gathers the full model (sampler.
-# unsharded, ~30 GB fp32 + KV cache: lower --rollout_batch if it does not fit). beta > 0 adds a
+# sharded 8 ways (~14 GB), bf16 autocast compute, each decoder layer recomputed in backward; the
+# rollout all-gathers the full model (sampler.unsharded, ~30 GB fp32) and keeps an fp32 KV cache of
+# rollout_batch x G rows (~0.11 MB per token: 4 x 8 rows x 3k tokens ~ 11 GB). beta > 0 adds a
 # sharded bf16 reference copy. Checkpoints are HF format (loadable by transformers).
 
 
@@ -523,6 +525,10 @@ def train(cfg: GRPOConfig, d):
     policy = model_lib.from_pretrained(ckpt if resume else cfg.model, device=device, dtype=torch.float32)
     if cfg.freeze_vision:
         policy.visual.requires_grad_(False)
+    if cfg.grad_checkpoint:
+        from torch.distributed._composable import checkpoint as recompute_in_backward
+        for layer in policy.layers:          # state-dict keys unchanged
+            recompute_in_backward(layer)
     dist.shard_model(policy)
     ref = None
     if cfg.beta > 0:

@@ -461,7 +461,7 @@ def test_torchrun_two_processes_full_loop(world, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(30500 + os.getpid() % 1000), str(script), ROOT] + _loop_args(
-        world, out, 2, beta=0.05, eval_every=1, max_new_tokens=10)
+        world, out, 2, beta=0.05, eval_every=1, max_new_tokens=10, grad_checkpoint=1)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     log = _steps_logged(out)
