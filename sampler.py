@@ -49,7 +49,7 @@ class SampleConfig:
     temperature: float = 1.0
     top_p: float = 1.0          # nucleus: keep the smallest set of tokens with mass >= top_p
     top_k: int = 0              # 0 = off
-    greedy: bool = False        # argmax; temperature then only scales the returned log-probs
+    greedy: bool = False        # argmax; temperature (if > 0) then only scales the returned log-probs
     n: int = 1                  # samples per prompt (GRPO group size), sharing one prefill
     seed: int = 0
     compact_frac: float = 0.25  # drop finished rows when they are >= this fraction of the batch
@@ -105,9 +105,9 @@ def unsharded(model):
 def sample_next(logits, cfg: SampleConfig, uniform):
     """logits (B, V) float32, uniform (B,) in [0, 1) -> tokens (B,) long,
     logprobs (B,) float32 = log_softmax(logits / T)[token] over the full vocabulary."""
-    if cfg.greedy:
+    if cfg.greedy:  # log-probs at cfg.temperature (at 1 when it is 0)
         tokens = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
+        logprobs = torch.log_softmax(logits / (cfg.temperature if cfg.temperature > 0 else 1.0), dim=-1)
         return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
     logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)  # (B, V)
     masked = logprobs
@@ -221,6 +221,7 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
     n, max_new = cfg.n, cfg.max_new_tokens
     R = B * n  # output rows
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
     with unsharded(model):

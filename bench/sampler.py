@@ -1,0 +1,164 @@
+"""
+Benchmark: sampler.generate vs transformers `generate` on the same model, fp32 CPU.
+
+The default tiny model (model.tiny_config, random weights) is saved with model.save_pretrained
+and loaded into transformers' Qwen2_5_VLForConditionalGeneration, so both run the same weights
+on the same left-padded prompts (mixed lengths, one image of one of three sizes per prompt).
+Both sample at temperature 1 (no top-k / top-p) and are forced to exactly --new tokens per row
+(no eos stop: eos_ids=[] here, min_new_tokens there). Tokens/s = batch * new / wall time of the
+whole call (prefill included).
+
+Also: the fp32 matmul peak of this machine (a big torch.mm in the same run) and the fraction of
+it the decode steps reach (decode FLOPs = 2 * matmul params * tokens + attention 4*d*S per token
+and layer), and the effect of dropping finished rows (eos on, rows of very different lengths).
+
+    python bench/sampler.py                 # batch 1, 64, 256; 128 new tokens
+    python bench/sampler.py --batch 64 --new 32
+
+Results, 2-core CPU shared with other jobs (noisy; torch 2.13, transformers 5.24):
+    (filled in below after the run)
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import model as M  # noqa: E402
+import sampler as S  # noqa: E402
+
+
+def make_batch(cfg, B, seed=0):
+    """B left-padded prompts: 16-48 text tokens, an image (4, 16 or 8 LLM tokens), 8 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(B):
+        t, h, w = [(1, 4, 4), (1, 8, 8), (1, 4, 8)][int(torch.randint(3, (1,), generator=g))]
+        pre = torch.randint(1, cfg.text.vocab_size - 8, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g)
+        post = torch.randint(1, cfg.text.vocab_size - 8, (8,), generator=g)
+        img = torch.full((t * h * w // 4,), cfg.image_token_id)
+        ids = torch.cat([pre, torch.tensor([cfg.vision_start_token_id]), img, torch.tensor([cfg.vision_end_token_id]), post])
+        items.append(dict(input_ids=ids, assistant_mask=torch.zeros_like(ids, dtype=torch.bool),
+                          pixel_values=torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g),
+                          image_grid_thw=torch.tensor([[t, h, w]])))
+    return data.collate(items, 0, left_pad=True)
+
+
+def hf_generate(hf, cfg, batch, new, n=1):
+    return hf.generate(num_return_sequences=n,input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                       mm_token_type_ids=(batch["input_ids"] == cfg.image_token_id).int(),
+                       do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+
+
+def timed(fn, reps=1):
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(n=2048, reps=5):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    return 2 * n ** 3 / timed(lambda: torch.mm(a, b), reps)  # FLOP/s
+
+
+def decode_flops(cfg, batch, new):
+    """FLOPs of decode steps 1..new-1 (the prefill and first sample excluded)."""
+    t = cfg.text
+    hd = t.head_dim
+    layer = (t.hidden_size * hd * (t.num_attention_heads + 2 * t.num_key_value_heads)  # q, k, v
+             + t.num_attention_heads * hd * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)  # o, mlp
+    mm_params = t.num_hidden_layers * layer + t.hidden_size * t.vocab_size  # + lm_head
+    B, T = batch["input_ids"].shape
+    flops = 0
+    for step in range(1, new):
+        S_len = T + step  # keys attended (static cache: padded prompt slots included)
+        flops += B * (2 * mm_params + t.num_hidden_layers * 4 * t.num_attention_heads * hd * S_len)
+    return flops
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default); 1 because "
+                    "on a shared, oversubscribed machine 2 threads make every parallel op wait for a "
+                    "descheduled thread (a 64x128 @ 128x384 linear: 0.08 ms -> 30 ms), for both contenders")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    torch.manual_seed(0)
+    cfg = M.tiny_config()
+    net = M.Qwen2_5_VL(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        M.save_pretrained(net, d)
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(d).eval()
+    print(f"model: tiny_config(), {M.count_params(net) / 1e6:.2f}M params, vocab {cfg.text.vocab_size}, "
+          f"torch threads {torch.get_num_threads()}")
+    peak = matmul_peak()
+    print(f"fp32 matmul peak (2048^3 torch.mm): {peak / 1e9:.1f} GFLOP/s")
+
+    new = args.new
+    warm = make_batch(cfg, 2)
+    S.generate(net, warm, [], S.SampleConfig(max_new_tokens=4))
+    if not args.no_hf:
+        hf_generate(hf, cfg, warm, 4)
+    ratios = []
+    for B in args.batch:
+        batch = make_batch(cfg, B, seed=B)
+        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0)
+        t_ours = timed(lambda: S.generate(net, batch, [], sc), 3 if B <= 64 else 2)
+        t_first = timed(lambda: S.generate(net, batch, [], S.SampleConfig(max_new_tokens=1)), 3)
+        t_dec = max(t_ours - t_first, 1e-9)
+        frac = decode_flops(cfg, batch, new) / t_dec / peak
+        line = (f"batch {B:4d} prompt {batch['input_ids'].shape[1]:3d} new {new}: ours {B * new / t_ours:8.0f} tok/s "
+                f"(prefill+1 {t_first:.2f}s, decode {t_dec:.2f}s = {frac * 100:.1f}% of matmul peak)")
+        if not args.no_hf:
+            with torch.no_grad():
+                out = hf_generate(hf, cfg, batch, new)
+            assert out.shape[1] - batch["input_ids"].shape[1] == new
+            t_hf = timed(lambda: hf_generate(hf, cfg, batch, new), 2 if B <= 64 else 1)
+            ratios.append((B, t_hf / t_ours))
+            line += f" | transformers {B * new / t_hf:8.0f} tok/s"
+        print(line, flush=True)
+
+    # GRPO-shaped: prompts x n samples; we prefill each prompt once, transformers expands the inputs
+    if not args.no_hf and 64 in args.batch:
+        batch = make_batch(cfg, 8, seed=8)
+        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, n=8)
+        t_ours = timed(lambda: S.generate(net, batch, [], sc), 3)
+        t_hf = timed(lambda: hf_generate(hf, cfg, batch, new, n=8), 2)
+        print(f"8 prompts x 8 samples, new {new}: ours {64 * new / t_ours:8.0f} tok/s | transformers "
+              f"{64 * new / t_hf:8.0f} tok/s (num_return_sequences=8) | {t_hf / t_ours:.2f}x")
+
+    # dropping finished rows: eos on, per-token stop probability ~1/64 -> lengths spread over [1, new]
+    B = 64 if 64 in args.batch else args.batch[0]
+    batch = make_batch(cfg, B, seed=B)
+    eos = list(range(100, 100 + cfg.text.vocab_size // 64))
+    for frac in (0.0, 0.25, 0.5, 2.0):
+        sc = S.SampleConfig(max_new_tokens=new, seed=0, compact_frac=frac)
+        out = S.generate(net, batch, eos, sc)
+        t = timed(lambda: S.generate(net, batch, eos, sc), 3)
+        print(f"eos on, batch {B}, compact_frac {frac:4}: {t:.2f}s for {int(out['lengths'].sum())} tokens "
+              f"(mean length {out['lengths'].float().mean():.0f})" + ("  [never compacts]" if frac > 1 else ""))
+    for B, r in ratios:
+        print(f"speedup vs transformers generate, batch {B}: {r:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
