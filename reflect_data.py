@@ -32,11 +32,11 @@ For each training question:
    before the teacher is asked (no wasted calls) and again at write time.
 
 Resumable: samples are appended one line at a time (data.append_jsonl: one write, fsync), ids of
-rejected items go to a sidecar OUT_STEM.rejected.jsonl with the reason; a rerun skips both and
-repairs a torn last line left by a kill (OUT_STEM is OUT without .jsonl). Teacher failures (timeouts, HTTP errors, malformed
-replies after all retries) are written nowhere, so the next run tries them again. At the end a
-summary (per-case counts, rejections by reason, teacher failures) is printed and written as JSON
-(--summary, default <dir of OUT>/summary.json).
+rejected items go to a sidecar OUT_STEM.rejected.jsonl (OUT without .jsonl) with the reason; a
+rerun skips both and repairs a torn last line left by a kill. Teacher failures (timeouts, HTTP
+errors, malformed replies after all retries) are written nowhere, so the next run tries them
+again. At the end a summary (per-case counts, rejections by reason, teacher failures) is printed
+and written as JSON (--summary, default <dir of OUT>/summary.json).
 
     python reflect_data.py --policy runs/base --data runs/task/train.jsonl --out runs/reflect/train.jsonl --teacher rule
     TEACHER_KEY=... python reflect_data.py --policy CKPT --data train.jsonl --out reflect.jsonl \\
