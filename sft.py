@@ -48,7 +48,7 @@ import model as model_lib
 @dataclass
 class SFTConfig:
     data: str = ""              # training JSONL (images relative to its directory)
-    task: str = ""              # or: build the built-in task in this dir (task.make_task), train on its train split
+    task: str = ""              # or: the built-in task in this dir (built with task.make_task defaults if absent): its train split
     init: str = "tiny"          # "tiny" = new tokenizer + tiny model from scratch, else a checkpoint dir
     out: str = "runs/base"      # final HF checkpoint + log.jsonl + checkpoints/
     system_prompt: str = "keep" # keep the records' system message, or replace it: "single" / "reflect"
@@ -146,7 +146,9 @@ def encode_batch(idx, examples, tokenizer, device):
 # ----------------------------------------------------------------------------- model / tokenizer
 
 def tokenizer_texts(path):
-    """Training texts for the tiny tokenizer: every text of the data + both system prompts."""
+    """Training texts for the tiny tokenizer: every text of the data, both system prompts, and for
+    built-in task records (they carry a "scene") the rule-based teacher's reflections on an empty,
+    the reference and a miscounted attempt, so stage-1 reflection text has whole-word tokens too."""
     texts = [data.SYSTEM_PROMPT_SINGLE, data.SYSTEM_PROMPT_REFLECT, data.DEFAULT_SYSTEM,
              "<think></think><answer></answer><reflection></reflection>"]
     for rec in data.read_jsonl(path):
@@ -156,6 +158,11 @@ def tokenizer_texts(path):
                 texts.append(c)
             elif isinstance(c, list):
                 texts += [p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if "scene" in rec and isinstance(texts[-1], str) and "<think>" in texts[-1]:
+            import task
+            think = texts[-1].split("<think>")[1].split("</think>")[0]
+            for attempt, answer in (("", ""), (think, rec.get("answer", "")), (think.replace("1", "2"), "9")):
+                texts.append(task.teacher_reflection(rec, attempt, answer))
     return texts
 
 
@@ -236,9 +243,9 @@ def train(cfg: SFTConfig):
     log_path = os.path.join(cfg.out, "log.jsonl")
 
     # data source
-    if cfg.task:
+    if cfg.task:  # a task already built there (any config, e.g. by task.py) is used as it is
         import task
-        if d.is_main:
+        if d.is_main and not os.path.exists(os.path.join(cfg.task, "manifest.json")):
             task.make_task(cfg.task, task.TaskConfig())
         dist.barrier()
         cfg.data = os.path.join(cfg.task, "train.jsonl")
