@@ -54,6 +54,8 @@ class SampleConfig:
     seed: int = 0
     compact_frac: float = 0.25  # drop finished rows when they are >= this fraction of the batch
     prefill_chunk: int = 8      # prompts per prefill forward
+    suppress_ids: tuple = None  # never drawn; None = the model's <|image_pad|>, <|video_pad|> (they
+                                # cannot be fed back as text: a forward takes them for image slots)
 
 
 def _check(cfg: SampleConfig):
@@ -102,15 +104,15 @@ def unsharded(model):
 
 # ----------------------------------------------------------------------------- sampling
 
-def sample_next(logits, cfg: SampleConfig, uniform):
-    """logits (B, V) float32, uniform (B,) in [0, 1) -> tokens (B,) long,
-    logprobs (B,) float32 = log_softmax(logits / T)[token] over the full vocabulary."""
-    if cfg.greedy:  # log-probs at cfg.temperature (at 1 when it is 0)
-        tokens = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits / (cfg.temperature if cfg.temperature > 0 else 1.0), dim=-1)
+def sample_next(logits, cfg: SampleConfig, uniform, suppress=None):
+    """logits (B, V) float32, uniform (B,) in [0, 1), suppress (S,) long token ids never drawn ->
+    tokens (B,) long, logprobs (B,) float32 = log_softmax(logits / T)[token] over the full vocabulary."""
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0  # greedy at temperature 0: logp at 1
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    masked = logprobs if suppress is None else logprobs.index_fill(-1, suppress, float("-inf"))
+    if cfg.greedy:
+        tokens = masked.argmax(dim=-1)
         return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
-    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)  # (B, V)
-    masked = logprobs
     if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(masked, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         masked = masked.masked_fill(masked < kth, float("-inf"))
@@ -223,6 +225,11 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    suppress = cfg.suppress_ids
+    if suppress is None:
+        suppress = [i for i in (model.config.image_token_id, getattr(model.config, "video_token_id", None))
+                    if i is not None and i < model.config.text.vocab_size]
+    suppress = torch.tensor(list(suppress), dtype=torch.long, device=device) if len(suppress) else None
 
     with unsharded(model):
         # ---- prefill: the B prompts once, cfg.prefill_chunk prompts per forward
@@ -251,7 +258,7 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
         done = torch.zeros(R, dtype=torch.bool, device=device)  # per batch row
         for step in range(max_new):
             uniform = torch.rand(R, generator=generator, device=device)[rows]  # (K,) one draw per output row
-            tok, lp = sample_next(logits, cfg, uniform)  # (K,), (K,)
+            tok, lp = sample_next(logits, cfg, uniform, suppress)  # (K,), (K,)
             tok = tok.masked_fill(done, pad_id)
             tokens_out[rows, step] = tok
             logp_out[rows, step] = lp.masked_fill(done, 0.0)
