@@ -320,9 +320,9 @@ def main():
     tty = sys.stdout.isatty()
     ids, shown = [], ""
 
-    def on_token(step, rows, toks):  # print the new text on a terminal as it comes
+    def on_token(step, rows, toks):  # print the new text on a terminal as it comes (eos not shown)
         nonlocal shown
-        if len(toks):
+        if len(toks) and int(toks[0]) not in tok.eos_ids:
             ids.append(int(toks[0]))
             text = tok.decode(ids)
             if tty and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte char
@@ -332,7 +332,7 @@ def main():
     t0 = time.time()
     out = generate(net, batch, tok.eos_ids, cfg, pad_id=tok.pad_id, stream=on_token)
     n = int(out["lengths"][0])
-    text = tok.decode(out["tokens"][0, :n].tolist())
+    text = tok.decode(out["tokens"][0, :n - (out["finish_reasons"][0] == "stop")].tolist())
     print(text[len(shown):] if tty else text, flush=True)
     print(f"[{n} tokens, {out['finish_reasons'][0]}, {n / (time.time() - t0):.1f} tok/s]", file=sys.stderr)
 

@@ -303,6 +303,7 @@ def test_cli_prints_the_greedy_completion(tmp_path):
     enc = data.encode_messages(messages, tok, image_root="/", add_generation_prompt=True)
     out = S.generate(net, data.collate([enc], tok.pad_id, True), tok.eos_ids,
                      S.SampleConfig(max_new_tokens=10, greedy=True), pad_id=tok.pad_id)
-    want = tok.decode(out["tokens"][0, :int(out["lengths"][0])].tolist())
+    n = int(out["lengths"][0]) - (out["finish_reasons"][0] == "stop")  # the eos token is not printed
+    want = tok.decode(out["tokens"][0, :n].tolist())
     assert res.stdout == want + "\n"
     assert "tok/s" in res.stderr
