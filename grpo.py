@@ -170,6 +170,7 @@ class GRPOConfig:
     n_eval: int = 100
     seed: int = 0
     device: str = ""                        # "" = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
+    threads: int = 0                        # CPU: torch threads per process (0 = torch's default)
 
 
 # Qwen2.5-VL-7B on 8 GPUs (one node; multi-node: torchrun --nnodes/--node_rank/--master_addr):
@@ -510,6 +511,8 @@ def main(cfg: GRPOConfig):
 def train(cfg: GRPOConfig, d):
     device = torch.device(cfg.device) if cfg.device and d.world_size == 1 else d.device
     d.device = device
+    if device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     tok = data.Tokenizer.from_dir(cfg.model)
