@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+import model as model_lib
+
 
 @dataclass
 class Dist:
@@ -140,7 +142,6 @@ def save_train_state(path, model, optimizer, step: int, extra: dict | None = Non
     """Collective (all ranks call it). Writes the checkpoint directory `path` atomically:
     everything goes to path + ".tmp", which is renamed to `path` when complete (an older `path`
     is replaced). `extra` is any JSON-able dict (data position, config, metrics...)."""
-    import model as model_lib
     rank = dist.get_rank() if is_distributed() else 0
     path = os.path.abspath(path)
     tmp = path + ".tmp"
