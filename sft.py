@@ -206,10 +206,11 @@ def prune_checkpoints(out, keep_last):
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, max_steps, cfg):
-    """Linear warmup to lr, then cosine to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    """Linear warmup to lr (at most half the run), then cosine to min_lr at max_steps."""
+    warmup = min(cfg.warmup_steps, max_steps // 2)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, max_steps - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 

@@ -111,6 +111,7 @@ def test_lr_schedule():
     assert sft.lr_at(4, 14, cfg) == pytest.approx(1.0)
     assert sft.lr_at(9, 14, cfg) == pytest.approx(0.55)   # halfway through the cosine: (1 + 0.1) / 2
     assert sft.lr_at(14, 14, cfg) == pytest.approx(0.1)
+    assert [sft.lr_at(s, 4, cfg) for s in range(2)] == pytest.approx([0.5, 1.0])  # short run: warmup <= half
 
 
 def _records(path):
