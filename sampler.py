@@ -3,8 +3,10 @@ KV-cached batched sampler for the Qwen2.5-VL of model.py: the rollout engine of 
 
 The idea (gpt-fast's generate.py, batched and multimodal):
 
-1. prefill: one forward over the left-padded prompts (with their images) fills a static
-   (preallocated) KVCache and gives the logits of the last prompt position;
+1. prefill: the left-padded prompts (with their images) go through the model once, a few prompts
+   per forward (`prefill_chunk`: bounds activation memory and the vision tower's attention,
+   quadratic in the patches of one forward), filling a static (preallocated) KVCache and giving
+   the logits of the last prompt position;
 2. n samples per prompt share that one prefill: the prompt's cache rows, last logits,
    attention mask and M-RoPE positions are repeated n times (rows stay prompt-major:
    prompt 0 sample 0..n-1, prompt 1 sample 0..n-1, ...);
@@ -40,7 +42,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+import model as M  # KVCache
 
 
 @dataclass
@@ -202,8 +205,6 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
                  lengths (B*n,) long incl. the eos token, finish_reasons list "stop" | "length")
     Rows are prompt-major: row b*n + j is sample j of prompt b.
     """
-    import model as M  # KVCache lives with the model
-
     _check(cfg)
     input_ids, attn = batch["input_ids"], batch.get("attention_mask")
     if input_ids.ndim != 2:
@@ -288,7 +289,6 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
 
 def main():
     import data
-    import model as M
     ap = argparse.ArgumentParser(description="sample a completion from a Qwen2.5-VL checkpoint")
     ap.add_argument("--model", required=True, help="checkpoint dir (config.json, model.safetensors, tokenizer.json)")
     ap.add_argument("--image", action="append", default=[], help="image file (repeatable)")

@@ -65,6 +65,17 @@ def timed(fn, reps=1):
     return best
 
 
+def best_interleaved(f, g, reps):
+    """Best-of-reps wall times of f and g (g may be None), alternating f, g, f, g, ... so that the
+    load of a shared machine drifting over time hits both alike."""
+    tf, tg = float("inf"), float("inf")
+    for _ in range(reps):
+        tf = min(tf, timed(f))
+        if g is not None:
+            tg = min(tg, timed(g))
+    return tf, tg
+
+
 def matmul_peak(n=2048, reps=5):
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
@@ -91,6 +102,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--reps", type=int, default=3, help="best of this many runs, ours and theirs alternating")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default); 1 because "
                     "on a shared, oversubscribed machine 2 threads make every parallel op wait for a "
                     "descheduled thread (a 64x128 @ 128x384 linear: 0.08 ms -> 30 ms), for both contenders")
@@ -122,17 +134,17 @@ def main():
     for B in args.batch:
         batch = make_batch(cfg, B, seed=B)
         sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0)
-        t_ours = timed(lambda: S.generate(net, batch, [], sc), 3 if B <= 64 else 2)
-        t_first = timed(lambda: S.generate(net, batch, [], S.SampleConfig(max_new_tokens=1)), 3)
+        ours = lambda: S.generate(net, batch, [], sc)  # noqa: E731
+        hf_ = (lambda: hf_generate(hf, cfg, batch, new)) if not args.no_hf else None
+        if hf_:
+            assert hf_().shape[1] - batch["input_ids"].shape[1] == new
+        t_ours, t_hf = best_interleaved(ours, hf_, args.reps)
+        t_first = timed(lambda: S.generate(net, batch, [], S.SampleConfig(max_new_tokens=1)), args.reps)
         t_dec = max(t_ours - t_first, 1e-9)
         frac = decode_flops(cfg, batch, new) / t_dec / peak
         line = (f"batch {B:4d} prompt {batch['input_ids'].shape[1]:3d} new {new}: ours {B * new / t_ours:8.0f} tok/s "
                 f"(prefill+1 {t_first:.2f}s, decode {t_dec:.2f}s = {frac * 100:.1f}% of matmul peak)")
-        if not args.no_hf:
-            with torch.no_grad():
-                out = hf_generate(hf, cfg, batch, new)
-            assert out.shape[1] - batch["input_ids"].shape[1] == new
-            t_hf = timed(lambda: hf_generate(hf, cfg, batch, new), 2 if B <= 64 else 1)
+        if hf_:
             ratios.append((B, t_hf / t_ours))
             line += f" | transformers {B * new / t_hf:8.0f} tok/s"
         print(line, flush=True)
@@ -141,8 +153,8 @@ def main():
     if not args.no_hf and 64 in args.batch:
         batch = make_batch(cfg, 8, seed=8)
         sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, n=8)
-        t_ours = timed(lambda: S.generate(net, batch, [], sc), 3)
-        t_hf = timed(lambda: hf_generate(hf, cfg, batch, new, n=8), 2)
+        t_ours, t_hf = best_interleaved(lambda: S.generate(net, batch, [], sc),
+                                        lambda: hf_generate(hf, cfg, batch, new, n=8), args.reps)
         print(f"8 prompts x 8 samples, new {new}: ours {64 * new / t_ours:8.0f} tok/s | transformers "
               f"{64 * new / t_hf:8.0f} tok/s (num_return_sequences=8) | {t_hf / t_ours:.2f}x")
 
@@ -153,7 +165,7 @@ def main():
     for frac in (0.0, 0.25, 0.5, 2.0):
         sc = S.SampleConfig(max_new_tokens=new, seed=0, compact_frac=frac)
         out = S.generate(net, batch, eos, sc)
-        t = timed(lambda: S.generate(net, batch, eos, sc), 3)
+        t = timed(lambda: S.generate(net, batch, eos, sc), args.reps)
         print(f"eos on, batch {B}, compact_frac {frac:4}: {t:.2f}s for {int(out['lengths'].sum())} tokens "
               f"(mean length {out['lengths'].float().mean():.0f})" + ("  [never compacts]" if frac > 1 else ""))
     for B, r in ratios:
