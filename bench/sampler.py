@@ -5,8 +5,8 @@ The default tiny model (model.tiny_config, random weights) is saved with model.s
 and loaded into transformers' Qwen2_5_VLForConditionalGeneration, so both run the same weights
 on the same left-padded prompts (mixed lengths, one image of one of three sizes per prompt).
 Both sample at temperature 1 (no top-k / top-p) and are forced to exactly --new tokens per row
-(no eos stop: eos_ids=[] here, min_new_tokens there). Tokens/s = batch * new / wall time of the
-whole call (prefill included).
+(no eos stop: eos_ids=[] here, an eos id no token matches there). Tokens/s = batch * new / wall
+time of the whole call (prefill included).
 
 Also: the fp32 matmul peak of this machine (a big torch.mm in the same run) and the fraction of
 it the decode steps reach (decode FLOPs = 2 * matmul params * tokens + attention 4*d*S per token
@@ -80,7 +80,7 @@ def hf_generate(hf, cfg, batch, new, n=1):
                        pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                        mm_token_type_ids=(batch["input_ids"] == cfg.image_token_id).int(),
                        do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                       max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+                       max_new_tokens=new, eos_token_id=10 ** 6, pad_token_id=0)  # no id matches: no stop
 
 
 def timed(fn, reps=1):

@@ -13,6 +13,7 @@ import sampler as S
 
 VOCAB = 256
 PAD = 0
+NEVER = 10 ** 6  # an eos id for transformers that no token matches: no stop, no eos suppression
 
 
 def random_model(seed=0):
@@ -104,7 +105,7 @@ def test_greedy_matches_transformers_generate(models):
     # 1) no eos: exactly N tokens on both sides
     sc = S.SampleConfig(max_new_tokens=N, greedy=True, suppress_ids=())  # transformers suppresses nothing
     ours = S.generate(net, batch, [], sc, pad_id=PAD)
-    ref = hf.generate(**hf_inputs(batch, cfg), do_sample=False, max_new_tokens=N, min_new_tokens=N)[:, T:]
+    ref = hf.generate(**hf_inputs(batch, cfg), do_sample=False, max_new_tokens=N, eos_token_id=NEVER)[:, T:]
     assert ours["tokens"].shape == (4, N)
     assert torch.equal(ours["tokens"], ref)
     assert len(set(ours["tokens"][0].tolist())) > 3  # not a degenerate repeat-one-token model
@@ -123,6 +124,19 @@ def test_greedy_matches_transformers_generate(models):
         assert torch.equal(stop["tokens"][r, :want], ours["tokens"][r, :want])
         assert (stop["logprobs"][r, want:] == 0).all()
     assert len(set(stop["lengths"].tolist())) > 1
+
+
+def test_text_only_batch_matches_transformers(models):
+    net, hf = models
+    cfg = net.config
+    batch = make_batch(cfg, prompts=[[9], [4], [13]])
+    assert batch["pixel_values"] is None
+    T, N = batch["input_ids"].shape[1], 10
+    sc = S.SampleConfig(max_new_tokens=N, greedy=True, suppress_ids=(), prefill_chunk=2)
+    ours = S.generate(net, batch, [], sc)
+    ref = hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                      max_new_tokens=N, eos_token_id=NEVER)[:, T:]
+    assert torch.equal(ours["tokens"], ref)
 
 
 def test_logprobs_equal_full_forward(models):
