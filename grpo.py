@@ -542,8 +542,15 @@ def train(cfg: GRPOConfig, d):
                                   betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     start = saved = 0
     if resume:
-        start, _ = dist.load_train_state(ckpt, policy, optimizer)
+        start, extra = dist.load_train_state(ckpt, policy, optimizer)
         saved = start
+        free = ("steps", "save_every", "eval_every", "n_eval", "threads", "device", "test",   # memory / run knobs
+                "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk")
+        old = extra.get("config", {})
+        changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items() if k in old and k not in free and old[k] != v]
+        if changed:
+            raise ValueError(f"grpo.py: {ckpt} was written with another config ({'; '.join(changed)}); "
+                             f"resume with the same settings or use a new --out")
     if d.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         if resume:

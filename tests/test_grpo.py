@@ -418,6 +418,10 @@ def test_kill_9_and_resume_matches_uninterrupted_run(world, tmp_path):
     assert [r["step"] for r in lb] == [0, 1, 2, 2, 3, 4, 4]           # train + eval records, no duplicates
     assert _without_timing(la) == _without_timing(lb)
     assert la[1]["opt_steps"] == 2 and la[1]["groups_kept"] > 0
+    # resuming with another training config is refused, naming the field
+    p = subprocess.run([sys.executable, str(script), ROOT] + _loop_args(world, killed, 5, lr=2e-3),
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0 and "another config" in p.stderr and "lr: 0.001 -> 0.002" in p.stderr
 
 
 @pytest.mark.slow
