@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import os
-import sys
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -137,7 +137,7 @@ class GRPOConfig:
     model: str = "runs/sft"                 # stage-1 (reflection SFT) checkpoint, HF format + tokenizer.json
     train: str = "runs/task/train.jsonl"    # records with messages + answer (task.py / reflect_data.py)
     test: str = "runs/task/test.jsonl"      # greedy eval every eval_every steps ("" = none)
-    out: str = "runs/grpo"                  # log.jsonl, checkpoint/ (latest, atomic), resumed from
+    out: str = "runs/grpo"                  # log.jsonl, checkpoint/ (latest, resumed from), final HF model
     reward: str = "srpo"                    # srpo (two-pass prompt + SRPO reward) | grpo (baseline)
     # rollout
     prompts_per_step: int = 8               # P, global over all ranks
@@ -499,6 +499,16 @@ def truncate_log(path, step):
     os.replace(path + ".tmp", path)
 
 
+def export_final(ckpt, out):
+    """Copy the HF files of the final checkpoint into out/ itself (each atomically;
+    model.safetensors last, so its presence means the export is complete)."""
+    names = [n for n in os.listdir(ckpt) if n.endswith((".json", ".safetensors", ".jinja"))
+             and n not in ("optimizer.safetensors", "train_state.json") and not n.startswith("rng_rank")]
+    for name in sorted(names, key=lambda n: n == "model.safetensors"):
+        shutil.copyfile(os.path.join(ckpt, name), os.path.join(out, name + ".tmp"))
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+
+
 def main(cfg: GRPOConfig):
     d = dist.init()
     try:
@@ -576,7 +586,7 @@ def train(cfg: GRPOConfig, d):
             tqdm.write(f"eval step {step}: test reward {ev['reward']:.3f}  first acc {ev['acc_first']:.3f}  "
                        f"final acc {ev['acc_final']:.3f}  length {ev['resp_len']:.0f}")
 
-    if test_records and start == 0:
+    if test_records and cfg.eval_every and start == 0:
         run_eval(0)
     P_local = cfg.prompts_per_step // d.world_size
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.is_main, desc="grpo")
@@ -630,6 +640,9 @@ def train(cfg: GRPOConfig, d):
             dist.save_train_state(ckpt, policy, optimizer, done, extra={"config": asdict(cfg)},
                                   tokenizer_dir=cfg.model)
             saved = done
+    if d.is_main:
+        export_final(ckpt, cfg.out)
+        print(f"grpo.py: done, {cfg.steps} steps; final model in {cfg.out} (training state in {ckpt})", flush=True)
     return ckpt
 
 

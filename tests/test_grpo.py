@@ -359,7 +359,7 @@ grpo.main(grpo.parse_args(sys.argv[2:]))
 def _loop_args(world, out, steps, **kw):
     args = dict(model=world["model"], train=world["train"], test=world["test"], out=out, steps=steps,
                 save_every=1, eval_every=2, n_eval=4, prompts_per_step=4, group_size=4, max_new_tokens=12,
-                rollout_batch=2, n_minibatches=2, micro_batch=8, lr=1e-3, seed=3)
+                rollout_batch=2, n_minibatches=2, micro_batch=8, lr=1e-3, seed=3, threads=1)
     args.update(kw)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
@@ -414,6 +414,9 @@ def test_kill_9_and_resume_matches_uninterrupted_run(world, tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a)           # it trained
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 + resume"
+    final = load_file(os.path.join(killed, "model.safetensors"))     # HF export in out/ itself
+    assert all(torch.equal(final[k], b[k]) for k in b)
+    assert os.path.exists(os.path.join(killed, "tokenizer.json"))
     la, lb = _steps_logged(full), _steps_logged(killed)
     assert [r["step"] for r in lb] == [0, 1, 2, 2, 3, 4, 4]           # train + eval records, no duplicates
     assert _without_timing(la) == _without_timing(lb)
