@@ -627,7 +627,7 @@ def train(cfg: GRPOConfig, d):
         if cfg.beta > 0:
             rec["kl_ref"] = us["kl_ref"] / tokens
         rec.update(rollout_tok_s=rs["resp_len"] / t_roll, train_tok_s=us["train_tokens"] * 1.0 / max(t_train, 1e-9),
-                   rollout_s=t_roll, train_s=t_train, lr=cfg.lr)
+                   rollout_s=t_roll, train_s=t_train, lr=cfg.lr, sample=roll["texts"][0])
         log(rec)
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['acc_final']:.2f}", len=f"{rec['resp_len']:.0f}",
                          kept=f"{rec['groups_kept']:.2f}", clip=f"{rec['clip_frac']:.3f}")
