@@ -73,7 +73,9 @@ def barrier():
 
 
 def close():
+    """Wait for every process, then tear the process group down (no rank leaves mid-collective)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -372,7 +372,7 @@ def train(cfg: SFTConfig):
     if d.is_main:
         export_final(final, cfg.out)
         print(f"sft.py: done, {max_steps} steps in {time.time() - t0:.1f}s; final model in {cfg.out}")
-    dist.barrier()
+    del model, optimizer, params  # free the sharded tensors before the process group goes
     dist.close()
     return cfg.out
 

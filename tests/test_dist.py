@@ -144,6 +144,7 @@ SCRIPT = textwrap.dedent("""
     train_steps(m, opt, 1, seed=1); train_steps(m2, opt2, 1, seed=1)
     for a, b in zip(m.parameters(), m2.parameters()):
         assert torch.equal(a.full_tensor(), b.full_tensor())
+    del m, m2, opt, opt2, a, b  # free the sharded tensors before the process group goes
     dist.close()
     print("OK", d.rank)
 """)
