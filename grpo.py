@@ -509,6 +509,21 @@ def export_final(ckpt, out):
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
 
+def check_special_tokens(path, tok):
+    """config.json's vision token ids must be the tokenizer's: the model treats image_token_id
+    positions as image slots and the sampler never draws image/video ids, so a wrong id there
+    can, e.g., make a format tag like <reflection> impossible to sample."""
+    mc = model_lib.read_config(path)
+    want = dict(image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
+                vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
+    for field, tid in want.items():
+        got = getattr(mc, field)
+        if got != tid:
+            raise ValueError(f"grpo.py: {os.path.join(path, 'config.json')}: {field} = {got} is "
+                             f"{tok.tok.id_to_token(got)!r} in the tokenizer, which has "
+                             f"{tok.tok.id_to_token(tid)!r} at id {tid}; fix config.json")
+
+
 def main(cfg: GRPOConfig):
     d = dist.init()
     try:
@@ -526,6 +541,7 @@ def train(cfg: GRPOConfig, d):
     torch.manual_seed(cfg.seed)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     tok = data.Tokenizer.from_dir(cfg.model)
+    check_special_tokens(cfg.model, tok)
     train_records = load_records(cfg.train)
     test_records = load_records(cfg.test)[:cfg.n_eval] if cfg.test else []
     train_root = os.path.dirname(os.path.abspath(cfg.train))

@@ -178,7 +178,7 @@ def world(tmp_path_factory):
     tok = data.train_tokenizer(texts, os.path.join(out, "tok"), vocab_size=400)
     cfg = M.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
                         vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
-                        eos_token_id=tok.eos_ids, num_hidden_layers=2)
+                        eos_token_id=tok.eos_ids, video_token_id=tok.video_pad_id, num_hidden_layers=2)
     torch.manual_seed(0)
     M.save_pretrained(M.Qwen2_5_VL(cfg), os.path.join(out, "init"), tokenizer_dir=os.path.join(out, "tok"))
     return dict(dir=out, model=os.path.join(out, "init"), train=train, test=test)
@@ -482,3 +482,21 @@ def test_torchrun_two_processes_full_loop(world, tmp_path):
             assert 1 <= r["opt_steps"] <= 2 and r["rollout_tok_s"] > 0 and r["train_tok_s"] > 0
     net = M.from_pretrained(os.path.join(out, "checkpoint"))
     assert _ckpt_step(out) == 2 and all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_special_token_ids_must_match_the_tokenizer(world, tmp_path):
+    """A config.json whose video_token_id points at a format tag (the sampler never draws video
+    ids, so the policy could never write <reflection>) is refused with the field named."""
+    import shutil
+    import data
+    bad = tmp_path / "bad"
+    shutil.copytree(world["model"], bad)
+    tok = data.Tokenizer.from_dir(str(bad))
+    with open(bad / "config.json") as f:
+        c = json.load(f)
+    c["video_token_id"] = tok.tok.token_to_id("<reflection>")
+    with open(bad / "config.json", "w") as f:
+        json.dump(c, f)
+    grpo.check_special_tokens(world["model"], tok)                   # the good one passes
+    with pytest.raises(ValueError, match=r"video_token_id = \d+ is '<reflection>'"):
+        grpo.main(grpo.parse_args(["--model", str(bad), "--train", world["train"], "--out", str(tmp_path / "o")]))
