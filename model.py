@@ -38,6 +38,7 @@ model on the meta device and loading each tensor straight to the target device a
 nested config.json, hub key layout), loadable by transformers.Qwen2_5_VLForConditionalGeneration.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -433,14 +434,22 @@ class VisionTower(nn.Module):
 # text decoder
 
 
+@functools.lru_cache(maxsize=16)
+def mrope_inv_freq(head_dim, theta, mrope_section, device):
+    """(3, head_dim/2) float32: the rotary frequencies, frequency j kept on the row of the axis
+    (t, h, w) that rotates it (chunk i of mrope_section -> axis i % 3), 0 on the other two rows.
+    Computed once per config and device (decode steps reuse it)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)]).to(device)  # (hd/2,)
+    return inv_freq * (axis == torch.arange(3, device=device)[:, None])  # (3, hd/2)
+
+
 def mrope_cos_sin(position_ids, cfg: TextConfig, dtype):
     """position_ids (3, B, T) -> cos, sin (B, T, head_dim): frequency chunk i of mrope_section is
     rotated by axis i % 3 (t, h, w)."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=position_ids.device) / hd))
-    freqs = position_ids.float()[..., None] * inv_freq  # (3, B, T, hd/2)
-    chunks = freqs.split(cfg.mrope_section, dim=-1)
-    freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # (B, T, hd/2)
+    inv_freq = mrope_inv_freq(cfg.head_dim, cfg.rope_theta, tuple(cfg.mrope_section), position_ids.device)
+    # the frequency of axis a at position p_a: sum over the 3 axes of p_a * inv_freq[a] (exact: 2 zero terms)
+    freqs = (position_ids.float()[..., None] * inv_freq[:, None, None]).sum(0)  # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -467,6 +476,15 @@ class Attention(nn.Module):
             cache.k[self.layer_idx, :, :, cache_pos:end] = k
             cache.v[self.layer_idx, :, :, cache_pos:end] = v
             k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]  # (B, Hkv, S, hd)
+        if T == 1 and cache is not None and x.device.type == "cpu":
+            # CPU decode: the g = n_head / n_kv query heads of a kv head attend as one (g, hd) @ (hd, S)
+            # matmul; mask is an additive bias (B, 1, 1, S) here. On CPU this beats SDPA's per-head setup.
+            qg = q.reshape(B, self.n_kv, -1, self.hd)  # (B, Hkv, g, hd)
+            att = torch.matmul(qg, k.transpose(-1, -2)).mul_(self.hd ** -0.5)  # (B, Hkv, g, S)
+            if mask is not None:
+                att.add_(mask)
+            y = torch.matmul(att.softmax(dim=-1), v).view(B, self.n_head, 1, self.hd)
+            return self.o_proj(y.view(B, 1, -1))
         if mask is not None and T > 1 and self.n_head != self.n_kv:
             # a masked prefill: expand the kv heads so CUDA can use its memory-efficient kernel
             # (its GQA support varies by version); decode steps (T == 1) stay copy-free
@@ -649,6 +667,11 @@ class Qwen2_5_VL(nn.Module):
                     raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
                 keys = attention_mask[:, None, None, :S].bool()
                 mask = (mask & keys) | (k_pos[None, :] == q_pos[:, None])[None, None]
+            if T == 1 and cache is not None and x.device.type == "cpu":
+                # CPU decode (matmul attention, see Attention): an additive bias, 0 or -inf; none
+                # without padding (every cached key is visible to the one new query)
+                mask = None if attention_mask is None else \
+                    torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
 
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
