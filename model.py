@@ -316,14 +316,16 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, mask):  # x (N, D), cos/sin (N, hd), mask (N, N) bool
+    def forward(self, x, cos, sin, segments):  # x (N, D), cos/sin (N, hd), segments: see VisionTower.segments
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.n_head, D // self.n_head).unbind(1)  # each (N, H, hd)
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = apply_rotary(q.float(), cos, sin).to(v.dtype)
         k = apply_rotary(k.float(), cos, sin).to(v.dtype)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, N, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = torch.empty_like(q)
+        for idx in segments:  # idx (n, L): n segments of L patches, each attending only within itself
+            y[:, idx] = F.scaled_dot_product_attention(q[:, idx], k[:, idx], v[:, idx])  # (H, n, L, hd)
         return self.proj(y.transpose(0, 1).reshape(N, D))
 
 
@@ -335,8 +337,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -396,6 +398,15 @@ class VisionTower(nn.Module):
             offset += t * gh * gw
         return torch.cat(index), torch.cat(window_id), torch.cat(frame_id)
 
+    @staticmethod
+    def segments(ids, device):
+        """ids (N,): the window (or frame) of each patch, equal ids consecutive -> a list of index
+        tensors (n, L), one per distinct segment length L: the n segments of that length, which
+        attend within themselves in one batched call (no N x N mask over all patches)."""
+        _, lengths = torch.unique_consecutive(ids, return_counts=True)
+        starts = lengths.cumsum(0) - lengths
+        return [(starts[lengths == L][:, None] + torch.arange(L)).to(device) for L in lengths.unique().tolist()]
+
     def rotary(self, pos, head_dim, device):  # pos (N, 2) -> cos, sin (N, head_dim) float32
         dim = head_dim // 2
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
@@ -420,12 +431,10 @@ class VisionTower(nn.Module):
         window_index, window_id, frame_id = self.window_order(grid_thw)
         perm = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)  # (N,)
         x, cos, sin = x[perm], cos[perm], sin[perm]
-        window_id = window_id.repeat_interleave(unit).to(device)
-        frame_id = frame_id.repeat_interleave(unit).to(device)
-        window_mask = window_id[:, None] == window_id[None, :]  # (N, N) block diagonal
-        full_mask = frame_id[:, None] == frame_id[None, :]
+        windows = self.segments(window_id.repeat_interleave(unit), device)  # attention within a window
+        frames = self.segments(frame_id.repeat_interleave(unit), device)  # full attention: within an image
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, full_mask if i in cfg.fullatt_block_indexes else window_mask)
+            x = blk(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows)
         x = self.merger(x)  # (M, out) in window order
         return x[torch.argsort(window_index.to(device))]  # back to the processor's order
 
