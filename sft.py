@@ -171,7 +171,8 @@ def build_tiny(tokenizer, cfg) -> "model_lib.Qwen2_5_VL":
     mcfg = model_lib.tiny_config(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_pad_id,
                                  vision_start_token_id=tokenizer.vision_start_id,
                                  vision_end_token_id=tokenizer.vision_end_id,
-                                 eos_token_id=tokenizer.eos_ids, **overrides)
+                                 eos_token_id=tokenizer.eos_ids,
+                                 **{"video_token_id": tokenizer.video_pad_id, **overrides})
     torch.manual_seed(cfg.seed)
     return model_lib.Qwen2_5_VL(mcfg)
 
