@@ -85,6 +85,20 @@ def test_assistant_only_loss_matches_transformers(dataset, tok, tmp_path):
     assert tok.decode(first).startswith("<think>") and first[-1] == tok.im_end_id
 
 
+def test_tiny_model_special_ids_are_the_tokenizers(tok):
+    """Every vision special id of the tiny model is the tokenizer's own token, and none of them
+    sits on a format tag (the sampler never draws the image/video pads, so a pad id on <reflection>
+    would make the two-pass format unsampleable)."""
+    import sft
+    cfg = sft.build_tiny(tok, sft.SFTConfig()).config
+    assert cfg.image_token_id == tok.encode("<|image_pad|>")[0]
+    assert cfg.video_token_id == tok.encode("<|video_pad|>")[0]
+    assert cfg.vision_start_token_id == tok.encode("<|vision_start|>")[0]
+    assert cfg.vision_end_token_id == tok.encode("<|vision_end|>")[0]
+    tags = {tok.encode(t)[0] for t in data.FORMAT_TAGS}
+    assert not tags & {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+
+
 def test_data_order_is_deterministic_bucketed_and_sharded(dataset, tok):
     examples = sft.load_examples(dataset, tok, None)
     cfg = sft.SFTConfig(batch_size=8, bucket=3, seed=3)
