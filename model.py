@@ -666,7 +666,16 @@ class Qwen2_5_VL(nn.Module):
         # mask (B|1, 1, T, S): causal, and no attention to padded keys (a padded query still sees
         # itself, so its row stays finite); None = plain causal
         mask = None
-        if cache is not None or attention_mask is not None:
+        if T == 1 and cache is not None and x.device.type == "cpu":
+            # CPU decode (matmul attention, see Attention): an additive bias (B, 1, 1, S), -inf on
+            # padded keys (the new token itself always visible); none without an attention_mask
+            if attention_mask is not None:
+                S = cache_pos + 1
+                if attention_mask.shape[0] != B or attention_mask.shape[1] < S:
+                    raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
+                mask = torch.zeros(B, 1, 1, S, dtype=x.dtype, device=x.device)
+                mask[:, 0, 0, :cache_pos].masked_fill_(attention_mask[:, :cache_pos] == 0, float("-inf"))
+        elif cache is not None or attention_mask is not None:
             S = cache_pos + T if cache is not None else T
             q_pos = torch.arange(cache_pos, cache_pos + T, device=x.device) if cache is not None else torch.arange(T, device=x.device)
             k_pos = torch.arange(S, device=x.device)
@@ -676,11 +685,6 @@ class Qwen2_5_VL(nn.Module):
                     raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
                 keys = attention_mask[:, None, None, :S].bool()
                 mask = (mask & keys) | (k_pos[None, :] == q_pos[:, None])[None, None]
-            if T == 1 and cache is not None and x.device.type == "cpu":
-                # CPU decode (matmul attention, see Attention): an additive bias, 0 or -inf; none
-                # without padding (every cached key is visible to the one new query)
-                mask = None if attention_mask is None else \
-                    torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
 
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -57,7 +57,6 @@ class SampleConfig:
     seed: int = 0
     compact_frac: float = 0.25  # drop finished rows when they are >= this fraction of the batch
     prefill_chunk: int = 8      # prompts per prefill forward
-    cache_chunk: int = 32       # the KV cache grows by this many positions at a time (see grow_cache)
     suppress_ids: tuple = None  # never drawn; None = the model's <|image_pad|>, <|video_pad|> (they
                                 # cannot be fed back as text: a forward takes them for image slots)
 
@@ -69,9 +68,9 @@ def _check(cfg: SampleConfig):
         raise ValueError(f"sampler.py: SampleConfig.temperature must be > 0, got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise ValueError(f"sampler.py: SampleConfig.top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.top_k < 0 or cfg.n < 1 or cfg.prefill_chunk < 1 or cfg.cache_chunk < 1:
-        raise ValueError(f"sampler.py: SampleConfig.top_k must be >= 0, n, prefill_chunk and cache_chunk >= 1, "
-                         f"got {cfg.top_k}, {cfg.n}, {cfg.prefill_chunk}, {cfg.cache_chunk}")
+    if cfg.top_k < 0 or cfg.n < 1 or cfg.prefill_chunk < 1:
+        raise ValueError(f"sampler.py: SampleConfig.top_k must be >= 0, n and prefill_chunk >= 1, "
+                         f"got {cfg.top_k}, {cfg.n}, {cfg.prefill_chunk}")
 
 
 # ----------------------------------------------------------------------------- FSDP2
@@ -112,7 +111,7 @@ def sample_next(logits, cfg: SampleConfig, uniform, suppress=None):
     """logits (B, V) float32, uniform (B,) in [0, 1), suppress (S,) long token ids never drawn ->
     tokens (B,) long, logprobs (B,) float32 = log_softmax(logits / T)[token] over the full vocabulary."""
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0  # greedy at temperature 0: logp at 1
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    logprobs = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # (B, V)
     masked = logprobs if suppress is None else logprobs.index_fill(-1, suppress, float("-inf"))
     if cfg.greedy:
         tokens = masked.argmax(dim=-1)
@@ -126,7 +125,7 @@ def sample_next(logits, cfg: SampleConfig, uniform, suppress=None):
         drop = probs.cumsum(dim=-1) - probs >= cfg.top_p  # the better tokens already hold top_p
         masked = masked.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     # inverse CDF with one uniform per row: a row's draw does not depend on the other rows
-    cdf = masked.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    cdf = masked.exp().cumsum(dim=-1)  # (B, V) unnormalized (masked tokens removed): scaled by its total below
     tokens = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)[:, 0]
     tokens = tokens.clamp_(max=logits.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
@@ -139,19 +138,6 @@ def expand_cache(cache, small, n):
     L, B, H, T, D = small.k.shape
     cache.k.view(L, B, n, H, -1, D)[:, :, :, :, :T] = small.k[:, :, None]
     cache.v.view(L, B, n, H, -1, D)[:, :, :, :, :T] = small.v[:, :, None]
-
-
-def grow_cache(cache, max_len):
-    """Reallocate cache.k/v with room for max_len positions, the filled ones copied. The sampler
-    grows the cache cfg.cache_chunk slots at a time rather than allocating T + max_new_tokens up
-    front: the filled keys of consecutive rows then lie (nearly) back to back in memory, and the
-    decode attention streams through them instead of jumping over empty slots (CPU: ~2x faster
-    attention at batch 64, for one copy of the cache per chunk)."""
-    L, B, H, T, D = cache.k.shape
-    for name in ("k", "v"):
-        new = getattr(cache, name).new_empty(L, B, H, max_len, D)
-        new[:, :, :, :T] = getattr(cache, name)
-        setattr(cache, name, new)
 
 
 def select_cache_rows(cache, keep):
@@ -250,13 +236,12 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
         # ---- prefill: the B prompts once, cfg.prefill_chunk prompts per forward
         pos_ids, _ = model.get_rope_index(input_ids, grid, attn)  # (3, B, T)
         pos_ids = pos_ids.to(device)
-        cache_len = min(T + cfg.cache_chunk, T + max_new)
-        prefill_cache = M.KVCache(model.config, B, T if n > 1 else cache_len, device, dtype)
+        prefill_cache = M.KVCache(model.config, B, T if n > 1 else T + max_new, device, dtype)
         logits = prefill(model, input_ids, attn, pos_ids, pixel_values, grid, prefill_cache, cfg.prefill_chunk)
         next_pos = pos_ids[:, :, -1] + 1  # (3, B) M-RoPE position of the first new token
         # ---- n samples per prompt: repeat everything prompt-major
         if n > 1:
-            cache = M.KVCache(model.config, R, cache_len, device, dtype)
+            cache = M.KVCache(model.config, R, T + max_new, device, dtype)
             expand_cache(cache, prefill_cache, n)
             del prefill_cache
             logits = logits.repeat_interleave(n, dim=0)
@@ -293,8 +278,6 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
                 rows, done, tok = rows[keep], done[keep], tok[keep]
                 mask, next_pos = mask[keep], next_pos[:, keep]
             p = T + step  # cache slot of this step's token
-            if p == cache.max_len:
-                grow_cache(cache, min(p + cfg.cache_chunk, T + max_new))
             logits = model(tok[:, None], attention_mask=mask[:, : p + 1], position_ids=(next_pos + step)[:, :, None],
                            cache=cache, cache_pos=p, logits_to_keep=1)[:, -1].float()
         del cache
