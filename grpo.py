@@ -140,14 +140,14 @@ class GRPOConfig:
     out: str = "runs/grpo"                  # log.jsonl, checkpoint/ (latest, resumed from), final HF model
     reward: str = "srpo"                    # srpo (two-pass prompt + SRPO reward) | grpo (baseline)
     # rollout
-    prompts_per_step: int = 8               # P, global over all ranks
+    prompts_per_step: int = 16              # P, global over all ranks
     group_size: int = 8                     # G responses per prompt
     max_new_tokens: int = 160
     temperature: float = 1.0
     top_p: float = 1.0
     rollout_batch: int = 8                  # prompts per sampler call (per rank)
     # update
-    lr: float = 2e-5
+    lr: float = 3e-4                        # tiny model; the paper's 7B uses 1e-6 (config below)
     weight_decay: float = 0.0
     mu: int = 1                             # passes over each rollout batch
     n_minibatches: int = 2                  # optimizer steps per pass
@@ -164,9 +164,9 @@ class GRPOConfig:
     grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
     logprob_chunk: int = 256                # time chunk of the float32 log-softmax
     # run
-    steps: int = 30
-    save_every: int = 10
-    eval_every: int = 10
+    steps: int = 60
+    save_every: int = 20
+    eval_every: int = 20                    # greedy eval on the first n_eval test records (0 = none)
     n_eval: int = 100
     seed: int = 0
     device: str = ""                        # "" = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
