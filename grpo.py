@@ -2,23 +2,43 @@
 Stage 2 of SRPO: reflection-aware GRPO (see ../shared/SRPO.md, "GRPO (stage 2)").
 
     for each step:
-      1. rollout   each rank takes its share of P prompts and samples G responses per prompt
-                   at temperature 1.0 (sampler.generate); logp_old comes from the sampler
-      2. reward    reward.score_batch, SRPO reward (two-pass format + reflection effectiveness
-                   + length) or the plain GRPO baseline (--reward grpo)
+      1. rollout   each rank takes its contiguous share of the step's P prompts and samples G
+                   responses per prompt at temperature 1.0 (sampler.generate); logp_old comes
+                   from the sampler (log-softmax of logits / temperature, as recomputed below)
+      2. reward    reward.score_batch: the SRPO reward (two-pass prompt SYSTEM_PROMPT_REFLECT:
+                   format + reflection effectiveness + length) or, with --reward grpo, the plain
+                   GRPO baseline (single-pass prompt SYSTEM_PROMPT_SINGLE: format + accuracy)
       3. advantage A_i = (r_i - mean(r)) / (std(r) + eps) within each group of G
       4. filter    groups whose mean final-answer accuracy is outside [0.1, 0.9] carry no signal
-      5. update    mu epochs x n_minibatches optimizer steps of the clipped surrogate
+      5. update    mu passes x n_minibatches AdamW steps (grad-norm clipped) of
                        ratio = exp(logp - logp_old)
                        pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
-                       kl    = exp(logp_ref - logp) - (logp_ref - logp) - 1        (k3, beta > 0)
+                       kl    = exp(logp_ref - logp) - (logp_ref - logp) - 1    (k3; beta > 0 only,
+                                                       no reference model is kept when beta = 0)
                        loss  = sum over response tokens of (pg + beta * kl) / (response tokens
                                of the GLOBAL mini-batch)
                    so one process and N processes holding the same global batch take the same step
                    (FSDP averages gradients over ranks, so each rank scales its sum by world_size).
 
-Log-probabilities are computed on logits / temperature, in float32, chunked over time so a
-152k vocabulary never needs a full float32 (B, T, V) copy.
+Log-probabilities are computed on logits / temperature, in float32, chunked over time so a 152k
+vocabulary never needs a full float32 (B, T, V) copy. The vision tower is frozen by default.
+
+Distributed: one process without torchrun; under torchrun, FSDP2 (dist.shard_model: one unit per
+decoder layer / vision block) over gloo (CPU) or nccl (GPU), multi-node by torchrun's own flags.
+Every rank runs the same number of forwards (padding with weight-0 micro-batches), rewards and
+metrics are all-reduced.
+
+Outputs in --out: log.jsonl (one line per step: reward and its components, first / final answer
+accuracy, reflection cases w2r r2r r2w w2w single none, response length, KL, clip fraction,
+entropy, grad norm, rollout and training tokens/s, a sample response; plus greedy test evals),
+checkpoint/ (HF weights + optimizer + RNG, written atomically every save_every steps; a rerun of
+the same command resumes from it exactly, also after kill -9) and, at the end, the final HF model
+in --out itself. A non-finite loss or gradient stops the run before the optimizer step, naming
+the last good checkpoint, which is left untouched.
+
+    python grpo.py --model runs/sft --train runs/task/train.jsonl --test runs/task/test.jsonl --out runs/srpo
+    python grpo.py --model runs/base --reward grpo ... --out runs/grpo          # plain GRPO baseline
+    torchrun --nproc_per_node=8 grpo.py ...                                     # see the 7B config below
 """
 import argparse
 import json
