@@ -46,6 +46,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -482,6 +483,7 @@ def evaluate(policy, tok, records, image_root, cfg, d, system_prompt):
     for case in ("w2r", "r2r", "r2w", "w2w", "single", "none"):
         st[f"case_{case}"] = 0.0
     bs = cfg.rollout_batch * cfg.group_size
+    answers = []                                     # final answers: a collapse to one answer shows here
     for c in range(0, per, bs):
         chunk = idx[c:c + bs]
         batch = data.collate([encode_prompt(records[i], tok, image_root, system_prompt) for i in chunk],
@@ -494,6 +496,8 @@ def evaluate(policy, tok, records, image_root, cfg, d, system_prompt):
                                     count_tokens=tok.count_tokens,
                                     options=[records[i].get("options") for i in chunk[:n_real]])
         for j, s in enumerate(scores):
+            parsed = reward.parse_response(texts[j])
+            answers.append(parsed.answers[-1] if parsed.answers else "")
             st["n"] += 1
             st["reward"] += s["total"]
             st["r_format"] += s["format"]
@@ -503,7 +507,14 @@ def evaluate(policy, tok, records, image_root, cfg, d, system_prompt):
             st[f"case_{s['case']}"] += 1
     st = reduce_sums(st, d.device)
     n = max(st.pop("n"), 1.0)
-    return {k: (v if k.startswith("case_") else v / n) for k, v in st.items()}
+    out = {k: (v if k.startswith("case_") else v / n) for k, v in st.items()}
+    if dist.is_distributed():
+        every = [None] * d.world_size
+        torch.distributed.all_gather_object(every, answers)
+        answers = [a for part in every for a in part]
+    top, count = Counter(answers).most_common(1)[0] if answers else ("", 0)
+    out.update(top_answer=top, top_answer_frac=count / n)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,7 +631,8 @@ def train(cfg: GRPOConfig, d):
         log({"step": step, "eval": True, **{f"test_{k}": v for k, v in ev.items()}, "time_s": time.time() - t0})
         if d.is_main:
             tqdm.write(f"eval step {step}: test reward {ev['reward']:.3f}  first acc {ev['acc_first']:.3f}  "
-                       f"final acc {ev['acc_final']:.3f}  length {ev['resp_len']:.0f}")
+                       f"final acc {ev['acc_final']:.3f}  length {ev['resp_len']:.0f}  "
+                       f"most common answer {ev['top_answer']!r} ({ev['top_answer_frac']:.0%})")
 
     if test_records and cfg.eval_every and start == 0:
         run_eval(0)

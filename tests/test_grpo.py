@@ -475,6 +475,7 @@ def test_torchrun_two_processes_full_loop(world, tmp_path):
     for r in log:
         if "eval" in r:
             assert sum(v for k, v in r.items() if k.startswith("test_case_")) == 3   # 2 + 1 (+1 padding, not counted)
+            assert r["test_top_answer_frac"] in (1 / 3, 2 / 3, 1.0)                # answers gathered from both ranks
         else:
             assert sum(v for k, v in r.items() if k.startswith("case_")) == 16      # 4 prompts x 4
             assert r["kl_ref"] >= 0 and 0 <= r["clip_frac"] <= 1 and r["entropy"] > 0
