@@ -507,14 +507,14 @@ def evaluate(policy, tok, records, image_root, cfg, d, system_prompt):
             st[f"case_{s['case']}"] += 1
     st = reduce_sums(st, d.device)
     n = max(st.pop("n"), 1.0)
-    out = {k: (v if k.startswith("case_") else v / n) for k, v in st.items()}
+    metrics = {k: (v if k.startswith("case_") else v / n) for k, v in st.items()}
     if dist.is_distributed():
         every = [None] * d.world_size
         torch.distributed.all_gather_object(every, answers)
         answers = [a for part in every for a in part]
     top, count = Counter(answers).most_common(1)[0] if answers else ("", 0)
-    out.update(top_answer=top, top_answer_frac=count / n)
-    return out
+    metrics.update(top_answer=top, top_answer_frac=count / n)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
