@@ -4,9 +4,8 @@ KV-cached batched sampler for the Qwen2.5-VL of model.py: the rollout engine of 
 The idea (gpt-fast's generate.py, batched and multimodal):
 
 1. prefill: the left-padded prompts (with their images) go through the model once, a few prompts
-   per forward (`prefill_chunk`: bounds activation memory and the vision tower's attention,
-   quadratic in the patches of one forward), filling a static (preallocated) KVCache and giving
-   the logits of the last prompt position;
+   per forward (`prefill_chunk`: bounds activation memory), filling a static (preallocated)
+   KVCache and giving the logits of the last prompt position;
 2. n samples per prompt share that one prefill: the prompt's cache rows, last logits,
    attention mask and M-RoPE positions are repeated n times (rows stay prompt-major:
    prompt 0 sample 0..n-1, prompt 1 sample 0..n-1, ...);
@@ -173,8 +172,8 @@ def image_spans(config, input_ids, grid):
 
 
 def prefill(model, input_ids, attn, pos_ids, pixel_values, grid, cache, chunk):
-    """Run the prompts through the model `chunk` rows at a time (bounds the activation memory and
-    the vision tower's attention, quadratic in the patches of one forward), writing the cache rows.
+    """Run the prompts through the model `chunk` rows at a time (bounds the activation memory),
+    writing the cache rows.
     Returns the logits of the last prompt position (B, V) float32."""
     B = input_ids.shape[0]
     img, patch = image_spans(model.config, input_ids, grid)
