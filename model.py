@@ -12,8 +12,9 @@ lists the patches "block-major": the 2x2 patches that the merger will fuse are c
 Attention inside the tower is restricted to windows of `window_size` pixels (112 = 4x4 merged
 units), except in the blocks listed in `fullatt_block_indexes`, which see the whole image. To make
 windows contiguous the patches are reordered window by window before the blocks and the merged
-tokens are put back in the original order at the end. The rotary embedding is 2D: half of the
-rotated dims encode the patch row, half the column.
+tokens are put back in the original order at the end; each window (or image) then attends only
+within itself, windows of equal size batched into one SDPA call (no mask over all patches). The
+rotary embedding is 2D: half of the rotated dims encode the patch row, half the column.
 
 Decoder. A Qwen2 decoder with grouped-query attention. M-RoPE gives every token three position
 ids (t, h, w): text tokens have t = h = w = running index; the tokens of an image get the grid
@@ -28,7 +29,9 @@ the attention mask's cumsum; both give the same positions.)
 
 KV cache. `KVCache` is preallocated (static): k, v of shape (layers, B, kv_heads, max_len,
 head_dim). `forward(..., cache=c, cache_pos=p)` writes the keys/values of the T new tokens at
-[p, p+T) and attends causally to [0, p+T), masking keys where attention_mask == 0.
+[p, p+T) and attends causally to [0, p+T), masking keys where attention_mask == 0. A decode step
+on CPU (T == 1) attends with two plain matmuls per layer and an additive 0/-inf mask (faster there
+than SDPA for one query); everything else goes through SDPA.
 
 Checkpoints. `from_pretrained` reads config.json (transformers-5 nested layout or the older flat
 hub layout) and model.safetensors (or a sharded index), in either key layout (hub:
