@@ -270,10 +270,16 @@ def _verify_job(gt, preds, timeout_s, gt_cache):
         return ("ok", [False] * len(preds))
 
 
-def _worker_loop(conn, timeout_s):
-    """Helper process: runs jobs until the parent closes the pipe; gt parses cached."""
+def _worker_loop(conn, timeout_s, parent_pid):
+    """Helper process: runs jobs until the parent closes the pipe or dies; gt parses cached.
+    (A forked child also holds copies of the parent's pipe ends, so a parent killed with -9 gives
+    no EOF here: the worker checks that its parent is still alive instead of lingering forever.)"""
     gt_cache = {}
     while True:
+        if not conn.poll(1.0):
+            if os.getppid() != parent_pid:
+                return
+            continue
         try:
             gt, preds = conn.recv()
         except EOFError:
@@ -300,7 +306,7 @@ class _MathVerifier:
         import math_verify  # noqa: F401  imported before the fork, so a restart costs milliseconds
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker_loop, args=(child, timeout_s), daemon=True)
+        proc = ctx.Process(target=_worker_loop, args=(child, timeout_s, os.getpid()), daemon=True)
         proc.start()
         child.close()
         self.workers[w] = (proc, conn, timeout_s)

@@ -1,5 +1,6 @@
 """reward.py against hand-written expected values (SRPO.md reward section, issue 4)."""
 import math
+import os
 import random
 import re
 import threading
@@ -345,3 +346,26 @@ def test_pool_survives_timeouts_in_a_batch():
     assert [o["final_correct"] for o in out] == [True, False, True, False, True]
     assert time.time() - t0 < 2 * cfg.timeout_s + 3.0
     assert R.answers_match(good[8:-9], "\\frac{1}{\\sqrt{2}}", cfg=cfg)   # workers restarted
+
+
+def test_verifier_workers_exit_when_the_parent_is_killed(tmp_path):
+    """kill -9 of a training run must not leave math-verify helper processes behind."""
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, time, reward\n"
+            "assert reward.answers_match(r'\\frac{1}{2}', r'\\sqrt{\\frac{1}{4}}')\n"
+            "print(' '.join(str(p.pid) for p, _, _ in reward._MV.workers.values()), flush=True)\n"
+            "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert pids, "the LaTeX comparison should have gone through a helper process"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 10
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [q for q in pids if os.path.exists(f"/proc/{q}") and "Z" not in open(f"/proc/{q}/stat").read().split()[2]]
+    assert not alive, f"helper processes {alive} outlived their killed parent"
