@@ -26,34 +26,44 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# Stage settings: the default demo (about 20 min on 2 CPU cores) and --quick (the slow test).
+FULL = dict(task=[], base=[],
+            reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
+            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "2"],
+            grpo=["--steps", "60", "--eval_every", "0"],
+            eval=["--batch-size", "64", "--max-new-tokens", "160"])
+QUICK = dict(task=["--n-train", "96", "--n-test", "16"],
+             base=["--max_steps", "60", "--batch_size", "16", "--warmup_steps", "5"],
+             reflect=["--limit", "32", "--temperature", "0.3", "--correct-frac", "-1"],
+             sft=["--max_steps", "2", "--batch_size", "8"],
+             grpo=["--steps", "1", "--prompts_per_step", "2", "--group_size", "2", "--eval_every", "0"],
+             eval=["--limit", "4"])
+
+
 def stages(run, quick):
-    """-> list of (name, output that marks it done, argv). Paths are relative to the run dir."""
-    py = [sys.executable]
-    task, test = f"{run}/task", f"{run}/task/test.jsonl"
-    q = quick  # shortened settings for the end-to-end test
+    """-> list of (name, file that marks it done, argv)."""
+    py, k = sys.executable, (QUICK if quick else FULL)
+    task, train, test = f"{run}/task", f"{run}/task/train.jsonl", f"{run}/task/test.jsonl"
     return [
-        ("task", f"{task}/manifest.json",
-         py + ["task.py", "--out", task] + (["--n-train", "96", "--n-test", "16"] if q else [])),
-        ("base", f"{run}/base/model.safetensors",
-         py + ["sft.py", "--task", task, "--out", f"{run}/base"] + (["--max_steps", "60", "--batch_size", "16", "--warmup_steps", "5"] if q else [])),
+        ("task", f"{task}/manifest.json", [py, "task.py", "--out", task, *k["task"]]),
+        ("base", f"{run}/base/model.safetensors", [py, "sft.py", "--task", task, "--out", f"{run}/base", *k["base"]]),
         ("reflect", f"{run}/reflect/summary.json",
-         py + ["reflect_data.py", "--policy", f"{run}/base", "--data", f"{task}/train.jsonl",
-               "--out", f"{run}/reflect/train.jsonl", "--teacher", "rule", "--attempts", "4", "--limit", "1500", "--temperature", "0.7"] + (["--limit", "32", "--temperature", "0.3", "--correct-frac", "-1"] if q else [])),
+         [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{run}/reflect/train.jsonl",
+          "--teacher", "rule", *k["reflect"]]),
         ("sft", f"{run}/sft/model.safetensors",
-         py + ["sft.py", "--data", f"{run}/reflect/train.jsonl", "--init", f"{run}/base", "--out", f"{run}/sft",
-               "--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "2"] + (["--max_steps", "2", "--batch_size", "8"] if q else [])),
+         [py, "sft.py", "--data", f"{run}/reflect/train.jsonl", "--init", f"{run}/base", "--out", f"{run}/sft", *k["sft"]]),
         ("srpo", f"{run}/srpo/model.safetensors",
-         py + ["grpo.py", "--model", f"{run}/sft", "--train", f"{task}/train.jsonl", "--test", test,
-               "--out", f"{run}/srpo", "--reward", "srpo"] + (["--steps", "1", "--prompts_per_step", "2", "--group_size", "2", "--eval_every", "0"] if q else [])),
+         [py, "grpo.py", "--model", f"{run}/sft", "--train", train, "--test", test, "--out", f"{run}/srpo",
+          "--reward", "srpo", *k["grpo"]]),
         ("grpo", f"{run}/grpo/model.safetensors",
-         py + ["grpo.py", "--model", f"{run}/base", "--train", f"{task}/train.jsonl", "--test", test,
-               "--out", f"{run}/grpo", "--reward", "grpo"] + (["--steps", "1", "--prompts_per_step", "2", "--group_size", "2", "--eval_every", "0"] if q else [])),
+         [py, "grpo.py", "--model", f"{run}/base", "--train", train, "--test", test, "--out", f"{run}/grpo",
+          "--reward", "grpo", *k["grpo"]]),
         ("eval-single", f"{run}/eval/single/metrics.json",
-         py + ["eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
-               "--out", f"{run}/eval/single"] + (["--limit", "4"] if q else [])),
+         [py, "eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
+          "--out", f"{run}/eval/single", *k["eval"]]),
         ("eval-reflect", f"{run}/eval/reflect/metrics.json",
-         py + ["eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
-               "--out", f"{run}/eval/reflect"] + (["--limit", "4"] if q else [])),
+         [py, "eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
+          "--out", f"{run}/eval/reflect", *k["eval"]]),
     ]
 
 
