@@ -185,7 +185,7 @@ class GRPOConfig:
     grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
     logprob_chunk: int = 256                # time chunk of the float32 log-softmax
     # run
-    steps: int = 60
+    steps: int = 40
     save_every: int = 20
     eval_every: int = 20                    # greedy eval on the first n_eval test records (0 = none)
     n_eval: int = 100
