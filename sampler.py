@@ -9,9 +9,17 @@ The idea (gpt-fast's generate.py, batched and multimodal):
 2. n samples per prompt share that one prefill: the prompt's cache rows, last logits,
    attention mask and M-RoPE positions are repeated n times (rows stay prompt-major:
    prompt 0 sample 0..n-1, prompt 1 sample 0..n-1, ...);
-3. decode: one token per row per step against the cache. The new token's M-RoPE position is
-   the last prompt position + 1 + step on each of the 3 axes (what transformers does with its
-   rope_deltas), so no image bookkeeping is needed after the prefill;
+3. decode: one token per row per step against the cache (`decode_step`: the decoder layers
+   written out for a single token, attending to the filled cache slots and to itself; the loop
+   then stores the new keys/values). The new token's M-RoPE position is the last prompt
+   position + 1 + step on each of the 3 axes (what transformers does with its rope_deltas), so
+   no image bookkeeping is needed after the prefill; the rotary cos/sin of all steps and the
+   attention bias (-inf on prompt padding) are computed once before the loop. On CPU the decode
+   step is torch.compile'd (as in gpt-fast): the ~40 small ops per layer fuse into a few C++
+   loops and attention becomes one pass over the cache. One graph with dynamic shapes serves all
+   batch sizes >= 2 and key lengths (batch 1 gets its own); a cold compile takes ~25 s here.
+   SampleConfig(compile=False) or SRPO_COMPILE=0 decodes eagerly, as does an FSDP-sharded model;
+   a failing compile (e.g. no C++ compiler) warns and falls back to eager;
 4. a row stops at its first eos id (its eos token is kept: it is part of the response GRPO
    trains on) or at max_new_tokens. Finished rows are dropped from the batch (their cache rows
    are gathered out) once they are at least `compact_frac` of the rows still decoding, so they
@@ -35,12 +43,15 @@ Command line:  python sampler.py --model PATH --image IMG --prompt "..."   (stre
 """
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 import model as M  # KVCache
 
@@ -58,6 +69,8 @@ class SampleConfig:
     prefill_chunk: int = 8      # prompts per prefill forward
     suppress_ids: tuple = None  # never drawn; None = the model's <|image_pad|>, <|video_pad|> (they
                                 # cannot be fed back as text: a forward takes them for image slots)
+    compile: bool = True        # torch.compile the decode step on CPU (plain modules; eager if it fails
+                                # or the environment sets SRPO_COMPILE=0)
 
 
 def _check(cfg: SampleConfig):
@@ -74,16 +87,24 @@ def _check(cfg: SampleConfig):
 
 # ----------------------------------------------------------------------------- FSDP2
 
+def fsdp_modules(model):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_fsdp(model):
+    return len(fsdp_modules(model)) > 0
+
+
 @contextlib.contextmanager
 def unsharded(model):
     """All-gather the parameters of an FSDP2-sharded model once, keep them gathered through every
     forward of the block (no reshard after each layer's forward), reshard at the end. No-op for
     a plain model."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        FSDPModule = ()
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    mods = fsdp_modules(model)
     if not mods:
         yield
         return
@@ -189,6 +210,74 @@ def prefill(model, input_ids, attn, pos_ids, pixel_values, grid, cache, chunk):
     return torch.cat(logits)  # (B, V)
 
 
+# ----------------------------------------------------------------------------- decode step
+
+def decode_step(model, tok, cos, sin, cache_k, cache_v, bias, p, fused=False):
+    """One new token per row through the decoder, reading cache slots [0, p) and writing nothing
+    (the caller stores the returned k, v at slot p: a compiled graph then never copies the cache).
+    tok (K,) long; cos, sin (K, hd) rotary of this step's position; cache_k/v (L, K, Hkv, S_max, hd);
+    bias (K, S_max) 0 / -inf (padded prompt slots)
+    -> logits (K, V) float32, k, v (L, K, Hkv, hd) of the new token.
+    The token attends to the p cached keys and to its own key, one softmax over both. fused=True
+    writes the two cache products as multiply-and-sum, which torch.compile turns into one loop
+    over the cache; eagerly that would materialize (K, Hkv, g, p, hd), so eager uses matmuls."""
+    K = tok.shape[0]
+    x = model.embed_tokens(tok)  # (K, C)
+    cos, sin = cos[:, None, None], sin[:, None, None]  # (K, 1, 1, hd)
+    new_k, new_v = [], []
+    for i, layer in enumerate(model.layers):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(K, a.n_kv, -1, a.hd)  # (K, Hkv, g, hd): the g query heads of each kv head
+        k = a.k_proj(h).view(K, a.n_kv, 1, a.hd)   # (K, Hkv, 1, hd)
+        v = a.v_proj(h).view(K, a.n_kv, 1, a.hd)
+        q, k = M.apply_rotary(q, cos, sin), M.apply_rotary(k, cos, sin)
+        ck, cv = cache_k[i, :, :, :p], cache_v[i, :, :, :p]  # (K, Hkv, p, hd)
+        s = (q[:, :, :, None] * ck[:, :, None]).sum(-1) if fused else q @ ck.transpose(-1, -2)  # (K, Hkv, g, p)
+        s = torch.cat([s + bias[:, None, None, :p], (q * k).sum(-1, keepdim=True)], dim=-1)  # (K, Hkv, g, p + 1)
+        w = (s.float() * a.hd ** -0.5).softmax(dim=-1).to(q.dtype)  # softmax in fp32 (bf16 on GPU)
+        y = (w[..., :p, None] * cv[:, :, None]).sum(-2) if fused else w[..., :p] @ cv  # (K, Hkv, g, hd)
+        y = y + w[..., p:] * v
+        x = x + a.o_proj(y.reshape(K, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        new_k.append(k[:, :, 0])
+        new_v.append(v[:, :, 0])
+    logits = model.lm_head(model.norm(x)).float()
+    return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+_compiled_step = None  # torch.compile(decode_step), built once per process
+
+
+def decode_fn(model, cfg: SampleConfig):
+    """The decode step to run: compiled (shapes dynamic: one graph while the batch shrinks and the
+    key length grows) for a plain module on CPU when cfg.compile, eager otherwise or if compiling
+    fails (e.g. no C++ compiler). FSDP-sharded models stay eager (hooks in a compiled graph: not
+    tried), and so does CUDA (not measured here)."""
+    if (not cfg.compile or os.environ.get("SRPO_COMPILE") == "0" or is_fsdp(model)
+            or next(model.parameters()).device.type != "cpu"):
+        return decode_step
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(functools.partial(decode_step, fused=True), dynamic=True)
+
+    def step(*args):
+        global _compiled_step
+        if _compiled_step is not False:
+            # no duck shaping while tracing: sizes that happen to be equal on the first call (a batch
+            # of 2 rows and 2 kv heads) stay separate symbols, so one graph serves every batch >= 2
+            duck, fx_config.use_duck_shape = fx_config.use_duck_shape, False
+            try:
+                return _compiled_step(*args)
+            except Exception as e:  # noqa: BLE001 -- any compile failure: decode eagerly from now on
+                warnings.warn(f"sampler.py: torch.compile of the decode step failed, decoding eagerly: {e!r:.300}")
+                _compiled_step = False
+            finally:
+                fx_config.use_duck_shape = duck
+        return decode_step(*args)
+    return step
+
+
 # ----------------------------------------------------------------------------- generate
 
 @torch.no_grad()
@@ -248,7 +337,13 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
             attn = attn.repeat_interleave(n, dim=0)
         else:
             cache = prefill_cache
-        mask = torch.cat([attn, attn.new_ones(R, max_new)], dim=1)  # (R, T + max_new)
+        # decode inputs, computed once: additive attention bias over the cache slots (-inf on the
+        # prompt's padding) and the rotary cos/sin of every step's position
+        bias = torch.zeros(R, T + max_new, dtype=dtype, device=device)
+        bias[:, :T].masked_fill_(attn == 0, float("-inf"))  # (R, T + max_new)
+        steps = torch.arange(max_new, device=device)
+        cos, sin = M.mrope_cos_sin(next_pos[:, :, None] + steps, model.config.text, dtype)  # (R, max_new, hd)
+        step_fn = decode_fn(model, cfg)
 
         tokens_out = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
         logp_out = torch.zeros(R, max_new, dtype=torch.float32, device=device)
@@ -275,10 +370,10 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
                 keep = (~done).nonzero()[:, 0]
                 select_cache_rows(cache, keep)
                 rows, done, tok = rows[keep], done[keep], tok[keep]
-                mask, next_pos = mask[keep], next_pos[:, keep]
+                bias, cos, sin = bias[keep], cos[keep], sin[keep]
             p = T + step  # cache slot of this step's token
-            logits = model(tok[:, None], attention_mask=mask[:, : p + 1], position_ids=(next_pos + step)[:, :, None],
-                           cache=cache, cache_pos=p, logits_to_keep=1)[:, -1].float()
+            logits, k, v = step_fn(model, tok, cos[:, step], sin[:, step], cache.k, cache.v, bias, p)
+            cache.k[:, :, :, p], cache.v[:, :, :, p] = k, v  # (L, K, Hkv, hd)
         del cache
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
     return dict(tokens=tokens_out, logprobs=logp_out, lengths=lengths, finish_reasons=reasons)

@@ -12,62 +12,85 @@ Also: the fp32 matmul peak of this machine (a big torch.mm in the same run) and 
 it the decode steps reach (decode FLOPs = 2 * matmul params * tokens + attention 4*d*S per token
 and layer), and the effect of dropping finished rows (eos on, rows of very different lengths).
 
+Our decode step is torch.compile'd (SampleConfig.compile, the default; `--compile 0` runs it
+eagerly). Compile time is not in tok/s: the first call (printed, ~25 s on a cold inductor cache)
+compiles one graph with dynamic shapes, batch 1 compiles its own graph in its warm-up call, and
+every batch size is run once, untimed, by BOTH contenders before the timed runs.
+
 Reproduce (1 torch thread by default; the machine is shared, so run it when it is quiet and read
 the ratios, which come from interleaved best-of-3 runs):
 
     python bench/sampler.py                        # batch 1, 64, 256; 128 new tokens; ratio printed last
+    python bench/sampler.py --compile 0 --batch 64 # our eager decode step
     python bench/sampler.py --threads 2 --batch 64
     python bench/sampler.py --batch 64 --new 32    # a quick look
 
-Run of 09:05 UTC, 25 Nov (AMD EPYC, 2 cores shared with the team's jobs, torch 2.13, transformers
-5.24, fp32, 1 thread, 128 new tokens, sampling at temperature 1, best of 3 alternating runs):
+Run of 11:21 UTC, 25 Nov (AMD EPYC with AVX-512, 2 cores shared with two training jobs at ~95%
+CPU each, load average 3.1-3.4; torch 2.13, transformers 5.24, fp32, 1 thread, 128 new tokens,
+sampling at temperature 1, best of 3 alternating runs; fresh TORCHINDUCTOR_CACHE_DIR):
 
     model: tiny_config(), 1.18M params, vocab 1024, torch threads 1
-    fp32 matmul peak (2048^3 torch.mm): 90.7 GFLOP/s
-    batch    1 prompt  56: ours   616 tok/s (prefill+1 0.01s, decode 0.20s =  1.4% of matmul peak) | transformers  453 tok/s
-    batch   64 prompt  74: ours  8030 tok/s (prefill+1 0.18s, decode 0.84s = 22.7% of matmul peak) | transformers 5548 tok/s
-    batch  256 prompt  74: ours  9756 tok/s (prefill+1 0.70s, decode 2.66s = 28.6% of matmul peak) | transformers 6262 tok/s
-    8 prompts x 8 samples: ours 10219 tok/s | transformers 6542 tok/s (num_return_sequences=8) | 1.56x
-    eos on, batch 64, compact_frac 0.0 / 0.25 / 0.5 / never: 0.70 / 0.64 / 0.79 / 1.13 s
-    speedup vs transformers generate, batch 1: 1.36x   batch 64: 1.45x   batch 256: 1.56x
+    fp32 matmul peak (2048^3 torch.mm): 115.5 GFLOP/s
+    first call (batch 2, 4 tokens; decode step compile=True): 23.6s
+      (batch 1: warm-up call 11.2s: a new compiled graph for this shape)
+    batch    1 prompt  56: ours  2459 tok/s (prefill+1 0.00s, decode 0.05s =  4.7% of peak) | transformers  986 tok/s
+    batch   64 prompt  74: ours 15034 tok/s (prefill+1 0.13s, decode 0.42s = 35.5% of peak) | transformers 8691 tok/s
+    batch  256 prompt  74: ours 14827 tok/s (prefill+1 0.53s, decode 1.68s = 35.6% of peak) | transformers 8256 tok/s
+    8 prompts x 8 samples: ours 17534 tok/s | transformers 8363 tok/s (num_return_sequences=8) | 2.10x
+    eos on, batch 64, compact_frac 0.0 / 0.25 / 0.5 / never: 0.38 / 0.38 / 0.44 / 0.57 s
+    speedup vs transformers generate, batch 1: 2.49x   batch 64: 1.73x   batch 256: 1.80x
 
-With --threads 2 on the loaded machine (load average ~5.7) both collapse: batch 64 ours 962 tok/s,
-transformers 1121 tok/s (0.86x): every parallel op waits for a descheduled thread; 1 is the default.
-Over the session the batch-64 ratio moved between 1.4x and 2.1x with the load.
+    same minute, --compile 0 --batch 64: ours 11216 tok/s | transformers 8041 tok/s: 1.39x (8x8: 1.59x)
 
-The 3x target at batch 64 is NOT met. What was done (commits of 09:00-09:10), measured interleaved
-against the previous sampler/model on the same weights and prompts (identical sampled tokens):
-batch 1 1.14x, batch 64 1.20x, batch 256 ~1.0x faster.
-  - CPU decode attention (model.Attention, T == 1): the g = n_head/n_kv query heads of a kv head as
-    one (g, hd) @ (hd, S) matmul with an additive 0/-inf bias built once per step, instead of SDPA
-    with a bool mask (SDPA converts it and sets up per head): 1.09-1.12x end to end;
-  - rope frequencies computed once per config/device (lru_cache), no per-step pow/split/cat;
-  - sampling: no divide at T = 1, inverse CDF on exp(logprobs) (no second softmax);
-  - vision tower: attention per window / per image (equal-length segments batched into one SDPA
-    call) instead of a dense N x N mask over all patches of a forward: prefill of 64 prompts in one
-    forward 0.38 -> 0.19 s, 256 prompts 1.46 -> 0.70 s; with the sampler's 8-prompt chunks 1.09x.
-  Measured and dropped: growing the static cache in chunks of 32 slots so that the filled keys lie
-  back to back (1.08 vs 1.10 s, 4.58 vs 4.74 s: no gain end to end); fused qkv / gate-up (one
-  64x128 @ 128x768 GEMM vs two 384-wide ones: 330 vs 342 us, and a fused copy would go stale when
-  GRPO updates the weights); F.rms_norm (on CPU it is the same pow/mean/rsqrt kernels).
+The 3x target at batch 64 is NOT met (1.73x). Why it looks out of reach in fp32 on this machine
+for a sampler that does the model's FLOPs and reads the cache once per step: transformers takes
+~1.0 s for 64 x 128 tokens here, so 3x means ~0.33 s in all. Our prefill is 0.13 s (64 x 74
+tokens: ~63% of it aten::mm/addmm, ~14% SDPA; no faster with larger or smaller prefill chunks),
+which leaves 0.2 s = 1.6 ms per decode step, while one step at batch 64 needs >= ~2.1 ms:
+  - 117 MFLOP of GEMMs (q, k, v, o, gate, up, down x 4 layers + lm_head): 1.1 ms at the ~105
+    GFLOP/s that a single 64x128 @ 128x384 torch.mm reaches alone (1.4-1.6 ms in the loop);
+  - attention: K and V of every row (64 x 2 kv heads x ~139 keys x 32 x 4 layers x 2 = 18 MB)
+    read once: the compiled attention takes ~250 us per layer (kernel bench), LESS than a
+    compiled streaming sum over the same K and V (~320 us): it runs at memory bandwidth.
+The compiled step now takes ~2.9 ms (GEMMs ~1.5, attention ~1.0, fused elementwise ~0.2, guard
+check ~0.15) plus ~0.3 ms/step of Python loop and eager sampling.
 
-What stands in the way (per decode step at batch 64, mean key length S ~ 139, forward hooks, 1
-thread): ~6.5 ms/step when the machine is quiet, of which
-  - attention ~45-55%: the two batched matmuls read every row's K and V (4 layers x 64 rows x 2 kv
-    heads x 139 x 32 floats x 2 = 18 MB per step, out of L3 at batch >= 64) as 128 separate
-    17.8 KB streams, at 3.5-6.5 GB/s where a plain streaming sum of the same tensor reaches 14 GB/s
-    (bench of the kernels alone: QK^T 1.3-2.2 ms, PV 1.4-2.4 ms per layer at batch 256). SDPA,
-    einsum, K @ q^T, elementwise mul+sum and a contiguous (chunk-grown) cache were all measured:
-    none is clearly faster. At batch 256 attention is ~22 of the 36 ms step;
-  - GEMMs (q, k, v, o, gate, up, down, lm_head: 117 MFLOP/step at batch 64) ~2.7 ms, i.e. ~45
-    GFLOP/s on 64-row operands whose weights (4.8 MB) are evicted from cache by the KV stream;
-  - ~2 ms of small elementwise kernels (9 RMSNorms, rope, residuals, softmax: ~40 ops per layer,
-    5-15 us each) and 0.2 ms/step of sampler loop (profiled at batch 1: 0.19 ms/step outside
-    model.forward).
-transformers pays the same attention/GEMM kernels plus its DynamicCache torch.cat and generate loop,
-which is worth ~1.4-2x here, not 3x. Getting to 3x in eager fp32 would need a fused decode kernel
-(torch.compile of the decode step, as gpt-fast does, or a custom attention that streams the cache)
--- not done: minutes of compilation on this 2-core machine, recompiles as S and the batch change.
+What was done (11:00-11:20), measured interleaved against the previous sampler (HEAD 82ebef2) on
+the same weights and prompts (identical sampled tokens, log-probs within 1e-6):
+  batch 1 1.87x, batch 64 1.17x, batch 256 1.13x, 8 prompts x 8 samples 1.23x faster.
+  - sampler.decode_step: the decoder written out for one token that READS the cache and returns
+    the new k, v (the loop stores them): compiling model.forward as is, whose cache write is an
+    in-place update of a graph input, made inductor copy the whole cache every step (5x SLOWER
+    than eager). One softmax over [cached keys | own key]; rotary cos/sin for all steps and the
+    0/-inf padding bias computed once before the loop. Eager: 0.97-1.11x of the old loop;
+  - torch.compile(dynamic=True) of it (inductor, C++): RMSNorm/rope/residual/SwiGLU/softmax fuse
+    into ~6 loops per layer; attention written as multiply-and-sum (not matmul) compiles to one
+    pass over the cache: 2.0 -> ~1.0 ms per step for the two attention products at batch 64
+    (aten::bmm with 128 tiny batches per call was the cost). Duck shaping is switched off while
+    tracing, so a first call with 2 rows (== 2 kv heads) does not pin the batch size: one graph
+    serves every batch >= 2 and key length, batch 1 gets a second one;
+  - eager fallback: SampleConfig(compile=False), SRPO_COMPILE=0, FSDP-sharded models, non-CPU
+    devices, or any exception from the compiled step (warned once).
+  Measured and dropped: skipping dynamo's guard evaluation (set_stance skip_guard_eval_unsafe):
+  1.037x, unsafe when shapes change; backed_size_oblivious (no batch-1 graph): the compiled graph
+  failed a runtime assert; keys stored transposed (hd, S) so the score loop vectorizes over keys:
+  same speed (255 vs 250 us/layer); sampling compiled: 184 -> 134 us per step (~2% end to end,
+  not worth splitting the loop); prefill_chunk 4..64: 0.128-0.150 s, no gain.
+
+Not done: prompt-KV sharing for the n samples of a GRPO group. At 8 x 8 the prompt is ~54% of the
+keys a step reads, so attention could lose up to ~half of its ~1 ms/step (est. <= 1.2x on that
+row), but without a gather materialized per step in eager mode (ruinous on GPU) it needs two cache
+layouts, and dynamo specializes the generated part's length 0 and 1 (two more graphs).
+
+Previous run (09:05 UTC, eager decode; load similar), for comparison: batch 1 616 tok/s vs 453
+(1.36x), batch 64 8030 vs 5548 (1.45x), batch 256 9756 vs 6262 (1.56x), 8x8 10219 vs 6542
+(1.56x). Its notes, still true for the eager path: --threads 2 on the loaded machine collapses
+both (batch 64 0.86x): every parallel op waits for a descheduled thread; 1 is the default. CPU
+decode attention in model.Attention (T == 1) uses one (g, hd) @ (hd, S) matmul per kv head with
+an additive bias (1.09-1.12x over SDPA); rope frequencies are cached; the vision tower attends
+per window / image (prefill 0.38 -> 0.19 s at batch 64). Dropped then: chunk-grown contiguous
+cache, fused qkv / gate-up weights (330 vs 342 us, and a fused copy goes stale when GRPO updates
+the weights), F.rms_norm.
 """
 import argparse
 import os
@@ -153,6 +176,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compile", type=int, default=1, help="1: torch.compile our decode step (the default of "
+                    "SampleConfig), 0: eager")
     ap.add_argument("--reps", type=int, default=3, help="best of this many runs, ours and theirs alternating")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default); 1 because "
                     "on a shared, oversubscribed machine 2 threads make every parallel op wait for a "
@@ -176,21 +201,30 @@ def main():
     peak = matmul_peak()
     print(f"fp32 matmul peak (2048^3 torch.mm): {peak / 1e9:.1f} GFLOP/s")
 
-    new = args.new
+    new, compile = args.new, args.compile == 1
+    # first call: torch.compile of the decode step (one graph with dynamic shapes; batch size 1 gets
+    # its own graph when first met). Each batch size below is then run once, untimed, by both
+    # contenders before the timed runs, so compile time is reported here and excluded from tok/s.
     warm = make_batch(cfg, 2)
-    S.generate(net, warm, [], S.SampleConfig(max_new_tokens=4))
+    t0 = time.perf_counter()
+    S.generate(net, warm, [], S.SampleConfig(max_new_tokens=4, compile=compile))
+    print(f"first call (batch 2, 4 tokens; decode step compile={compile}): {time.perf_counter() - t0:.1f}s")
     if not args.no_hf:
         hf_generate(hf, cfg, warm, 4)
     ratios = []
     for B in args.batch:
         batch = make_batch(cfg, B, seed=B)
-        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0)
+        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, compile=compile)
         ours = lambda: S.generate(net, batch, [], sc)  # noqa: E731
         hf_ = (lambda: hf_generate(hf, cfg, batch, new)) if not args.no_hf else None
+        t_warm = timed(ours)  # warm-up (untimed in tok/s), both sides
         if hf_:
             assert hf_().shape[1] - batch["input_ids"].shape[1] == new
         t_ours, t_hf = best_interleaved(ours, hf_, args.reps)
-        t_first = timed(lambda: S.generate(net, batch, [], S.SampleConfig(max_new_tokens=1)), args.reps)
+        if t_warm > 2 * t_ours:
+            print(f"  (batch {B}: warm-up call {t_warm:.1f}s: a new compiled graph for this shape)")
+        sc1 = S.SampleConfig(max_new_tokens=1, compile=compile)
+        t_first = timed(lambda: S.generate(net, batch, [], sc1), args.reps)
         t_dec = max(t_ours - t_first, 1e-9)
         frac = decode_flops(cfg, batch, new) / t_dec / peak
         line = (f"batch {B:4d} prompt {batch['input_ids'].shape[1]:3d} new {new}: ours {B * new / t_ours:8.0f} tok/s "
@@ -203,7 +237,9 @@ def main():
     # GRPO-shaped: prompts x n samples; we prefill each prompt once, transformers expands the inputs
     if not args.no_hf and 64 in args.batch:
         batch = make_batch(cfg, 8, seed=8)
-        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, n=8)
+        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, n=8, compile=compile)
+        S.generate(net, batch, [], sc)
+        hf_generate(hf, cfg, batch, new, n=8)
         t_ours, t_hf = best_interleaved(lambda: S.generate(net, batch, [], sc),
                                         lambda: hf_generate(hf, cfg, batch, new, n=8), args.reps)
         print(f"8 prompts x 8 samples, new {new}: ours {64 * new / t_ours:8.0f} tok/s | transformers "
@@ -214,7 +250,7 @@ def main():
     batch = make_batch(cfg, B, seed=B)
     eos = list(range(100, 100 + cfg.text.vocab_size // 64))
     for frac in (0.0, 0.25, 0.5, 2.0):
-        sc = S.SampleConfig(max_new_tokens=new, seed=0, compact_frac=frac)
+        sc = S.SampleConfig(max_new_tokens=new, seed=0, compact_frac=frac, compile=compile)
         out = S.generate(net, batch, eos, sc)
         t = timed(lambda: S.generate(net, batch, eos, sc), args.reps)
         print(f"eos on, batch {B}, compact_frac {frac:4}: {t:.2f}s for {int(out['lengths'].sum())} tokens "

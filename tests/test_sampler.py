@@ -97,13 +97,15 @@ def hf_logprobs(hf, cfg, batch, out, temperature):
     return lp * comp_mask, comp_mask.bool()
 
 
-def test_greedy_matches_transformers_generate(models):
+@pytest.mark.parametrize("compile", [True, False])  # torch.compile'd decode step / eager
+def test_greedy_matches_transformers_generate(models, compile):
     net, hf = models
     cfg = net.config
     batch = make_batch(cfg)
     T, N = batch["input_ids"].shape[1], 24
     # 1) no eos: exactly N tokens on both sides
-    sc = S.SampleConfig(max_new_tokens=N, greedy=True, suppress_ids=())  # transformers suppresses nothing
+    # transformers suppresses nothing
+    sc = S.SampleConfig(max_new_tokens=N, greedy=True, suppress_ids=(), compile=compile)
     ours = S.generate(net, batch, [], sc, pad_id=PAD)
     ref = hf.generate(**hf_inputs(batch, cfg), do_sample=False, max_new_tokens=N, eos_token_id=NEVER)[:, T:]
     assert ours["tokens"].shape == (4, N)
@@ -139,12 +141,13 @@ def test_text_only_batch_matches_transformers(models):
     assert torch.equal(ours["tokens"], ref)
 
 
-def test_logprobs_equal_full_forward(models):
+@pytest.mark.parametrize("compile", [True, False])
+def test_logprobs_equal_full_forward(models, compile):
     net, hf = models
     cfg = net.config
     n, temp = 3, 0.8
     eos = list(range(40, 48))  # ~3% of the vocabulary: some rows stop early
-    sc = S.SampleConfig(max_new_tokens=20, temperature=temp, top_k=50, top_p=0.9, n=n, seed=3)
+    sc = S.SampleConfig(max_new_tokens=20, temperature=temp, top_k=50, top_p=0.9, n=n, seed=3, compile=compile)
     out = S.generate(net, make_batch(cfg), eos, sc, pad_id=PAD)
     assert out["tokens"].shape == (4 * n, 20) and out["logprobs"].dtype == torch.float32
     ref, valid = hf_logprobs(hf, cfg, make_batch(cfg, repeat=n), out, temp)  # rows prompt-major
@@ -178,6 +181,32 @@ def test_seeded_reproducible_and_compaction_invariant(models):
         assert torch.equal(a["tokens"], d["tokens"]) and torch.equal(a["lengths"], d["lengths"])
         assert (a["logprobs"] - d["logprobs"]).abs().max() < 1e-5
     assert "stop" in a["finish_reasons"]
+
+
+def test_compile_fallback_and_off_switches(models, monkeypatch):
+    """The compiled decode step samples what the eager one does; a torch.compile that fails (e.g.
+    no C++ compiler) warns once and decodes eagerly; compile=False and SRPO_COMPILE=0 never compile."""
+    net, _ = models
+    batch, eos = make_batch(net.config), list(range(40, 56))
+    kw = dict(max_new_tokens=12, temperature=1.0, n=2, seed=5)
+    compiled = S.generate(net, batch, eos, S.SampleConfig(**kw))
+    eager = S.generate(net, batch, eos, S.SampleConfig(**kw, compile=False))
+    assert torch.equal(compiled["tokens"], eager["tokens"]) and torch.equal(compiled["lengths"], eager["lengths"])
+    assert (compiled["logprobs"] - eager["logprobs"]).abs().max() < 1e-5
+
+    def broken(*args):
+        raise RuntimeError("InductorError: no C++ compiler")
+    monkeypatch.setattr(S, "_compiled_step", broken)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        out = S.generate(net, batch, eos, S.SampleConfig(**kw))
+    assert S._compiled_step is False  # not retried
+    assert torch.equal(out["tokens"], eager["tokens"])
+
+    monkeypatch.setattr(S, "_compiled_step", None)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called"))
+    for sc, env in ((S.SampleConfig(**kw, compile=False), "1"), (S.SampleConfig(**kw), "0")):
+        monkeypatch.setenv("SRPO_COMPILE", env)
+        assert torch.equal(S.generate(net, batch, eos, sc)["tokens"], eager["tokens"])
 
 
 def test_top_k_top_p_temperature_distribution(models):
