@@ -77,10 +77,14 @@ the same weights and prompts (identical sampled tokens, log-probs within 1e-6):
   same speed (255 vs 250 us/layer); sampling compiled: 184 -> 134 us per step (~2% end to end,
   not worth splitting the loop); prefill_chunk 4..64: 0.128-0.150 s, no gain.
 
-Not done: prompt-KV sharing for the n samples of a GRPO group. At 8 x 8 the prompt is ~54% of the
-keys a step reads, so attention could lose up to ~half of its ~1 ms/step (est. <= 1.2x on that
-row), but without a gather materialized per step in eager mode (ruinous on GPU) it needs two cache
-layouts, and dynamo specializes the generated part's length 0 and 1 (two more graphs).
+Not done: prompt-KV sharing for the n samples of a GRPO group. A prototype (11:28, not in the
+repo: the prompt cache kept once per prompt, (L, B, Hkv, T, hd), read through a row -> prompt
+index inside the compiled step; generated keys in a per-row cache; one softmax over [prompt |
+generated | own key]) ran the 8 prompts x 8 samples row 1.25x faster than this sampler (0.347 vs
+0.434 s, interleaved best of 4; same tokens up to a float-noise flip at step 119). Why it is not
+in: eagerly (the fallback, FSDP, GPU) the gather copies the prompt K/V of every row every step,
+so it needs a second code path (grouped matmul while no row has been dropped); and dynamo
+specializes the generated part's length 0 and 1, i.e. 3 graphs to compile (42 s cold).
 
 Previous run (09:05 UTC, eager decode; load similar), for comparison: batch 1 616 tok/s vs 453
 (1.36x), batch 64 8030 vs 5548 (1.45x), batch 256 9756 vs 6262 (1.56x), 8x8 10219 vs 6542
