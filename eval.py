@@ -240,6 +240,7 @@ class EvalConfig:
     top_p: float = 1.0
     seed: int = 0
     limit: int = 0                # first `limit` records per dataset (0 = all)
+    shuffle_images: bool = False  # blind control: each question gets the next record's image(s)
 
 
 def generate_responses(model, tok, records, image_root, cfg):
@@ -355,6 +356,26 @@ def load_datasets(data_paths, benches, cache_dir, limit):
     return [(n, r[:limit] if limit else r, root) for n, r, root in out]
 
 
+def with_next_images(records):
+    """Blind control: record i keeps its question but gets the image(s) of record i+1 (cyclic). A
+    model that reads the image falls toward chance; one that answers from the text alone does not."""
+    def images(r):
+        return [p for m in r["messages"] if isinstance(m.get("content"), list) for p in m["content"]
+                if isinstance(p, dict) and p.get("type") == "image"]
+    out = []
+    for i, r in enumerate(records):
+        r = json.loads(json.dumps(r))  # deep copy
+        nxt = records[(i + 1) % len(records)]
+        mine, theirs = images(r), images(nxt)
+        if len(mine) != len(theirs):
+            raise ValueError(f"--shuffle-images: record {r.get('id')} has {len(mine)} image(s), "
+                             f"the next record {nxt.get('id')} has {len(theirs)}")
+        for part, other in zip(mine, theirs):
+            part["image"] = other["image"]
+        out.append(r)
+    return out
+
+
 def check_answers(name, records):
     """Drop (and report) records whose ground truth reward.py cannot parse: never a free reward."""
     import reward
@@ -382,6 +403,8 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu"):
     names = names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names)]
     os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
     checked = [(n, *check_answers(n, recs), root) for n, recs, root in datasets]
+    if cfg.shuffle_images:
+        checked = [(n, with_next_images(recs), bad, root) for n, recs, bad, root in checked]
     rows = []
     for ckpt, cname in zip(ckpts, names):
         tok = data.Tokenizer.from_dir(ckpt)
@@ -499,6 +522,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="first N records per dataset (0 = all)")
+    ap.add_argument("--shuffle-images", action="store_true",
+                    help="blind control: each question is asked with the next record's image")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     a = ap.parse_args(argv)
     if a.plot:
@@ -513,7 +538,8 @@ def main(argv=None):
         if not (os.path.isfile(os.path.join(c, "config.json")) and os.path.isfile(os.path.join(c, "tokenizer.json"))):
             raise SystemExit(f"--model {c}: not a checkpoint directory (needs config.json and tokenizer.json)")
     cfg = EvalConfig(prompt=a.prompt, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, n=a.n,
-                     temperature=a.temperature, top_p=a.top_p, seed=a.seed, limit=a.limit)
+                     temperature=a.temperature, top_p=a.top_p, seed=a.seed, limit=a.limit,
+                     shuffle_images=a.shuffle_images)
     datasets = load_datasets(a.data, a.bench, os.path.join(a.out, "bench_images"), a.limit)
     rows = evaluate(a.model, datasets, cfg, a.out, a.device)
     print(format_table(rows))

@@ -163,7 +163,7 @@ class GRPOConfig:
     # rollout
     prompts_per_step: int = 16              # P, global over all ranks
     group_size: int = 8                     # G responses per prompt
-    max_new_tokens: int = 160
+    max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     rollout_batch: int = 8                  # prompts per sampler call (per rank)
@@ -696,3 +696,4 @@ def train(cfg: GRPOConfig, d):
 
 if __name__ == "__main__":
     main(parse_args())
+    dist.exit_worker()

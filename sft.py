@@ -63,6 +63,7 @@ class SFTConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0      # 0 = off
     freeze_vision: bool = False
+    vision_lr_scale: float = 1.0  # the vision tower's lr = lr x this
     bucket: int = 8             # length bucketing window, in global batches (1 = plain shuffle)
     save_every: int = 50        # checkpoint every K steps (and at the end)
     keep_last: int = 2          # training checkpoints kept
@@ -216,11 +217,14 @@ def lr_at(step, max_steps, cfg):
 
 
 def make_optimizer(model, cfg):
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+    """AdamW; matrices decay, vectors do not; the vision tower's lr is scaled by vision_lr_scale."""
+    groups = []
+    for vision in (False, True):
+        params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.") == vision]
+        scale = cfg.vision_lr_scale if vision else 1.0
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
 
 
 def micro_loss(model, batch, autocast):
@@ -334,7 +338,7 @@ def train(cfg: SFTConfig):
         n_global = sum(examples[i].n_loss for i in batch)  # loss tokens of the whole global batch
         lr = lr_at(step, max_steps, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
 
         micro = rank_micro_batches(batch, examples, cfg.micro_batch_size, d.rank, d.world_size)
         loss_sum = torch.zeros((), device=d.device)
@@ -392,3 +396,4 @@ def parse_args(argv=None) -> SFTConfig:
 
 if __name__ == "__main__":
     train(parse_args())
+    dist.exit_worker()

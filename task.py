@@ -7,17 +7,29 @@ merge), and holds at most one shape: a colour (red green blue yellow) x a kind o
 (circle square triangle). The question asks for an integer that needs the image and a few
 steps of reasoning:
 
+    count_all          How many shapes are there?
     count_color        How many red shapes are there?
     count_shape        How many circles are there?
     count_color_shape  How many blue squares are there?
     sum_shapes         How many circles and triangles are there in total?
     diff_colors        How many more red shapes than blue shapes are there?
 
-The worked solution is short and regular, so a tiny model can imitate it and its errors come
-from perception / counting, which a reflection can catch:
+The worked solution first lists the whole scene (perceive), then reasons over that list only
+(select, count, add). It is short and regular, so a tiny model can imitate it and its errors
+come from perception / counting, which a reflection can catch:
 
-    <think>red: 1 circle, 2 square, 3 square. red 3</think>
-    <answer>3</answer>
+    <think>shapes: 1 red circle, 2 red square, 3 green square, 4 blue triangle. red: 1 circle,
+    2 square. red 2</think>
+    <answer>2</answer>
+
+Lists follow a fixed order (colours as in COLORS, shapes as in SHAPES), never the place in the
+image. Why the scene list, the fixed order and the grey background: a tiny model trained from
+scratch learns "what is in the image" (one question for every image) long before it learns to
+look up "the red ones" (a query that depends on the text), and with the question-specific
+lookup alone it never used the image at all in a 5-minute run. The list turns every question
+into the easy perception plus text-only reasoning. The background is the image processor's
+mean colour, so an empty cell is an all-zero input: with a white background the vision tower
+inflated that constant and its output stopped varying between images.
 
 The difficulty knob sets the number of objects per image. Every record is drawn from its own
 seed (seed, split, index), so a record does not depend on how many others are generated; test
@@ -28,7 +40,7 @@ scene, parses an attempt loosely and says, in the same regular style, what was m
 the correct facts (or, for a correct attempt, a short verification). solution() is the worked
 solution used as the second attempt.
 
-    python task.py --out runs/task --n-train 4000 --n-test 300 --difficulty 2
+    python task.py --out runs/task --n-train 16000 --n-test 300 --difficulty 2
 """
 import argparse
 import json
@@ -47,15 +59,15 @@ CELL = 28  # px per grid cell = one merged visual token (14 px patch x 2x2 merge
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-BACKGROUND = (255, 255, 255)
-KINDS = ("count_color", "count_shape", "count_color_shape", "sum_shapes", "diff_colors")
+BACKGROUND = (123, 117, 104)  # = the image processor's mean colour: an empty patch normalises to all zeros
+KINDS = ("count_all", "count_color", "count_shape", "count_color_shape", "sum_shapes", "diff_colors")
 # difficulty -> (min, max) number of objects in the image
 N_OBJECTS = {1: (2, 4), 2: (3, 7), 3: (5, 10), 4: (7, 13)}
 
 
 @dataclass
 class TaskConfig:
-    n_train: int = 4000
+    n_train: int = 16000
     n_test: int = 300
     difficulty: int = 2        # 1..4: number of objects per image, see N_OBJECTS
     seed: int = 0
@@ -84,6 +96,8 @@ def random_question(rng, scene, kinds):
     if scene["objects"] and rng.random() < 0.7:  # mostly ask about what is there: fewer zero answers
         o = rng.choice(scene["objects"])
         colors, shapes = [o["color"]], [o["shape"]]
+    if kind == "count_all":
+        return kind, {}
     if kind == "count_color":
         return kind, dict(color=rng.choice(colors))
     if kind == "count_shape":
@@ -105,6 +119,8 @@ def random_question(rng, scene, kinds):
 
 
 def question_text(kind, p):
+    if kind == "count_all":
+        return "How many shapes are there?"
     if kind == "count_color":
         return f"How many {p['color']} shapes are there?"
     if kind == "count_shape":
@@ -128,6 +144,8 @@ def count(scene, color=None, shape=None):
 
 
 def answer_of(kind, p, scene):
+    if kind == "count_all":
+        return count(scene)
     if kind == "count_color":
         return count(scene, color=p["color"])
     if kind == "count_shape":
@@ -142,7 +160,9 @@ def answer_of(kind, p, scene):
 
 
 # -----------------------------------------------------------------------------
-# worked solutions: a list of facts, each "name value"; lists enumerate in reading order
+# worked solutions: a list of facts, each "name value"; lists enumerate in a fixed order
+# (colours as in COLORS, shapes as in SHAPES), not by place: an item then depends on what is in
+# the image, never on where, which a tiny model learns much sooner
 
 def enumeration(name, items):
     """'red: 1 circle, 2 square' -- numbered, so the count is the last number."""
@@ -151,25 +171,44 @@ def enumeration(name, items):
     return f"{name}: " + ", ".join(f"{i + 1} {it}" for i, it in enumerate(items)) + "."
 
 
+def by_color(colors):
+    return sorted(colors, key=list(COLORS).index)
+
+
+def by_shape(shapes):
+    return sorted(shapes, key=SHAPES.index)
+
+
+def scene_list(scene):
+    """Every object as 'colour shape', sorted by colour, then shape."""
+    objs = sorted(scene["objects"], key=lambda o: (list(COLORS).index(o["color"]), SHAPES.index(o["shape"])))
+    return [f"{o['color']} {o['shape']}" for o in objs]
+
+
 def facts(record):
-    """The true facts an attempt should state: (lists {name: [items]}, counts {name: int})."""
+    """The true facts an attempt should state: (lists {name: [items]}, counts {name: int}).
+    Every kind first lists the whole scene ("shapes"), then the question's own list and counts."""
     kind, p, scene = record["kind"], record["params"], record["scene"]
+    lists = {"shapes": scene_list(scene)}
+    if kind == "count_all":
+        return lists, {"shapes": count(scene)}
     if kind == "count_color":
         c = p["color"]
-        return {c: [o["shape"] for o in select(scene, color=c)]}, {c: count(scene, color=c)}
+        return {**lists, c: by_shape(o["shape"] for o in select(scene, color=c))}, {c: count(scene, color=c)}
     if kind == "count_shape":
         s = PLURAL[p["shape"]]
-        return {s: [o["color"] for o in select(scene, shape=p["shape"])]}, {s: count(scene, shape=p["shape"])}
+        return ({**lists, s: by_color(o["color"] for o in select(scene, shape=p["shape"]))},
+                {s: count(scene, shape=p["shape"])})
     if kind == "count_color_shape":
         c, s = p["color"], p["shape"]
-        return ({c: [o["shape"] for o in select(scene, color=c)]},
+        return ({**lists, c: by_shape(o["shape"] for o in select(scene, color=c))},
                 {f"{c} {PLURAL[s]}": count(scene, color=c, shape=s)})
     if kind == "sum_shapes":
         a, b = p["shape_a"], p["shape_b"]
-        return {}, {PLURAL[a]: count(scene, shape=a), PLURAL[b]: count(scene, shape=b)}
+        return lists, {PLURAL[a]: count(scene, shape=a), PLURAL[b]: count(scene, shape=b)}
     if kind == "diff_colors":
         a, b = p["color_a"], p["color_b"]
-        return {}, {a: count(scene, color=a), b: count(scene, color=b)}
+        return lists, {a: count(scene, color=a), b: count(scene, color=b)}
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -185,12 +224,13 @@ def arithmetic(record):
 
 
 def think_text(record):
+    """The scene list, the question's list (if any), then the count or the arithmetic step."""
     lists, counts = facts(record)
-    if lists:  # one enumeration, then the count
-        (name, items), = lists.items()
-        (cname, n), = counts.items()
-        return f"{enumeration(name, items)} {cname} {n}"
-    return ", ".join(f"{k} {v}" for k, v in counts.items()) + ". " + arithmetic(record)
+    text = " ".join(enumeration(name, items) for name, items in lists.items())
+    if arithmetic(record):
+        return f"{text} " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ". " + arithmetic(record)
+    (cname, n), = counts.items()
+    return f"{text} {cname} {n}"
 
 
 def solution(record):

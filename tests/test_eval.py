@@ -325,3 +325,20 @@ def test_plot_keys(tmp_path):
     assert png_size(tmp_path / "p.png") == (480, 300 + 24)
     with pytest.raises(SystemExit, match=r"no numeric field \['c'\]"):
         ev.main(["--plot", str(log), "--keys", "c", "--out", str(tmp_path / "q.png")])
+
+
+def test_shuffle_images_blind_control():
+    """--shuffle-images: record i keeps its question and answer but gets record i+1's image
+    (cyclic); the input records are not modified; a record with a different number of images
+    than the next one is an error naming it."""
+    def rec(i, n_img=1):
+        return {"id": f"r{i}", "answer": str(i), "messages": [
+            {"role": "user", "content": [{"type": "image", "image": f"img{i}_{k}.png"} for k in range(n_img)]
+             + [{"type": "text", "text": f"q{i}"}]}]}
+    recs = [rec(i) for i in range(3)]
+    out = ev.with_next_images(recs)
+    assert [user_parts(r) for r in out] == [(["img1_0.png"], "q0"), (["img2_0.png"], "q1"), (["img0_0.png"], "q2")]
+    assert [r["answer"] for r in out] == ["0", "1", "2"]
+    assert recs[0]["messages"][0]["content"][0]["image"] == "img0_0.png"
+    with pytest.raises(ValueError, match="r1"):
+        ev.with_next_images([rec(0), rec(1, n_img=2)])

@@ -173,6 +173,26 @@ def test_bad_input_names_file_and_line(dataset, tok, tmp_path):
         sft.load_examples(p, tok, None)
 
 
+def test_vision_lr_scale(tok):
+    """Adam's first step moves every weight by ~lr (|g| / (|g| + eps) ~ 1), so with
+    vision_lr_scale 0.1 the vision tower moves by ~0.1 lr and the language model by ~lr."""
+    cfg = sft.SFTConfig(lr=1e-3, vision_lr_scale=0.1)
+    model = sft.build_tiny(tok, cfg)
+    opt = sft.make_optimizer(model, cfg)
+    for g in opt.param_groups:  # as the training loop does
+        g["lr"] = cfg.lr * g["lr_scale"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    vision = [v for n, v in moved.items() if n.startswith("visual.")]
+    text = [v for n, v in moved.items() if not n.startswith("visual.")]
+    assert vision and text
+    assert all(abs(v - 1e-4) < 1e-6 for v in vision), vision
+    assert all(abs(v - 1e-3) < 1e-6 for v in text), text
+
+
 def test_freeze_vision_and_init_from_checkpoint(dataset, tmp_path):
     """In-process run from scratch, then --init from its output with --freeze_vision: the vision
     tower is bit-for-bit the one it started from, the language model moved, the loss went down
