@@ -9,7 +9,8 @@ The whole SRPO pipeline on the built-in task, one command, on a laptop CPU:
     sft       sft.py           stage 1: reflection SFT from the base model
     srpo      grpo.py          stage 2: reflection-aware GRPO (SRPO reward) from stage 1
     grpo      grpo.py          baseline: plain GRPO (format + accuracy) from the base model
-    eval      eval.py          greedy test accuracy, first vs final answer, reflection cases
+    eval      eval.py          greedy test accuracy, first vs final answer, reflection cases, and
+                               a blind control: the base model asked with another question's image
 
 Each stage is its own script run as a subprocess (its own progress bar and log); a stage whose
 output is complete is skipped, and every script resumes where it stopped, so rerunning the
@@ -26,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# Stage settings: the default demo (about 10 min on 2 CPU cores) and --quick (the slow test).
+# Stage settings: the default demo (about 15 min on 2 CPU cores) and --quick (the slow test).
 FULL = dict(task=[], base=[],
             reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
             sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "2"],
@@ -34,8 +35,8 @@ FULL = dict(task=[], base=[],
             eval=["--batch-size", "64", "--max-new-tokens", "256"])
 QUICK = dict(task=["--n-train", "96", "--n-test", "16"],
              base=["--max_steps", "60", "--batch_size", "16", "--warmup_steps", "5"],
-             reflect=["--limit", "32", "--temperature", "0.3", "--correct-frac", "-1"],
-             sft=["--max_steps", "2", "--batch_size", "8"],
+             reflect=["--limit", "32", "--temperature", "0.3", "--correct-frac", "-1", "--attempts", "4"],
+             sft=["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4"],
              grpo=["--steps", "1", "--prompts_per_step", "2", "--group_size", "2", "--eval_every", "0"],
              eval=["--limit", "4"])
 
@@ -64,6 +65,10 @@ def stages(run, quick):
         ("eval-reflect", f"{run}/eval/reflect/metrics.json",
          [py, "eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
           "--out", f"{run}/eval/reflect", *k["eval"]]),
+        # blind control: the same questions, each with another question's image
+        ("eval-blind", f"{run}/eval/blind/metrics.json",
+         [py, "eval.py", "--model", f"{run}/base", "--data", test, "--prompt", "single", "--shuffle-images",
+          "--out", f"{run}/eval/blind", *k["eval"]]),
     ]
 
 
@@ -72,11 +77,14 @@ def results_table(run, times):
     head = "| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len |\n" \
            "|---|---|---|---|---|---|---|---|---|---|---|\n"
     body = ""
-    for prompt in ("single", "reflect"):
+    for prompt in ("single", "reflect", "blind"):
+        if not os.path.exists(f"{run}/eval/{prompt}/metrics.json"):
+            continue
         with open(f"{run}/eval/{prompt}/metrics.json") as f:
             for r in json.load(f)["results"]:
                 m = r["metrics"]
-                body += (f"| {r['checkpoint']} | {prompt} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
+                label = "single, shuffled images" if prompt == "blind" else prompt
+                body += (f"| {r['checkpoint']} | {label} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
                          f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} |\n")
     wall = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
     return head + body + f"\nwall time per stage: {wall}; total {sum(times.values()) / 60:.1f} min\n"

@@ -48,11 +48,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
         assert os.path.exists(ckpt / "log.jsonl"), stage
 
     # evaluation: one row per checkpoint, and the results table
-    for prompt, names in (("single", {"base", "grpo"}), ("reflect", {"sft", "srpo"})):
+    for prompt, names in (("single", {"base", "grpo"}), ("reflect", {"sft", "srpo"}), ("blind", {"base"})):
         with open(run / "eval" / prompt / "metrics.json") as f:
             rows = json.load(f)["results"]
         assert {r["checkpoint"] for r in rows} == names
         assert all(0.0 <= r["metrics"]["final_acc"] <= 1.0 for r in rows)
     table = (run / "results.md").read_text()
-    assert all(n in table for n in ("base", "sft", "srpo", "grpo"))
+    assert all(n in table for n in ("base", "sft", "srpo", "grpo", "shuffled images"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
