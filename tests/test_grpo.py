@@ -277,6 +277,7 @@ if d.is_main:
     with open(out + ".json", "w") as f:
         json.dump({k: v / (1 if k == "opt_steps" else 1) for k, v in st.items()}, f)
 dist.close()
+dist.exit_worker()
 '''
 
 
