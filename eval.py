@@ -6,6 +6,7 @@ responses per question, score each with reward.py and report:
     first  accuracy of the first <answer>       final  accuracy of the last <answer>
     w2r r2r r2w w2w   reflection cases (wrong->right, ...)   single / none   one answer / no answer
     format  fraction in the prompt's format      len  mean response length in tokens
+    scene_acc  (built-in task only) fraction whose first "shapes: ..." list is the exact scene
 
 as a table on stdout (n = questions; case columns count responses, n per question when sampling),
 metrics.json + one predictions JSONL per (checkpoint, dataset) in --out.
@@ -295,7 +296,24 @@ def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None):
                           first_correct=bool(s["first_correct"]), final_correct=bool(s["final_correct"]),
                           case=s["case"], format_ok=f["format"] > 0, reward=float(s["total"]),
                           length=g["length"], finish=g["finish"]))
+        if isinstance(rec.get("scene"), dict):  # built-in task: is the first scene list exactly right?
+            preds[-1]["scene_ok"] = first_scene_list(g["text"]) == scene_items(rec["scene"])
     return preds
+
+
+def first_scene_list(text):
+    """Items of the first 'shapes: 1 red circle, 2 blue square.' list of a response, or None."""
+    import re
+    m = re.search(r"shapes:\s*([^.<]*)\.", text)
+    if not m:
+        return None
+    items = [re.sub(r"^\d+\s*", "", it.strip()) for it in m[1].split(",")]
+    return [it for it in items if it and it != "none"]
+
+
+def scene_items(scene):
+    import task
+    return task.scene_list(scene)
 
 
 def pass_at_k(n, c, k):
@@ -315,6 +333,9 @@ def aggregate(preds, n):
              mean_len=sum(p["length"] for p in preds) / N,
              mean_reward=sum(p["reward"] for p in preds) / N,
              truncated=sum(p["finish"] == "length" for p in preds) / N)
+    scene = [p["scene_ok"] for p in preds if "scene_ok" in p]
+    if scene:  # built-in task: share of responses whose first scene list is exactly right
+        m["scene_acc"] = sum(scene) / len(scene)
     for c in CASES:
         m[c] = sum(p["case"] == c for p in preds)
     if n > 1:
@@ -327,6 +348,7 @@ def aggregate(preds, n):
 def format_table(rows):
     """rows: list of dict(checkpoint, dataset, metrics) -> aligned text table."""
     extra = sorted({k for r in rows for k in r["metrics"] if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    extra += ["scene_acc"] if any("scene_acc" in r["metrics"] for r in rows) else []
     head = ["checkpoint", "dataset", "n", "first", "final", *CASES, "format", "len", *extra]
     lines = [head]
     for r in rows:

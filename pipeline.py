@@ -74,8 +74,8 @@ def stages(run, quick):
 
 def results_table(run, times):
     """Collect eval metrics into one markdown table (one row per model) -> str."""
-    head = "| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len |\n" \
-           "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    head = "| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len | scene list |\n" \
+           "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     body = ""
     for prompt in ("single", "reflect", "blind"):
         if not os.path.exists(f"{run}/eval/{prompt}/metrics.json"):
@@ -85,7 +85,8 @@ def results_table(run, times):
                 m = r["metrics"]
                 label = "single, shuffled images" if prompt == "blind" else prompt
                 body += (f"| {r['checkpoint']} | {label} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
-                         f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} |\n")
+                         f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} "
+                         f"| {m.get('scene_acc', float('nan')):.3f} |\n")
     wall = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
     return head + body + f"\nwall time per stage: {wall}; total {sum(times.values()) / 60:.1f} min\n"
 

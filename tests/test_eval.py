@@ -342,3 +342,27 @@ def test_shuffle_images_blind_control():
     assert recs[0]["messages"][0]["content"][0]["image"] == "img0_0.png"
     with pytest.raises(ValueError, match="r1"):
         ev.with_next_images([rec(0), rec(1, n_img=2)])
+
+
+def test_scene_acc_on_builtin_task_records():
+    """Built-in task records (they carry a scene): a response counts as seeing the scene when its
+    first 'shapes:' list names exactly the scene's objects in the task's order (red green blue
+    yellow; circle square triangle). Records without a scene get no scene metric."""
+    scene = {"size": 56, "grid": 2, "objects": [
+        {"color": "blue", "shape": "circle", "row": 0, "col": 0},
+        {"color": "red", "shape": "triangle", "row": 1, "col": 1},
+        {"color": "red", "shape": "circle", "row": 0, "col": 1}]}
+    rec = {"id": "t0", "answer": "2", "scene": scene}
+    right = "<think>shapes: 1 red circle, 2 red triangle, 3 blue circle. red: 1 circle, 2 triangle. red 2</think>\n<answer>2</answer>"
+    missed = "<think>shapes: 1 red circle, 2 blue circle. red: 1 circle. red 1</think>\n<answer>1</answer>"
+    by_place = "<think>shapes: 1 blue circle, 2 red circle, 3 red triangle. red 2</think>\n<answer>2</answer>"
+    gens = [dict(text=t, length=10, finish="stop") for t in (right, missed, by_place)]
+    cfg = ev.EvalConfig(prompt="single", n=3)
+    preds = ev.score_predictions([rec], gens, cfg, count_tokens=lambda s: len(s.split()))
+    assert [p["scene_ok"] for p in preds] == [True, False, False]
+    m = ev.aggregate(preds, 3)
+    assert m["scene_acc"] == pytest.approx(1 / 3) and m["final_acc"] == pytest.approx(2 / 3)
+    plain = ev.score_predictions([{"id": "x", "answer": "2"}], gens[:1], ev.EvalConfig(prompt="single"),
+                                 count_tokens=lambda s: 1)
+    assert "scene_ok" not in plain[0] and "scene_acc" not in ev.aggregate(plain, 1)
+    assert "scene_acc" in ev.format_table([dict(checkpoint="c", dataset="d", metrics=m)])

@@ -54,5 +54,5 @@ def test_quick_pipeline_end_to_end(tmp_path):
         assert {r["checkpoint"] for r in rows} == names
         assert all(0.0 <= r["metrics"]["final_acc"] <= 1.0 for r in rows)
     table = (run / "results.md").read_text()
-    assert all(n in table for n in ("base", "sft", "srpo", "grpo", "shuffled images"))
+    assert all(n in table for n in ("base", "sft", "srpo", "grpo", "shuffled images", "scene list"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
