@@ -297,23 +297,11 @@ def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None):
                           case=s["case"], format_ok=f["format"] > 0, reward=float(s["total"]),
                           length=g["length"], finish=g["finish"]))
         if isinstance(rec.get("scene"), dict):  # built-in task: is the first scene list exactly right?
-            preds[-1]["scene_ok"] = first_scene_list(g["text"]) == scene_items(rec["scene"])
+            import task
+            preds[-1]["scene_ok"] = task.first_scene_list(g["text"]) == task.scene_list(rec["scene"])
     return preds
 
 
-def first_scene_list(text):
-    """Items of the first 'shapes: 1 red circle, 2 blue square.' list of a response, or None."""
-    import re
-    m = re.search(r"shapes:\s*([^.<]*)\.", text)
-    if not m:
-        return None
-    items = [re.sub(r"^\d+\s*", "", it.strip()) for it in m[1].split(",")]
-    return [it for it in items if it and it != "none"]
-
-
-def scene_items(scene):
-    import task
-    return task.scene_list(scene)
 
 
 def pass_at_k(n, c, k):

@@ -59,6 +59,7 @@ import dist
 import model as model_lib
 import reward
 import sampler
+import task
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +358,11 @@ def rollout(policy, tok, records, image_root, cfg, d, step, system_prompt):
     stats["acc_final"] = float(correct.sum())
     for case in ("w2r", "r2r", "r2w", "w2w", "single", "none"):
         stats[f"case_{case}"] = sum(s.get("case") == case for s in scores)
+    # built-in task only: is the first scene list right? (perception, which no reward checks)
+    scenes = [(t, r["scene"]) for t, r in zip(texts, (r for r in records for _ in range(G)))
+              if isinstance(r.get("scene"), dict)]
+    stats["scene_n"] = len(scenes)
+    stats["scene_ok"] = sum(task.first_scene_list(t) == task.scene_list(sc) for t, sc in scenes)
     return roll, stats
 
 
@@ -668,6 +674,8 @@ def train(cfg: GRPOConfig, d):
                                            "resp_len", "truncated", "vision_token_cut")})
         rec.update({k: int(rs[k]) for k in rs if k.startswith("case_")})
         rec["groups_kept"] = rs["groups_kept"] / rs["groups"]
+        if rs["scene_n"]:
+            rec["scene_acc"] = rs["scene_ok"] / rs["scene_n"]
         opt_steps = max(us["opt_steps"] / d.world_size, 1.0)
         rec.update(loss=us["loss"] / d.world_size / opt_steps, grad_norm=us["grad_norm"] / d.world_size / opt_steps,
                    opt_steps=int(us["opt_steps"] / d.world_size), kl_old=us["kl_old"] / tokens,

@@ -185,6 +185,16 @@ def scene_list(scene):
     return [f"{o['color']} {o['shape']}" for o in objs]
 
 
+def first_scene_list(text):
+    """The items of the first 'shapes: 1 red circle, 2 blue square.' list of a response, or None
+    (compare with scene_list(scene): the response saw the scene right when they are equal)."""
+    m = re.search(r"shapes:\s*([^.<]*)\.", text or "")
+    if not m:
+        return None
+    items = [re.sub(r"^\d+\s*", "", it.strip()) for it in m[1].split(",")]
+    return [it for it in items if it and it != "none"]
+
+
 def facts(record):
     """The true facts an attempt should state: (lists {name: [items]}, counts {name: int}).
     Every kind first lists the whole scene ("shapes"), then the question's own list and counts."""

@@ -53,6 +53,10 @@ def test_quick_pipeline_end_to_end(tmp_path):
             rows = json.load(f)["results"]
         assert {r["checkpoint"] for r in rows} == names
         assert all(0.0 <= r["metrics"]["final_acc"] <= 1.0 for r in rows)
+    # grpo.py logs the perception metric on the built-in task (a fraction)
+    for stage in ("srpo", "grpo"):
+        last = json.loads((run / stage / "log.jsonl").read_text().splitlines()[-1])
+        assert 0.0 <= last["scene_acc"] <= 1.0, stage
     table = (run / "results.md").read_text()
     assert all(n in table for n in ("base", "sft", "srpo", "grpo", "shuffled images", "scene list"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
