@@ -215,13 +215,14 @@ class GRPOConfig:
 
 def parse_args(argv=None) -> GRPOConfig:
     ap = argparse.ArgumentParser(description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)")
-    for f in fields(GRPOConfig):
+    for f in fields(GRPOConfig):  # --a_b and --a-b both work, as in sft.py and reflect_data.py
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         if f.type in (bool, "bool"):
-            ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=f.default,
-                            metavar="0|1")
+            ap.add_argument(*names, dest=f.name, type=lambda s: s.lower() in ("1", "true", "yes", "on"),
+                            default=f.default, metavar="0|1")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            ap.add_argument(f"--{f.name}", type=typ, default=f.default)
+            ap.add_argument(*names, dest=f.name, type=typ, default=f.default)
     cfg = GRPOConfig(**vars(ap.parse_args(argv)))
     check_config(cfg)
     return cfg

@@ -671,8 +671,9 @@ def parse_args(argv=None) -> ReflectConfig:
     comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(ReflectConfig), re.M))
     ap = argparse.ArgumentParser(description="SRPO stage 1: reflection SFT data from the policy's attempts",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, val in asdict(ReflectConfig()).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help=comments.get(name, " "),
+    for name, val in asdict(ReflectConfig()).items():  # --a-b and --a_b both work, as in sft.py and grpo.py
+        names = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
+        ap.add_argument(*names, dest=name, type=type(val), default=val, help=comments.get(name, " "),
                         choices=["rule", "openai", "local"] if name == "teacher" else None)
     return ReflectConfig(**vars(ap.parse_args(argv)))
 

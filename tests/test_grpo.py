@@ -501,3 +501,10 @@ def test_special_token_ids_must_match_the_tokenizer(world, tmp_path):
     grpo.check_special_tokens(world["model"], tok)                   # the good one passes
     with pytest.raises(ValueError, match=r"video_token_id = \d+ is '<reflection>'"):
         grpo.main(grpo.parse_args(["--model", str(bad), "--train", world["train"], "--out", str(tmp_path / "o")]))
+
+
+def test_cli_accepts_both_flag_spellings():
+    """--max_new_tokens and --max-new-tokens set the same field (as in sft.py and reflect_data.py)."""
+    a = grpo.parse_args(["--max_new_tokens", "64", "--prompts-per-step", "4", "--freeze_vision", "0"])
+    b = grpo.parse_args(["--max-new-tokens", "64", "--prompts_per_step", "4", "--freeze-vision", "0"])
+    assert a == b and a.max_new_tokens == 64 and a.prompts_per_step == 4 and a.freeze_vision is False

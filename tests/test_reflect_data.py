@@ -539,3 +539,10 @@ def test_kill_mid_run_then_resume(tmp_path, monkeypatch):
         server.close()
     ids = [r["id"] for r in data.read_jsonl(out)]
     assert sorted(ids) == sorted(f"q{i}" for i in range(12)) and s["this_run"]["todo"] == 12 - n_first
+
+
+def test_cli_accepts_both_flag_spellings():
+    """--correct-frac and --correct_frac set the same field (as in sft.py and grpo.py)."""
+    a = rd.parse_args(["--correct-frac", "0.5", "--max_new_tokens", "64"])
+    b = rd.parse_args(["--correct_frac", "0.5", "--max-new-tokens", "64"])
+    assert a == b and a.correct_frac == 0.5 and a.max_new_tokens == 64
