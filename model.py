@@ -29,9 +29,8 @@ the attention mask's cumsum; both give the same positions.)
 
 KV cache. `KVCache` is preallocated (static): k, v of shape (layers, B, kv_heads, max_len,
 head_dim). `forward(..., cache=c, cache_pos=p)` writes the keys/values of the T new tokens at
-[p, p+T) and attends causally to [0, p+T), masking keys where attention_mask == 0. A decode step
-on CPU (T == 1) attends with two plain matmuls per layer and an additive 0/-inf mask (faster there
-than SDPA for one query); everything else goes through SDPA.
+[p, p+T) and attends causally to [0, p+T), masking keys where attention_mask == 0. (sampler.py
+decodes with its own one-token step, `sampler.decode_step`, over the same cache.)
 
 Checkpoints. `from_pretrained` reads config.json (transformers-5 nested layout or the older flat
 hub layout) and model.safetensors (or a sharded index), in either key layout (hub:
@@ -488,15 +487,6 @@ class Attention(nn.Module):
             cache.k[self.layer_idx, :, :, cache_pos:end] = k
             cache.v[self.layer_idx, :, :, cache_pos:end] = v
             k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]  # (B, Hkv, S, hd)
-        if T == 1 and cache is not None and x.device.type == "cpu":
-            # CPU decode: the g = n_head / n_kv query heads of a kv head attend as one (g, hd) @ (hd, S)
-            # matmul; mask is an additive bias (B, 1, 1, S) here. On CPU this beats SDPA's per-head setup.
-            qg = q.reshape(B, self.n_kv, -1, self.hd)  # (B, Hkv, g, hd)
-            att = torch.matmul(qg, k.transpose(-1, -2)).mul_(self.hd ** -0.5)  # (B, Hkv, g, S)
-            if mask is not None:
-                att.add_(mask)
-            y = torch.matmul(att.softmax(dim=-1), v).view(B, self.n_head, 1, self.hd)
-            return self.o_proj(y.view(B, 1, -1))
         if mask is not None and T > 1 and self.n_head != self.n_kv:
             # a masked prefill: expand the kv heads so CUDA can use its memory-efficient kernel
             # (its GQA support varies by version); decode steps (T == 1) stay copy-free
@@ -669,16 +659,7 @@ class Qwen2_5_VL(nn.Module):
         # mask (B|1, 1, T, S): causal, and no attention to padded keys (a padded query still sees
         # itself, so its row stays finite); None = plain causal
         mask = None
-        if T == 1 and cache is not None and x.device.type == "cpu":
-            # CPU decode (matmul attention, see Attention): an additive bias (B, 1, 1, S), -inf on
-            # padded keys (the new token itself always visible); none without an attention_mask
-            if attention_mask is not None:
-                S = cache_pos + 1
-                if attention_mask.shape[0] != B or attention_mask.shape[1] < S:
-                    raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
-                mask = torch.zeros(B, 1, 1, S, dtype=x.dtype, device=x.device)
-                mask[:, 0, 0, :cache_pos].masked_fill_(attention_mask[:, :cache_pos] == 0, float("-inf"))
-        elif cache is not None or attention_mask is not None:
+        if cache is not None or attention_mask is not None:
             S = cache_pos + T if cache is not None else T
             q_pos = torch.arange(cache_pos, cache_pos + T, device=x.device) if cache is not None else torch.arange(T, device=x.device)
             k_pos = torch.arange(S, device=x.device)
