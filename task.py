@@ -171,6 +171,12 @@ def enumeration(name, items):
     return f"{name}: " + ", ".join(f"{i + 1} {it}" for i, it in enumerate(items)) + "."
 
 
+def list_items(body):
+    """The inverse of enumeration's body: '1 circle, 2 square' -> ['circle', 'square'] ('none' -> [])."""
+    items = [re.sub(r"^\d+\s*", "", it.strip()) for it in body.split(",")]
+    return [it for it in items if it and it != "none"]
+
+
 def by_color(colors):
     return sorted(colors, key=list(COLORS).index)
 
@@ -189,10 +195,7 @@ def first_scene_list(text):
     """The items of the first 'shapes: 1 red circle, 2 blue square.' list of a response, or None
     (compare with scene_list(scene): the response saw the scene right when they are equal)."""
     m = re.search(r"shapes:\s*([^.<]*)\.", text or "")
-    if not m:
-        return None
-    items = [re.sub(r"^\d+\s*", "", it.strip()) for it in m[1].split(",")]
-    return [it for it in items if it and it != "none"]
+    return list_items(m[1]) if m else None
 
 
 def facts(record):
@@ -237,8 +240,9 @@ def think_text(record):
     """The scene list, the question's list (if any), then the count or the arithmetic step."""
     lists, counts = facts(record)
     text = " ".join(enumeration(name, items) for name, items in lists.items())
-    if arithmetic(record):
-        return f"{text} " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ". " + arithmetic(record)
+    step = arithmetic(record)
+    if step:
+        return f"{text} " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ". " + step
     (cname, n), = counts.items()
     return f"{text} {cname} {n}"
 
@@ -257,8 +261,7 @@ def parse_attempt(think, names):
     think = (think or "").lower()
     lists = {}
     for name, body in re.findall(r"([a-z]+):\s*([^.:]*)", think):
-        items = [re.sub(r"^\d+\s*", "", it.strip()) for it in body.split(",")]
-        lists[name] = [it for it in items if it and it != "none"]
+        lists[name] = list_items(body)
     counts = {}
     for name in names:
         found = re.findall(rf"\b{name}\s*(?:=|is)?\s*(-?\d+)", think)
@@ -308,8 +311,9 @@ def teacher_reflection(record, attempt_think, attempt_answer):
         right = x + y if op == "+" else x - y
         if right != z:
             notes.append(f"{x}{op}{y} is {right}, not {z}")
-    if arithmetic(record) and len(ok) < len(true_counts):  # a count was wrong: redo the step
-        notes.append(arithmetic(record))
+    step = arithmetic(record)
+    if step and len(ok) < len(true_counts):  # a count was wrong: redo the step
+        notes.append(step)
     if got == gt:
         head = ". ".join(notes) if notes else "checked: " + ", ".join(ok)
         tail = f"answer {gt} is right."
