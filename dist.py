@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,6 @@ def exit_worker():
     exception', exit -6; seen ~1 in 15 runs on a loaded 2-core machine). Call after close(), once
     everything is saved. A no-op in a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import sys
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

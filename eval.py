@@ -277,6 +277,7 @@ def generate_responses(model, tok, records, image_root, cfg):
 def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None):
     """records (P), gens (P*n prompt-major) -> per-sample prediction dicts, scored with reward.py."""
     import reward
+    import task
     rcfg = reward_cfg or reward.RewardConfig()
     n = len(gens) // max(len(records), 1)
     assert n * len(records) == len(gens), f"{len(gens)} responses for {len(records)} records"
@@ -297,11 +298,8 @@ def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None):
                           case=s["case"], format_ok=f["format"] > 0, reward=float(s["total"]),
                           length=g["length"], finish=g["finish"]))
         if isinstance(rec.get("scene"), dict):  # built-in task: is the first scene list exactly right?
-            import task
             preds[-1]["scene_ok"] = task.first_scene_list(g["text"]) == task.scene_list(rec["scene"])
     return preds
-
-
 
 
 def pass_at_k(n, c, k):
