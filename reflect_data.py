@@ -12,7 +12,8 @@ For each training question:
 3. a teacher that sees the question, the image, the attempt, its answer and the ground truth
    writes a reflection and a second attempt:
        rule    the built-in task's rule-based teacher (task.teacher_reflection, which knows the
-               true scene; the worked solution task.solution is the second attempt)
+               true scene and checks the question item by item over the scene list; the counts
+               that check found, task.count_text, are the second attempt)
        openai  any OpenAI-compatible /chat/completions endpoint, images inline as base64 data
                URLs, threads for concurrency, per-request timeout, retries with exponential
                backoff; the key comes from an environment variable and is never logged or written
@@ -346,7 +347,8 @@ def parse_teacher(text):
 
 
 class RuleTeacher:
-    """Built-in task: task.teacher_reflection (knows the true scene) + task.solution as second attempt."""
+    """Built-in task: task.teacher_reflection (knows the true scene; checks item by item) + the counts
+    that check found (task.count_text) as the second attempt."""
     name = "rule"
 
     def reflect(self, items):
@@ -356,9 +358,8 @@ class RuleTeacher:
             if "scene" not in it.record or "params" not in it.record:
                 raise ValueError(f"{it.where}: the rule teacher needs the built-in task's fields 'scene' and "
                                  f"'params' (use --teacher openai or local for other data)")
-            second = reward.parse_response(task.solution(it.record))
             out.append(TeacherReply(task.teacher_reflection(it.record, it.attempt_think, it.attempt_answer),
-                                    second.thinks[0], second.answers[0]))
+                                    task.count_text(it.record), it.record["answer"]))
         return out
 
 

@@ -147,38 +147,65 @@ def think_of(text):
     return re.search(r"<think>(.*)</think>", text, re.S)[1]
 
 
-def test_teacher_wrong_count(small):
-    _, train, _ = small
-    r = next(r for r in train if r["kind"] == "count_color" and int(r["answer"]) >= 2)
-    n, color = int(r["answer"]), r["question"].split()[2]
-    shapes = [o["shape"] for o in r["scene"]["objects"] if o["color"] == color]
-    # the attempt missed the last one of the colour
-    attempt = f"{color}: " + ", ".join(f"{i + 1} {s}" for i, s in enumerate(shapes[:-1])) + f". {color} {n - 1}"
-    refl = teacher_reflection(r, attempt, str(n - 1))
-    assert f"{color} is {n}, not {n - 1}" in refl
-    assert f"missed 1 {shapes[-1]}" in refl
-    assert refl.endswith(f"answer is {n}, not {n - 1}.")
-    # a correct attempt gets a short verification
-    ok = teacher_reflection(r, think_of(solution(r)), r["answer"])
-    assert ok == f"checked: {color} {n}. answer {n} is right."
+def walk_items(refl):
+    """'check: 1 red circle red 1, 2 blue square no.' -> [(colour, shape, mark)]."""
+    body = re.search(r"check: (.*?)\.", refl)[1]
+    return [re.fullmatch(r"\d+ (\w+) (\w+) (.+)", it.strip()).groups() for it in body.split(",")]
 
 
-def test_teacher_arithmetic_and_malformed(small):
+def test_teacher_checks_item_by_item(small):
+    """The reflection walks every object once, in list order (colour, then shape), marks exactly
+    the ones the question counts with a running count, and ends with the true answer."""
     _, train, _ = small
-    r = next(r for r in train if r["kind"] == "sum_shapes")
-    a, b = [w for w in r["question"].split() if w.endswith("s") and w not in ("shapes", "is")][:2]
-    na = sum(1 for o in r["scene"]["objects"] if o["shape"] + "s" == a)
-    nb = sum(1 for o in r["scene"]["objects"] if o["shape"] + "s" == b)
-    refl = teacher_reflection(r, f"{a} {na + 1}, {b} {nb}. {na + 1}+{nb}={na + nb + 1}", str(na + nb + 1))
-    assert f"{a} is {na}, not {na + 1}" in refl and f"{na}+{nb}={na + nb}" in refl
-    assert refl.endswith(f"answer is {na + nb}, not {na + nb + 1}.")
-    # right counts, wrong addition
-    refl = teacher_reflection(r, f"{a} {na}, {b} {nb}. {na}+{nb}={na + nb + 2}", str(na + nb + 2))
-    assert f"{na}+{nb} is {na + nb}, not {na + nb + 2}" in refl
-    # malformed attempts: still a reflection with the true facts, never a crash
-    for think, ans in [("", ""), ("<<garbage: , . 1+=", "x"), (None, None), ("circles circles 9 9", "\\boxed{7}")]:
+    order = lambda o: (list(RGB).index(o["color"]), ["circle", "square", "triangle"].index(o["shape"]))
+    seen = set()
+    for r in train:
+        gt = recompute(r["question"], r["scene"]["objects"])
+        wrong = teacher_reflection(r, task.think_text(r), str(gt + 1))
+        assert wrong.endswith(f"answer is {gt}, not {gt + 1}.")
+        assert teacher_reflection(r, task.think_text(r), str(gt)).endswith(f"answer {gt} is right.")
+        if r["kind"] == "count_all":
+            assert wrong == f"shapes {gt}. answer is {gt}, not {gt + 1}."
+            continue
+        seen.add(r["kind"])
+        items = walk_items(wrong)
+        objs = sorted(r["scene"]["objects"], key=order)
+        assert [(c, s) for c, s, _ in items] == [(o["color"], o["shape"]) for o in objs]
+        final = {}
+        for c, s, mark in items:
+            if mark == "no":
+                continue
+            name, k = mark.rsplit(" ", 1)
+            final[name] = final.get(name, 0) + 1
+            assert int(k) == final[name], wrong                   # a running count
+            assert name.split()[-1] in (c, s + "s"), wrong        # marks name the object's colour or shape
+        # the marked counts give the answer: one name, or the two of a sum / difference
+        vals = list(final.values()) + [0] * (2 - len(final))
+        if r["kind"] in ("sum_shapes", "diff_colors"):
+            counts = re.search(r"\. (\w+) (\d+), (\w+) (\d+)\. ", wrong).groups()
+            a, b = int(counts[1]), int(counts[3])
+            assert {counts[0]: a, counts[2]: b} == {k: final.get(k, 0) for k in (counts[0], counts[2])}
+            assert (a + b if r["kind"] == "sum_shapes" else a - b) == gt
+        else:
+            assert vals[0] == gt and len(final) <= 1
+    assert seen == {"count_color", "count_shape", "count_color_shape", "sum_shapes", "diff_colors"}
+
+
+def test_teacher_names_misseen_scene_and_survives_malformed(small):
+    _, train, _ = small
+    r = next(r for r in train if r["kind"] == "count_color" and len(r["scene"]["objects"]) >= 3)
+    think = task.think_text(r)
+    listed = re.search(r"shapes: ([^.]*)\.", think)[1]
+    dropped = re.sub(r"^\d+ ", "", listed.split(", ")[0])         # the attempt missed its first object
+    misseen = think.replace(listed, ", ".join(listed.split(", ")[1:]))
+    refl = teacher_reflection(r, misseen, r["answer"])
+    assert refl.startswith(f"shapes: missed 1 {dropped}. check: ")
+    assert teacher_reflection(r, think, r["answer"]).startswith("check: ")  # a right list is not mentioned
+    # malformed attempts: still the whole check and the true answer, never a crash
+    gt = r["answer"]
+    for think, ans in [("", ""), ("<<garbage: , . 1+=", "x"), (None, None), ("shapes: 9 9 9", "\\boxed{7}")]:
         refl = teacher_reflection(r, think, ans)
-        assert f"{a} is {na}" in refl and str(na + nb) in refl
+        assert "check: " in refl and re.search(rf"answer is {gt}\b|answer {gt} is right", refl), refl
 
 
 def test_make_task_idempotent_and_crash_safe(tmp_path, monkeypatch):
