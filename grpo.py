@@ -40,7 +40,6 @@ the last good checkpoint, which is left untouched.
     python grpo.py --model runs/base --reward grpo ... --out runs/grpo          # plain GRPO baseline
     torchrun --nproc_per_node=8 grpo.py ...                                     # see the 7B config below
 """
-import argparse
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import shutil
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -56,6 +55,7 @@ from tqdm import tqdm
 
 import data
 import dist
+from config import parse_config
 import model as model_lib
 import reward
 import sampler
@@ -214,16 +214,7 @@ class GRPOConfig:
 
 
 def parse_args(argv=None) -> GRPOConfig:
-    ap = argparse.ArgumentParser(description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)")
-    for f in fields(GRPOConfig):  # --a_b and --a-b both work, as in sft.py and reflect_data.py
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        if f.type in (bool, "bool"):
-            ap.add_argument(*names, dest=f.name, type=lambda s: s.lower() in ("1", "true", "yes", "on"),
-                            default=f.default, metavar="0|1")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            ap.add_argument(*names, dest=f.name, type=typ, default=f.default)
-    cfg = GRPOConfig(**vars(ap.parse_args(argv)))
+    cfg = parse_config(GRPOConfig, argv, description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)")
     check_config(cfg)
     return cfg
 

@@ -44,7 +44,6 @@ and written as JSON (--summary, default <dir of OUT>/summary.json).
         --teacher openai --teacher-url http://HOST/v1 --teacher-model MODEL --teacher-key-env TEACHER_KEY
     python reflect_data.py --policy CKPT --data train.jsonl --out reflect.jsonl --teacher local --teacher-model BIG_CKPT
 """
-import argparse
 import base64
 import concurrent.futures
 import http.client
@@ -60,13 +59,14 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 from tqdm import tqdm
 
 import data
 import reward
+from config import parse_config
 
 # The instructions the openai / local teacher gets (system message). The user message is
 # teacher_user_text(item) plus the image(s).
@@ -667,16 +667,8 @@ def _write_json_atomic(path, obj):
 
 
 def parse_args(argv=None) -> ReflectConfig:
-    """Every ReflectConfig field as --field-name; help = the field's comment in the dataclass."""
-    import inspect
-    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(ReflectConfig), re.M))
-    ap = argparse.ArgumentParser(description="SRPO stage 1: reflection SFT data from the policy's attempts",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, val in asdict(ReflectConfig()).items():  # --a-b and --a_b both work, as in sft.py and grpo.py
-        names = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
-        ap.add_argument(*names, dest=name, type=type(val), default=val, help=comments.get(name, " "),
-                        choices=["rule", "openai", "local"] if name == "teacher" else None)
-    return ReflectConfig(**vars(ap.parse_args(argv)))
+    return parse_config(ReflectConfig, argv, description="SRPO stage 1: reflection SFT data from the policy's attempts",
+                        choices={"teacher": ["rule", "openai", "local"]})
 
 
 if __name__ == "__main__":

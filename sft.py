@@ -27,14 +27,13 @@ The idea:
 - metrics (loss, lr, grad norm, tokens/s) go to out/log.jsonl, progress to a tqdm bar.
 Images are re-encoded per micro-batch (cheap), so memory does not grow with the data set.
 """
-import argparse
 import json
 import math
 import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 import data
 import dist
+from config import parse_config
 import model as model_lib
 
 
@@ -383,15 +383,7 @@ def train(cfg: SFTConfig):
 
 
 def parse_args(argv=None) -> SFTConfig:
-    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    for f in fields(SFTConfig):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(*names, dest=f.name, type=lambda s: s.lower() in ("1", "true", "yes"),
-                            default=f.default, nargs="?", const=True)
-        else:
-            ap.add_argument(*names, dest=f.name, type=type(f.default), default=f.default)
-    return SFTConfig(**vars(ap.parse_args(argv)))
+    return parse_config(SFTConfig, argv, description=__doc__.strip().split("\n")[0])
 
 
 if __name__ == "__main__":
