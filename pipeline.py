@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# Stage settings: the default demo (about 15 min on 2 CPU cores) and --quick (the slow test).
+# Stage settings: the default demo (about 20 min on 2 CPU cores) and --quick (the slow test).
 FULL = dict(task=[], base=[],
             reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
             sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "4"],
