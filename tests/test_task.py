@@ -143,6 +143,28 @@ def test_solution_format_and_length(small):
                            f"<answer>{r['answer']}</answer>")
 
 
+def test_walk_solution():
+    """TaskConfig(walk=True): the worked solution is the scene list, then the item-by-item check
+    (checked against an independent walk below), then the counts; same scenes and answers."""
+    cfg = replace(SMALL, n_train=60, n_test=5)
+    plain, _ = task.generate(cfg)
+    walked, _ = task.generate(replace(cfg, walk=True))
+    order = lambda o: (list(RGB).index(o["color"]), ["circle", "square", "triangle"].index(o["shape"]))
+    for p, r in zip(plain, walked):
+        assert (p["scene"], p["question"], p["answer"]) == (r["scene"], r["question"], r["answer"])
+        gt = recompute(r["question"], r["scene"]["objects"])
+        text = r["messages"][2]["content"]
+        assert text == solution(r, walk=True) and text.endswith(f"</think>\n<answer>{gt}</answer>")
+        scene = ", ".join(f"{i + 1} {o['color']} {o['shape']}" for i, o in enumerate(sorted(r["scene"]["objects"], key=order)))
+        assert text.startswith(f"<think>shapes: {scene}. ")
+        if r["kind"] == "count_all":
+            assert text == f"<think>shapes: {scene}. shapes {gt}</think>\n<answer>{gt}</answer>"
+        else:
+            assert walk_items(text) == walk_items(teacher_reflection(r, "", "0"))
+            if r["kind"] not in ("sum_shapes", "diff_colors"):
+                assert re.search(r"\. [a-z ]+ (\d+)</think>", text)[1] == str(gt)
+
+
 def think_of(text):
     return re.search(r"<think>(.*)</think>", text, re.S)[1]
 
