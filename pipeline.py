@@ -27,11 +27,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# Stage settings: the default demo (about 20 min on 2 CPU cores) and --quick (the slow test).
+# Stage settings: the default demo (about 40 min on 2 CPU cores) and --quick (the slow test).
 FULL = dict(task=[], base=[],
             reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
-            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "4"],
-            grpo=["--steps", "60", "--lr", "1e-4", "--eval_every", "0"],
+            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "8"],
+            grpo=["--steps", "200", "--lr", "3e-5", "--beta", "0.04", "--eval_every", "0"],
             eval=["--batch-size", "64", "--max-new-tokens", "256"])
 QUICK = dict(task=["--n-train", "96", "--n-test", "16"],
              base=["--max_steps", "60", "--batch_size", "16", "--warmup_steps", "5"],
