@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = dict(task=[], base=[],
             reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
             sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "8"],
-            grpo=["--steps", "200", "--lr", "3e-5", "--beta", "0.04", "--eval_every", "0"],
+            grpo=["--eval_every", "0"],  # grpo.py's defaults: 200 steps, lr 3e-5, KL beta 0.04
             eval=["--batch-size", "64", "--max-new-tokens", "256"])
 QUICK = dict(task=["--n-train", "96", "--n-test", "16"],
              base=["--max_steps", "60", "--batch_size", "16", "--warmup_steps", "5"],

@@ -21,6 +21,16 @@ GREY = (123, 117, 104)  # background: Qwen's image mean (0.481, 0.458, 0.408) x 
 SMALL = TaskConfig(n_train=200, n_test=50, difficulty=3, seed=7)
 
 
+def list_order(o):
+    """Scene lists are sorted by colour (red green blue yellow), then shape (circle square triangle)."""
+    return list(RGB).index(o["color"]), ["circle", "square", "triangle"].index(o["shape"])
+
+
+def scene_text(objects):
+    """'1 red circle, 2 blue square': the scene list a worked solution starts with."""
+    return ", ".join(f"{i + 1} {o['color']} {o['shape']}" for i, o in enumerate(sorted(objects, key=list_order)))
+
+
 def read(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -134,8 +144,7 @@ def test_solution_format_and_length(small):
     color = r["question"].split()[2]
     # the scene by colour (red green blue yellow) then shape (circle square triangle), not by place;
     # then the colour's shapes in the same fixed order
-    order = lambda o: (list(RGB).index(o["color"]), ["circle", "square", "triangle"].index(o["shape"]))
-    scene = ", ".join(f"{i + 1} {o['color']} {o['shape']}" for i, o in enumerate(sorted(r["scene"]["objects"], key=order)))
+    scene = scene_text(r["scene"]["objects"])
     shapes = sorted((o["shape"] for o in r["scene"]["objects"] if o["color"] == color),
                     key=["circle", "square", "triangle"].index)
     listed = ", ".join(f"{i + 1} {s}" for i, s in enumerate(shapes))
@@ -149,13 +158,12 @@ def test_walk_solution():
     cfg = replace(SMALL, n_train=60, n_test=5)
     plain, _ = task.generate(cfg)
     walked, _ = task.generate(replace(cfg, walk=True))
-    order = lambda o: (list(RGB).index(o["color"]), ["circle", "square", "triangle"].index(o["shape"]))
     for p, r in zip(plain, walked):
         assert (p["scene"], p["question"], p["answer"]) == (r["scene"], r["question"], r["answer"])
         gt = recompute(r["question"], r["scene"]["objects"])
         text = r["messages"][2]["content"]
         assert text == solution(r, walk=True) and text.endswith(f"</think>\n<answer>{gt}</answer>")
-        scene = ", ".join(f"{i + 1} {o['color']} {o['shape']}" for i, o in enumerate(sorted(r["scene"]["objects"], key=order)))
+        scene = scene_text(r["scene"]["objects"])
         assert text.startswith(f"<think>shapes: {scene}. ")
         if r["kind"] == "count_all":
             assert text == f"<think>shapes: {scene}. shapes {gt}</think>\n<answer>{gt}</answer>"
@@ -179,7 +187,6 @@ def test_teacher_checks_item_by_item(small):
     """The reflection walks every object once, in list order (colour, then shape), marks exactly
     the ones the question counts with a running count, and ends with the true answer."""
     _, train, _ = small
-    order = lambda o: (list(RGB).index(o["color"]), ["circle", "square", "triangle"].index(o["shape"]))
     seen = set()
     for r in train:
         gt = recompute(r["question"], r["scene"]["objects"])
@@ -191,7 +198,7 @@ def test_teacher_checks_item_by_item(small):
             continue
         seen.add(r["kind"])
         items = walk_items(wrong)
-        objs = sorted(r["scene"]["objects"], key=order)
+        objs = sorted(r["scene"]["objects"], key=list_order)
         assert [(c, s) for c, s, _ in items] == [(o["color"], o["shape"]) for o in objs]
         final = {}
         for c, s, mark in items:
