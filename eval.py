@@ -294,8 +294,8 @@ def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None):
         preds.append(dict(id=rec["id"], sample=i % n, answer=rec["answer"], response=g["text"],
                           first_answer=(p.answers[0] if p.is_two_pass else p.answers[-1]) if p.answers else None,
                           final_answer=p.answers[-1] if p.answers else None,
-                          first_correct=bool(s["first_correct"]), final_correct=bool(s["final_correct"]),
-                          case=s["case"], format_ok=f["format"] > 0, reward=float(s["total"]),
+                          first_correct=bool(s.first_correct), final_correct=bool(s.final_correct),
+                          case=s.case, format_ok=f.format > 0, reward=float(s.total),
                           length=g["length"], finish=g["finish"]))
         if isinstance(rec.get("scene"), dict):  # built-in task: is the first scene list exactly right?
             preds[-1]["scene_ok"] = task.first_scene_list(g["text"]) == task.scene_list(rec["scene"])

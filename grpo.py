@@ -333,8 +333,8 @@ def rollout(policy, tok, records, image_root, cfg, d, step, system_prompt):
     gts = [r["answer"] for r in records for _ in range(G)]
     options = [r.get("options") for r in records for _ in range(G)]
     scores = reward.score_batch(texts, gts, mode=cfg.reward, count_tokens=tok.count_tokens, options=options)
-    rewards = torch.tensor([s["total"] for s in scores])
-    correct = torch.tensor([float(s["final_correct"]) for s in scores])
+    rewards = torch.tensor([s.total for s in scores])
+    correct = torch.tensor([float(s.final_correct) for s in scores])
     adv = group_advantages(rewards, G, cfg.adv_eps)
     keep = (accuracy_band_keep(correct, G, cfg.acc_low, cfg.acc_high) if cfg.filter_groups
             else torch.ones(len(scores), dtype=torch.bool))
@@ -345,11 +345,11 @@ def rollout(policy, tok, records, image_root, cfg, d, step, system_prompt):
                  reward=float(rewards.sum()), resp_len=float(lengths.sum()),
                  truncated=sum(r == "length" for r in reasons), vision_token_cut=n_cut)
     for key in ("format", "accuracy", "length"):
-        stats[f"r_{key}"] = sum(float(s.get(key, 0.0)) for s in scores)
-    stats["acc_first"] = sum(float(s.get("first_correct", False)) for s in scores)
+        stats[f"r_{key}"] = sum(float(getattr(s, key)) for s in scores)
+    stats["acc_first"] = sum(float(s.first_correct) for s in scores)
     stats["acc_final"] = float(correct.sum())
     for case in ("w2r", "r2r", "r2w", "w2w", "single", "none"):
-        stats[f"case_{case}"] = sum(s.get("case") == case for s in scores)
+        stats[f"case_{case}"] = sum(s.case == case for s in scores)
     # built-in task only: is the first scene list right? (perception, which no reward checks)
     scenes = [(t, r["scene"]) for t, r in zip(texts, (r for r in records for _ in range(G)))
               if isinstance(r.get("scene"), dict)]
@@ -497,12 +497,12 @@ def evaluate(policy, tok, records, image_root, cfg, d, system_prompt):
             parsed = reward.parse_response(texts[j])
             answers.append(parsed.answers[-1] if parsed.answers else "")
             st["n"] += 1
-            st["reward"] += s["total"]
-            st["r_format"] += s["format"]
-            st["acc_first"] += float(s.get("first_correct", False))
-            st["acc_final"] += float(s["final_correct"])
+            st["reward"] += s.total
+            st["r_format"] += s.format
+            st["acc_first"] += float(s.first_correct)
+            st["acc_final"] += float(s.final_correct)
             st["resp_len"] += float(out["lengths"][j])
-            st[f"case_{s['case']}"] += 1
+            st[f"case_{s.case}"] += 1
     st = reduce_sums(st, d.device)
     n = max(st.pop("n"), 1.0)
     metrics = {k: (v if k.startswith("case_") else v / n) for k, v in st.items()}

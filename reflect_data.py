@@ -305,7 +305,7 @@ def judge_attempts(items, attempts):
             bad[it.id] = "attempt_format"
     scores = reward.score_batch([f[1] for f in flat], [items[f[0]].gt for f in flat], mode="grpo")
     for (i, text, think, answer), sc in zip(flat, scores):
-        cands[i].append((text, think, answer, bool(sc["final_correct"])))
+        cands[i].append((text, think, answer, bool(sc.final_correct)))
     return cands, bad
 
 
@@ -530,9 +530,9 @@ def check_samples(items, replies):
             why = "empty_reflection"
         elif copies_attempt(r.reflection, it.attempt_think):
             why = "reflection_copies_attempt"
-        elif not s["format"]:
+        elif not s.format:
             why = "bad_format"   # e.g. the teacher put tags inside its text
-        elif not s["final_correct"]:
+        elif not s.final_correct:
             why = "second_answer_wrong"
         else:
             why = ""

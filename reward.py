@@ -72,6 +72,20 @@ class RewardConfig:
     verify_workers: int = min(8, os.cpu_count() or 1)   # math-verify helper processes
 
 
+@dataclass
+class Score:
+    """The reward of one response and every component of it (each logged separately)."""
+    total: float
+    format: float                 # format term
+    accuracy: float               # accuracy term (reflection-aware for srpo)
+    length: float                 # f_len in [0, 1] (total adds length_weight * length)
+    first_correct: bool           # first answer right (the only answer for a single pass)
+    final_correct: bool           # last answer right
+    case: str                     # w2r r2r r2w w2w (two passes), single, none (no answer)
+    effectiveness: float = 0.0    # I_eff (paper preset)
+    reflection: float = 0.0       # I_ref (paper preset)
+
+
 class BadGroundTruth(ValueError):
     """The ground truth answer cannot be read: a data error, never a free reward."""
 
@@ -483,7 +497,7 @@ def length_reward(s_tokens: int, l_tokens: int, cfg: RewardConfig = RewardConfig
 
 
 def _reward(response, p, first_ok, final_ok, mode, count_tokens, cfg):
-    """Reward dict of a parsed response whose first / final answers have been judged."""
+    """Score of a parsed response whose first / final answers have been judged."""
     if not p.answers:
         case = "none"
     elif not p.is_two_pass:
@@ -504,8 +518,8 @@ def _reward(response, p, first_ok, final_ok, mode, count_tokens, cfg):
             count = count_tokens or default_count_tokens
             s = count(p.first_think) + count(p.answers[0])
             r_len = length_reward(s, count(response), cfg)
-    return dict(total=fmt + acc + cfg.length_weight * r_len, format=fmt, accuracy=acc,
-                length=r_len, first_correct=first_ok, final_correct=final_ok, case=case)
+    return Score(total=fmt + acc + cfg.length_weight * r_len, format=fmt, accuracy=acc,
+                 length=r_len, first_correct=first_ok, final_correct=final_ok, case=case)
 
 
 def _score_all(responses, gts, mode, count_tokens, cfg, options, where):
@@ -540,21 +554,20 @@ def _score_all(responses, gts, mode, count_tokens, cfg, options, where):
 
 
 def srpo_reward(response: str, gt, count_tokens: Optional[Callable[[str], int]] = None,
-                cfg: RewardConfig = RewardConfig(), options=None) -> dict:
-    """SRPO reward of one response: dict(total, format, accuracy, length, first_correct,
-    final_correct, case in w2r/r2r/r2w/w2w/single/none). Raises BadGroundTruth only."""
+                cfg: RewardConfig = RewardConfig(), options=None) -> Score:
+    """SRPO reward of one response (a Score). Raises BadGroundTruth only."""
     return _score_all([response], [gt], "srpo", count_tokens, cfg, [options], "")[0]
 
 
-def grpo_reward(response: str, gt, cfg: RewardConfig = RewardConfig(), options=None) -> dict:
+def grpo_reward(response: str, gt, cfg: RewardConfig = RewardConfig(), options=None) -> Score:
     """Plain GRPO baseline: format_reward for the single-pass format + grpo_correct if the last
-    answer is right. Same keys as srpo_reward (length always 0; case for logging only)."""
+    answer is right. Same fields as srpo_reward (length always 0; case for logging only)."""
     return _score_all([response], [gt], "grpo", None, cfg, [options], "")[0]
 
 
 def score_batch(responses: list, gts: list, mode: str = "srpo",
                 count_tokens: Optional[Callable[[str], int]] = None,
-                cfg: RewardConfig = RewardConfig(), options: Optional[list] = None) -> list:
+                cfg: RewardConfig = RewardConfig(), options: Optional[list] = None) -> list[Score]:
     """Rewards of a rollout batch (one gt, and optionally one options list, per response).
     math-verify work runs on cfg.verify_workers helper processes, bounded by cfg.timeout_s per
     response. Raises BadGroundTruth naming the index of the first unreadable ground truth."""

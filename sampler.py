@@ -43,6 +43,7 @@ Command line:  python sampler.py --model PATH --image IMG --prompt "..."   (stre
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -377,6 +378,44 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
         del cache
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
     return dict(tokens=tokens_out, logprobs=logp_out, lengths=lengths, finish_reasons=reasons)
+
+
+@dataclass
+class Generation:
+    """What generate_texts returns; rows are prompt-major (row i*n + j = sample j of prompt i)."""
+    tokens: torch.Tensor          # (N, R) long, pad_id after each row's length
+    logprobs: torch.Tensor        # (N, R) float32 log-softmax(logits / temperature) of the drawn tokens, 0 after
+    lengths: torch.Tensor         # (N,) long, response tokens including the final eos when one was drawn
+    texts: list                   # N decoded responses, without their final eos token
+    finish_reasons: list          # N of "stop" (drew an eos) | "length" (hit max_new_tokens)
+
+
+def generate_texts(model, tok, prompts, cfg: SampleConfig, batch_size=8, progress=False) -> Generation:
+    """The one text-generation API: encoded prompts (data.encode_messages(..., add_generation_prompt=True))
+    in, cfg.n responses per prompt out, batch_size prompts per sampler call. A response ends at its
+    first eos token, which counts in `lengths` (the model learns to stop) and is dropped from `texts`.
+    cfg.seed seeds the first call; call k uses cfg.seed + k."""
+    import data
+    from tqdm import tqdm
+    parts = []
+    for k, c in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress)):
+        batch = data.collate(prompts[c:c + batch_size], tok.pad_id, left_pad=True)
+        call_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        parts.append(generate(model, batch, tok.eos_ids, call_cfg, pad_id=tok.pad_id))
+    R = max((p["tokens"].shape[1] for p in parts), default=0)
+    pad = lambda t, v: torch.nn.functional.pad(t.cpu(), (0, R - t.shape[1]), value=v)
+    tokens = torch.cat([pad(p["tokens"], tok.pad_id) for p in parts]) if parts else torch.zeros(0, 0, dtype=torch.long)
+    logprobs = torch.cat([pad(p["logprobs"].float(), 0.0) for p in parts]) if parts else torch.zeros(0, 0)
+    lengths = torch.cat([p["lengths"].cpu() for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+    reasons = [r for p in parts for r in p["finish_reasons"]]
+    eos = set(tok.eos_ids)
+    texts = []
+    for row, n in enumerate(lengths.tolist()):
+        ids = tokens[row, :n].tolist()
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        texts.append(tok.decode(ids))
+    return Generation(tokens=tokens, logprobs=logprobs, lengths=lengths, texts=texts, finish_reasons=reasons)
 
 
 # ----------------------------------------------------------------------------- CLI

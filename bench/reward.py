@@ -58,7 +58,7 @@ def main():
         t0 = time.perf_counter()
         out = R.score_batch(resps, gts, "srpo", cfg=cfg)
         dt = time.perf_counter() - t0
-        acc = sum(o["final_correct"] for o in out) / len(out)
+        acc = sum(o.final_correct for o in out) / len(out)
         print(f"{mix:7s} {len(resps):5d} responses  {workers} math-verify workers  "
               f"{len(resps) / dt:8.0f} responses/s  (final correct {acc:.2f})")
 

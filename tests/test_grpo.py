@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import grpo
+import reward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def fake_score_batch(responses, gts, mode="srpo", count_tokens=None, cfg=None, o
     out = []
     for r in responses:
         k = sum(r.encode()) % 5
-        out.append(dict(total=k / 4, format=0.0, accuracy=k / 4, length=0.0, first_correct=k >= 3,
+        out.append(reward.Score(total=k / 4, format=0.0, accuracy=k / 4, length=0.0, first_correct=k >= 3,
                         final_correct=k >= 2, case="none"))
     return out
 

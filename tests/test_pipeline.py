@@ -33,7 +33,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert refl, "no reflection samples written"
     for r in refl:
         s = reward.srpo_reward(r["messages"][-1]["content"], r["answer"], lambda t: len(t.split()))
-        assert s["format"] == 0.5 and s["final_correct"]
+        assert s.format == 0.5 and s.final_correct
 
     # every checkpoint loads here and in transformers, with the same logits
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -103,8 +103,8 @@ def check_written(out_path, data_path, frac):
         assert r["messages"][0] == {"role": "system", "content": data.SYSTEM_PROMPT_REFLECT}
         assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
         assert reward.parse_response(r["messages"][-1]["content"]).is_two_pass_format
-        assert s["format"] == 0.5 and s["final_correct"], r
-        assert s["case"] == {"correct": "r2r", "wrong": "w2r"}[r["source"]] == r["case"]
+        assert s.format == 0.5 and s.final_correct, r
+        assert s.case == {"correct": "r2r", "wrong": "w2r"}[r["source"]] == r["case"]
         assert r["answer"] == truth[r["id"]]["answer"]
     n = Counter()
     for r in recs:  # the streaming rule: count(kind) <= ceil(share * total) on every prefix
@@ -427,7 +427,7 @@ def test_openai_teacher_fake_server(tmp_path, monkeypatch, capsys):
             assert base64.b64decode(url.split(",", 1)[1]) == f.read()
         assert "Correct answer: 1" in r0["body"]["messages"][1]["content"][-1]["text"]
         for r in out:  # the written samples are valid two-pass data with the teacher's text
-            assert reward.srpo_reward(r["messages"][-1]["content"], r["answer"])["format"] == 0.5
+            assert reward.srpo_reward(r["messages"][-1]["content"], r["answer"]).format == 0.5
             assert "found my slip" in r["messages"][-1]["content"]
 
         # rerun with a healthy server: only the 3 failures are asked again

@@ -176,13 +176,13 @@ REWARD_CASES = [
 @pytest.mark.parametrize("resp,gt,mode,fmt,acc,case,first,final", REWARD_CASES)
 def test_reward_cases(resp, gt, mode, fmt, acc, case, first, final):
     r = R.srpo_reward(resp, gt) if mode == "srpo" else R.grpo_reward(resp, gt)
-    assert (r["format"], r["accuracy"], r["case"]) == (fmt, acc, case)
-    assert (r["first_correct"], r["final_correct"]) == (first, final)
-    assert r["total"] == pytest.approx(r["format"] + r["accuracy"] + 0.1 * r["length"])
+    assert (r.format, r.accuracy, r.case) == (fmt, acc, case)
+    assert (r.first_correct, r.final_correct) == (first, final)
+    assert r.total == pytest.approx(r.format + r.accuracy + 0.1 * r.length)
     if case in ("single", "none") or mode == "grpo":
-        assert r["length"] == 0.0
+        assert r.length == 0.0
     else:
-        assert 0.0 <= r["length"] <= 1.0
+        assert 0.0 <= r.length <= 1.0
 
 
 TAG = re.compile(r"</?(?:think|answer|reflection)>")
@@ -204,8 +204,8 @@ def words(s):   # test token counter: whitespace words, tags not counted
 def test_length_reward_hand_computed(refl, t2, expected):
     resp = two_pass("a b c d", "3", refl, t2, "4")
     r = R.srpo_reward(resp, "4", count_tokens=words)
-    assert r["length"] == pytest.approx(expected, rel=1e-12)
-    assert r["total"] == pytest.approx(0.5 + 1.0 + 0.1 * expected, rel=1e-12)
+    assert r.length == pytest.approx(expected, rel=1e-12)
+    assert r.total == pytest.approx(0.5 + 1.0 + 0.1 * expected, rel=1e-12)
 
 
 def test_length_reward_function_and_config():
@@ -217,9 +217,9 @@ def test_length_reward_function_and_config():
     assert R.length_reward(10, 40, cfg) == pytest.approx(math.exp(-1.0))
     resp = two_pass("a b c d", "3", "w w", "w w", "4")                  # S=5, L=10, T=15, width 5
     r = R.srpo_reward(resp, "4", count_tokens=words, cfg=cfg)
-    assert r["length"] == pytest.approx(math.exp(-1.0))
-    assert r["total"] == pytest.approx(1.0 + 2.0 + 0.2 * math.exp(-1.0))
-    assert R.srpo_reward(resp, "4", count_tokens=lambda s: 0)["length"] == 0.0
+    assert r.length == pytest.approx(math.exp(-1.0))
+    assert r.total == pytest.approx(1.0 + 2.0 + 0.2 * math.exp(-1.0))
+    assert R.srpo_reward(resp, "4", count_tokens=lambda s: 0).length == 0.0
 
 
 def test_default_token_count_used_when_none_given():
@@ -227,7 +227,7 @@ def test_default_token_count_used_when_none_given():
     resp = two_pass("a", "3", "r", "t", "4")
     r = R.srpo_reward(resp, "4")
     s = R.default_count_tokens("a") + R.default_count_tokens("3")
-    assert r["length"] == pytest.approx(R.length_reward(s, R.default_count_tokens(resp)))
+    assert r.length == pytest.approx(R.length_reward(s, R.default_count_tokens(resp)))
 
 
 def test_parse_response_fields():
@@ -244,9 +244,9 @@ def test_score_batch_matches_single_calls_and_errors():
     gts = ["4", "B", "0.5", "4"]
     out = R.score_batch(resps, gts, "srpo", words)
     assert out == [R.srpo_reward(r, g, words) for r, g in zip(resps, gts)]
-    assert [o["case"] for o in out] == ["w2r", "single", "single", "none"]
+    assert [o.case for o in out] == ["w2r", "single", "single", "none"]
     assert R.score_batch(resps, gts, "grpo") == [R.grpo_reward(r, g) for r, g in zip(resps, gts)]
-    assert R.score_batch(["<answer>12</answer>"], ["B"], options=[OPTS])[0]["accuracy"] == 0.5
+    assert R.score_batch(["<answer>12</answer>"], ["B"], options=[OPTS])[0].accuracy == 0.5
     with pytest.raises(BadGroundTruth, match="#2"):
         R.score_batch(resps[:3], ["4", "B", "???"])
     with pytest.raises(ValueError):
@@ -285,15 +285,15 @@ def test_hostile_inputs_never_raise_and_stay_bounded(i, gt):
     r = R.srpo_reward(HOSTILE[i], gt, cfg=CFG)
     g = R.grpo_reward(HOSTILE[i], gt, cfg=CFG)
     dt = time.time() - t0
-    assert 0.0 <= r["total"] <= 1.6 and 0.0 <= g["total"] <= 1.5
+    assert 0.0 <= r.total <= 1.6 and 0.0 <= g.total <= 1.5
     if gt != "4":   # "<answer><answer>4</answer>" does contain a well-formed answer 4
-        assert not r["final_correct"] and not g["final_correct"]
+        assert not r.final_correct and not g.final_correct
     assert dt < 2 * CFG.timeout_s + 1.5, dt      # two rewards, each bounded by timeout_s
 
 
 def test_non_string_response_is_scored_zero():
     for resp in (None, b"<answer>4</answer>", 4):
-        assert R.srpo_reward(resp, "4")["total"] == 0.0
+        assert R.srpo_reward(resp, "4").total == 0.0
 
 
 def test_works_from_worker_thread():
@@ -308,7 +308,7 @@ def test_works_from_worker_thread():
     th = threading.Thread(target=run)
     th.start()
     th.join(30)
-    assert [o["final_correct"] for o in out["r"]] == [True, False]
+    assert [o.final_correct for o in out["r"]] == [True, False]
 
 
 def test_fast_numeric_path_agrees_with_math_verify():
@@ -343,7 +343,7 @@ def test_pool_survives_timeouts_in_a_batch():
     cfg = RewardConfig(timeout_s=1.0, verify_workers=2)
     t0 = time.time()
     out = R.score_batch([good, bad, good, bad, good], ["\\frac{1}{\\sqrt{2}}"] * 5, cfg=cfg)
-    assert [o["final_correct"] for o in out] == [True, False, True, False, True]
+    assert [o.final_correct for o in out] == [True, False, True, False, True]
     assert time.time() - t0 < 2 * cfg.timeout_s + 3.0
     assert R.answers_match(good[8:-9], "\\frac{1}{\\sqrt{2}}", cfg=cfg)   # workers restarted
 
