@@ -33,6 +33,7 @@ from typing import Optional
 
 @dataclass
 class MatchConfig:
+    """Answer-matching settings (reward.RewardConfig inherits them)."""
     rel_tol: float = 1e-6           # numeric answers: |p - g| <= rel_tol * max(1, |g|)
     max_answer_chars: int = 1000    # longer answer blocks are wrong without being parsed
     timeout_s: float = 2.0          # hard bound on math-verify work per response

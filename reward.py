@@ -17,9 +17,10 @@ preset "paper" (the default): Eq. 4-8 as published.
     I_ref      0.25 if exactly one non-empty reflection lies between a1 and a second solution
                that ends the response in an <answer> block
     f_len      (Eq. 7, below), paid only with a reflection and a second answer
-    With a proper reflection: r2r 1.5, w2r 1.25, r2w 1.0, w2w 0.75 (+ 0.1 f_len). One answer
-    only: R_format + R_accuracy (at most 1.0). No answer: 0. For the same final outcome a right
-    first answer is always worth more than a wrong one (r2r > w2r, r2w > w2w), for any f_len.
+    With a proper reflection: r2r 1.5, w2r 1.25, r2w 1.0, w2w 0.75 (+ 0.1 f_len). No reflection
+    (one answer, or two without a reflection between them): R_format + R_accuracy of a1, at most
+    1.0. No answer: 0. For the same final outcome a right first answer is always worth more than
+    a wrong one (r2r > w2r, r2w > w2w) whatever f_len is; across outcomes r2w 1.0 < w2r 1.25.
     Ablations of the paper: length_weight=0 ("w/o f_len"), effectiveness=False ("w/o I_eff").
 
 preset "code": the official OpenRLHF reward (srpo_reward_func.py), which produced the paper's numbers.
@@ -29,7 +30,8 @@ preset "code": the official OpenRLHF reward (srpo_reward_func.py), which produce
                right (the official code pays 0 there, a bug); no I_ref. Here w2r pays more than
                r2r: a policy gains by answering wrong first and correcting itself.
 
-f_len (Eq. 7), both presets: S = tokens(first think) + tokens(a1), T_target = 2 S, T_max = 2.5 S,
+f_len (Eq. 7), both presets: S = tokens(first think) + tokens(a1) (the official code's reading of
+the paper's "original response"), T_target = 2 S, T_max = 2.5 S,
 L = tokens(whole response), f_len = exp(-((L - T_target) / (T_max - T_target))^2); so
 f_len(T_target) = 1 and f_len(T_max) = e^-1. S = 0 (no first attempt to compare with) pays 0.
 
@@ -45,9 +47,9 @@ nested or unbalanced tags count as text. Trailing <|im_end|> / <|endoftext|> tok
     The second <think> is optional because the paper's SFT target has none:
     <think>cot</think> <answer>a1</answer> <reflection>...</reflection> <answer>gt</answer>.
     I_ref does not look before a1: a response without a first <think> loses R_format, not I_ref.
-  * the case, I_eff and f_len are lenient: they need one non-empty <reflection> block somewhere
-    between a1 and a later non-empty answer, whose LAST answer is the final answer. A malformed
-    reflection (two of them, text in between) then still pays I_eff but not I_ref.
+  * the case, I_eff and f_len need less: a non-empty <reflection> block anywhere between a1 and
+    a later non-empty answer; the response's last answer is then the final one (c2). So a
+    malformed reflection (two of them, text in between) still pays I_eff, but not I_ref.
 
 grpo mode (the plain-GRPO baseline, both presets): format_reward (0.5) if the response is exactly
 <think>...</think><answer>...</answer> (non-empty, whitespace between) + grpo_correct (1.0) if the
@@ -108,7 +110,7 @@ class Score:
     format: float                 # R_format
     accuracy: float               # paper: R_accuracy; code: the case table value; grpo: grpo_correct or 0
     length: float                 # f_len in [0, 1] (total adds length_weight * length)
-    first_correct: bool           # first answer right (code / grpo presets: the last answer if single)
+    first_correct: bool           # first answer right (code preset, grpo mode: without a reflection, the last)
     final_correct: bool           # last answer right
     case: str                     # r2r w2r r2w w2w (a reflection between two answers), single, none
     effectiveness: float = 0.0    # I_eff (paper preset)
@@ -162,8 +164,12 @@ def _answers_to_judge(p, mode, cfg):
 def _score(response, p, verdicts, mode, count, cfg):
     """Score of a parsed response whose first / final answers have been judged."""
     first_ok, final_ok = (verdicts[0], verdicts[-1]) if verdicts else (False, False)
-    case = "none" if not p.answers else "single" if not p.is_two_pass else \
-        ("r" if first_ok else "w") + "2" + ("r" if final_ok else "w")
+    if not p.answers:
+        case = "none"
+    elif not p.is_two_pass:
+        case = "single"
+    else:
+        case = ("r" if first_ok else "w") + "2" + ("r" if final_ok else "w")
     fmt = acc = eff = ref = f_len = 0.0
     if mode == "grpo":
         fmt = cfg.format_reward if p.is_single_pass_format else 0.0

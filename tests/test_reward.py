@@ -285,12 +285,6 @@ def test_case_table_both_presets(resp, case, first, final, paper, code):
     assert c.first_correct == (first if case != "single" else final)   # code: one answer = the last
 
 
-def test_filter_accuracy_per_case():
-    # what GRPO's group filter averages, per case (paper: R_accuracy + I_eff)
-    got = {row[1] + "/" + str(row[2]): R.srpo_reward(row[0], "4").filter_accuracy for row in CASE_TABLE[:4]}
-    assert got == {"r2r/True": 0.75, "w2r/False": 0.5, "r2w/True": 0.25, "w2w/False": 0.0}
-
-
 @pytest.mark.parametrize("resp,paper_format,code_format", [
     ("<think>t</think><answer>4</answer>", 0.5, 0.0),
     ("\n  <think>t</think>\n\n<answer>4</answer>\n", 0.5, 0.0),     # whitespace around blocks
