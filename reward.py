@@ -1,580 +1,307 @@
-"""SRPO reward (reflection-aware GRPO, stage 2) and the plain-GRPO baseline reward.
+"""The SRPO reward (arXiv 2506.01713, Sec. 3.2.2, Eq. 4-8) and the plain-GRPO baseline reward.
 
-A policy response in the SRPO two-pass format looks like
+An SRPO response answers, reflects on its answer, then answers again:
 
-    <think>first reasoning</think> <answer>a1</answer>
-    <reflection>critique of the first attempt</reflection>
-    <think>second reasoning</think> <answer>a2</answer>
+    <think>first reasoning</think> <answer>a1</answer>                      first solution
+    <reflection>critique of the first attempt</reflection>                  reflection
+    <think>second reasoning</think> <answer>a2</answer>                     second solution
 
-srpo_reward pays, with every constant a field of RewardConfig (defaults = the official code):
+c1 = a1 is right, c2 = the final answer is right; the case is r2r, w2r, r2w, w2w ("w2r": wrong,
+then right), "single" (no reflection between two answers) or "none" (no answer). Two presets:
 
-    format    0.5 if the whole response is exactly that sequence (whitespace between blocks,
-              every block non-empty, nothing after the last </answer>), else 0
-    accuracy  two passes (a reflection between the first and the last <answer> block):
-                  wrong->right 1.0, right->right 0.75, right->wrong 0.25, wrong->wrong 0.0
-              one answer only (no reflection between two answers): 0.5 if the last answer is
-                  right, else 0   (the official code gives 0 here even when right - fixed)
-              no non-empty <answer> block: 0
-    length    two-pass only: S = tokens(first think) + tokens(first answer), T = 2S, Tmax = 2.5S,
-              L = tokens(whole response), r_len = exp(-(|L - T| / (Tmax - T))^2);
-              S = 0 (no first attempt to compare with) pays 0.
-    total     format + accuracy + 0.1 * length
+preset "paper" (the default): Eq. 4-8 as published.
+    R = R_format + R_accuracy + I_eff + I_ref + length_weight * f_len
+    R_format   0.5 if the first solution is well formed (see FORMAT RULES)
+    R_accuracy 0.5 if the first answer a1 is right
+    I_eff      (Eq. 8) r2r +0.25, w2r +0.5, w2w 0, r2w -0.25; 0 without a reflection
+    I_ref      0.25 if exactly one non-empty reflection lies between a1 and a second solution
+               that ends the response in an <answer> block
+    f_len      (Eq. 7, below), paid only with a reflection and a second answer
+    With a proper reflection: r2r 1.5, w2r 1.25, r2w 1.0, w2w 0.75 (+ 0.1 f_len). No reflection
+    (one answer, or two without a reflection between them): R_format + R_accuracy of a1, at most
+    1.0. No answer: 0. For the same final outcome a right first answer is always worth more than
+    a wrong one (r2r > w2r, r2w > w2w) whatever f_len is; across outcomes r2w 1.0 < w2r 1.25.
+    Ablations of the paper: length_weight=0 ("w/o f_len"), effectiveness=False ("w/o I_eff").
 
-grpo_reward (the baseline grpo.py can select) pays format_reward (0.5) if the response is exactly
-<think>...</think><answer>...</answer> (same whitespace / non-empty rules) plus grpo_correct (1.0)
-if the LAST non-empty <answer> block matches the ground truth. No reflection or length terms.
+preset "code": the official OpenRLHF reward (srpo_reward_func.py), which produced the paper's numbers.
+    R = format + accuracy + length_weight * f_len
+    format     0.5 only for the exact two-pass sequence above (both <think> blocks), else 0
+    accuracy   w2r 1.0, r2r 0.75, r2w 0.25, w2w 0; one answer only: 0.5 if its LAST answer is
+               right (the official code pays 0 there, a bug); no I_ref. Here w2r pays more than
+               r2r: a policy gains by answering wrong first and correcting itself.
 
-Token counts come from count_tokens (pass len(tokenizer.encode(s)) of the policy tokenizer).
-If none is given, default_count_tokens counts words and single punctuation characters
-(regex \\w+|[^\\w\\s]) - a rough stand-in, fine for tests, not for training.
+f_len (Eq. 7), both presets: S = tokens(first think) + tokens(a1) (the official code's reading of
+the paper's "original response"), T_target = 2 S, T_max = 2.5 S,
+L = tokens(whole response), f_len = exp(-((L - T_target) / (T_max - T_target))^2); so
+f_len(T_target) = 1 and f_len(T_max) = e^-1. S = 0 (no first attempt to compare with) pays 0.
 
-Answer matching (answers_match), after unwrapping the last \\boxed{}, $...$, "The answer is",
-"Answer:", trailing dots:
-  * multiple choice: a ground truth that is one capital letter ("B", "(B)", "B.") or, when the
-    options are given, the text of one option. The prediction's letter ("B", "(B)", "B.", "B)",
-    "(B) 12 cm", "\\boxed{B}", "The answer is B") must equal it; a prediction without a letter is
-    compared with the options' texts.
-  * numbers (integers, decimals with thousands commas, a/b and \\frac{a}{b}, percentages, known
-    units stripped): exact rational comparison with relative tolerance rel_tol; x% also matches x/100.
-  * words ("red", "yes"): case-, punctuation- and article-insensitive string equality.
-  * everything else: math-verify parse + verify, run in a helper process with a hard deadline
-    (math-verify's own signal timeout only works in the main thread, and sympy can hang).
-A ground truth none of these can read raises BadGroundTruth. An unreadable prediction is wrong.
+FORMAT RULES (paper preset). A block is an opening tag directly followed by its closing tag
+(<think>...</think>, <answer>...</answer>, <reflection>...</reflection>, tags exactly so spelled);
+it is empty if its content is whitespace only. Between blocks only whitespace may stand; stray,
+nested or unbalanced tags count as text. Trailing <|im_end|> / <|endoftext|> tokens are ignored.
+  * well-formed first solution: the response begins (after whitespace) with a non-empty <think>
+    block, then a non-empty <answer> block. What follows a1 does not change R_format: it is the
+    reflection's part, judged by I_ref. So a single-pass response can earn the full R_format.
+  * proper reflection (I_ref): after a1 come exactly: one non-empty <reflection> block, an
+    optional non-empty <think> block, one non-empty <answer> block, then the end of the response.
+    The second <think> is optional because the paper's SFT target has none:
+    <think>cot</think> <answer>a1</answer> <reflection>...</reflection> <answer>gt</answer>.
+    I_ref does not look before a1: a response without a first <think> loses R_format, not I_ref.
+  * the case, I_eff and f_len need less: a non-empty <reflection> block anywhere between a1 and
+    a later non-empty answer; the response's last answer is then the final one (c2). So a
+    malformed reflection (two of them, text in between) still pays I_eff, but not I_ref.
+
+grpo mode (the plain-GRPO baseline, both presets): format_reward (0.5) if the response is exactly
+<think>...</think><answer>...</answer> (non-empty, whitespace between) + grpo_correct (1.0) if the
+LAST answer is right. No reflection or length terms.
+
+Answers are judged by answers.py (letters, numbers, LaTeX by equivalence). Token counts come from
+count_tokens: pass len(tokenizer.encode(s)) of the policy tokenizer; without it,
+default_count_tokens counts words and punctuation characters (fine for tests, not for training).
 """
-import atexit
 import math
-import os
-import multiprocessing as mp
 import re
-import threading
-import time
-from multiprocessing import connection as mp_connection
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
+
+import answers
+from answers import MatchConfig
 
 
 @dataclass
-class RewardConfig:
-    format_reward: float = 0.5      # exact format (two-pass for srpo, single-pass for grpo)
-    w2r: float = 1.0                # wrong -> right
-    r2r: float = 0.75               # right -> right
-    r2w: float = 0.25               # right -> wrong
-    w2w: float = 0.0                # wrong -> wrong
-    single_correct: float = 0.5     # one answer only, correct
+class RewardConfig(MatchConfig):
+    """Every constant of the reward. The answer-matching fields (rel_tol, max_answer_chars,
+    timeout_s, verify_workers) are inherited from answers.MatchConfig."""
+    preset: str = "paper"           # "paper" (Eq. 4-8) | "code" (official srpo_reward_func.py)
+    format_reward: float = 0.5      # R_format (paper: first solution; code: exact two-pass sequence)
+    # preset "paper"
+    accuracy_reward: float = 0.5    # R_accuracy: the first answer is right
+    eff_r2r: float = 0.25           # I_eff (Eq. 8): a right answer kept
+    eff_w2r: float = 0.5            #                a wrong answer corrected
+    eff_w2w: float = 0.0            #                a wrong answer left wrong
+    eff_r2w: float = -0.25          #                a right answer broken
+    effectiveness: bool = True      # False: I_eff = 0 (the paper's "w/o I_eff" ablation)
+    reflection_reward: float = 0.25  # I_ref: one proper reflection and a second solution
+    # preset "code": the accuracy table
+    w2r: float = 1.0
+    r2r: float = 0.75
+    r2w: float = 0.25
+    w2w: float = 0.0
+    single_correct: float = 0.5     # one answer only, right
+    # both presets: the length term (Eq. 7); length_weight = 0 is the paper's "w/o f_len"
     length_weight: float = 0.1
     target_ratio: float = 2.0       # T_target = target_ratio * S
     max_ratio: float = 2.5          # T_max = max_ratio * S
-    grpo_correct: float = 1.0       # plain GRPO baseline: final answer correct
-    rel_tol: float = 1e-6           # numeric answers: |p - g| <= rel_tol * max(1, |g|)
-    max_answer_chars: int = 1000    # longer answer blocks are wrong without being parsed
-    timeout_s: float = 2.0          # hard bound on math-verify work per response
-    verify_workers: int = min(8, os.cpu_count() or 1)   # math-verify helper processes
+    # plain GRPO baseline
+    grpo_correct: float = 1.0       # final answer right
+
+    def __post_init__(self):
+        if self.preset not in ("paper", "code"):
+            raise ValueError(f"RewardConfig.preset must be 'paper' or 'code', got {self.preset!r}")
+        if self.preset == "code" and not self.effectiveness:
+            # the code preset's accuracy table mixes accuracy and effectiveness: nothing to drop
+            raise ValueError("RewardConfig: effectiveness=False (w/o I_eff) needs preset='paper'")
 
 
 @dataclass
 class Score:
     """The reward of one response and every component of it (each logged separately)."""
     total: float
-    format: float                 # format term
-    accuracy: float               # accuracy term (reflection-aware for srpo)
+    format: float                 # R_format
+    accuracy: float               # paper: R_accuracy; code: the case table value; grpo: grpo_correct or 0
     length: float                 # f_len in [0, 1] (total adds length_weight * length)
-    first_correct: bool           # first answer right (the only answer for a single pass)
+    first_correct: bool           # first answer right (code preset, grpo mode: without a reflection, the last)
     final_correct: bool           # last answer right
-    case: str                     # w2r r2r r2w w2w (two passes), single, none (no answer)
+    case: str                     # r2r w2r r2w w2w (a reflection between two answers), single, none
     effectiveness: float = 0.0    # I_eff (paper preset)
     reflection: float = 0.0       # I_ref (paper preset)
 
-
-class BadGroundTruth(ValueError):
-    """The ground truth answer cannot be read: a data error, never a free reward."""
-
-
-# ----------------------------------------------------------------------------- parsing
-
-_TAG_RE = re.compile(r"<(/?)(think|answer|reflection)>")
-_EOS_RE = re.compile(r"(?:\s*<\|(?:im_end|endoftext)\|>)+\s*$")
-TWO_PASS = ["think", "answer", "reflection", "think", "answer"]
-ONE_PASS = ["think", "answer"]
-
-
-@dataclass
-class Parsed:
-    thinks: list          # contents of the well-formed non-empty <think> blocks, in order
-    answers: list         # contents of the well-formed non-empty <answer> blocks, in order
-    reflection: Optional[str]   # first non-empty <reflection> between first and last answer
-    first_think: str      # last <think> before the first answer ("" if none)
-    is_two_pass_format: bool
-    is_single_pass_format: bool
-    is_two_pass: bool     # >= 2 answers with a reflection between first and last (accuracy case)
-
-
-def _blocks(text):
-    """(blocks, clean): the well-formed blocks (name, content, start, end), an open tag directly
-    followed by its close tag, and whether the text is nothing but such blocks and whitespace
-    (no stray, nested or unbalanced tag). Linear in len(text)."""
-    tags = [(m.group(1) == "/", m.group(2), m.start(), m.end()) for m in _TAG_RE.finditer(text)]
-    blocks, clean, prev_end, i = [], True, 0, 0
-    while i < len(tags):
-        is_close, name, s, e = tags[i]
-        if not is_close and i + 1 < len(tags) and tags[i + 1][0] and tags[i + 1][1] == name:
-            if text[prev_end:s].strip():
-                clean = False
-            blocks.append((name, text[e:tags[i + 1][2]], s, tags[i + 1][3]))
-            prev_end = tags[i + 1][3]
-            i += 2
-        else:
-            clean = False   # stray / nested / unbalanced tag
-            i += 1
-    if text[prev_end:].strip():
-        clean = False
-    return blocks, clean
-
-
-def _exact_format(blocks, clean, names):
-    return (clean and [b[0] for b in blocks] == names
-            and all(b[1].strip() for b in blocks))
-
-
-def parse_response(text: str) -> Parsed:
-    """Split a response into its blocks and decide its format; never raises."""
-    text = _EOS_RE.sub("", text if isinstance(text, str) else "")
-    blocks, clean = _blocks(text)
-    good = [b for b in blocks if b[1].strip()]
-    answers = [b for b in good if b[0] == "answer"]
-    thinks = [b for b in good if b[0] == "think"]
-    reflection, first_think = None, ""
-    if answers:
-        before = [b for b in thinks if b[3] <= answers[0][2]]
-        first_think = before[-1][1] if before else ""
-    if len(answers) >= 2:
-        lo, hi = answers[0][3], answers[-1][2]
-        refl = [b for b in good if b[0] == "reflection" and lo <= b[2] and b[3] <= hi]
-        reflection = refl[0][1] if refl else None
-    return Parsed(
-        thinks=[b[1] for b in thinks], answers=[b[1] for b in answers], reflection=reflection,
-        first_think=first_think,
-        is_two_pass_format=_exact_format(blocks, clean, TWO_PASS),
-        is_single_pass_format=_exact_format(blocks, clean, ONE_PASS),
-        is_two_pass=reflection is not None)
-
-
-# ----------------------------------------------------------------------------- answer cleaning
-
-def unwrap_boxed(s: str) -> str:
-    """Content of the last \\boxed{...} / \\fbox{...} (balanced braces); s itself if none."""
-    start = max(s.rfind("\\boxed{"), s.rfind("\\fbox{"))
-    if start < 0:
-        return s
-    i = s.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(s)):
-        depth += {"{": 1, "}": -1}.get(s[j], 0)
-        if depth == 0:
-            return s[i:j]
-    return s   # unbalanced: leave it to the later stages
-
-
-_LEAD_RE = re.compile(r"\b(?:answer|option|choice)\b\s*(?:is\s*:?|:)?\s*", re.I)
-_DELIMS = [("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")]
-
-
-def clean_answer(s: str) -> str:
-    """Strip the wrapping people and models put around an answer value."""
-    s = unwrap_boxed(s.strip().replace("\u2212", "-"))
-    last = None
-    for last in _LEAD_RE.finditer(s):
-        pass
-    if last is not None:
-        s = s[last.end():]
-    s = unwrap_boxed(s.strip())
-    for _ in range(2):
-        s = s.strip().rstrip(".").strip()
-        for a, b in _DELIMS:
-            if len(s) > len(a) + len(b) and s.startswith(a) and s.endswith(b):
-                s = s[len(a):-len(b)]
-    s = re.sub(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
-    return s.strip().rstrip(".").strip()
-
-
-_LETTER_ONLY = re.compile(r"\(?([A-Za-z])\)?[.):]?")
-_LETTER_LEAD = re.compile(r"(?:\(([A-Z])\)|([A-Z])[.):])\s+\S")
-
-
-def letter_of(s: str, n_options: int = 26) -> Optional[str]:
-    """The choice letter a cleaned answer names ("B", "(B)", "B.", "B)", "b", "(B) 12"), or None."""
-    m = _LETTER_ONLY.fullmatch(s)
-    letter = m.group(1).upper() if m else None
-    if letter is None:
-        m = _LETTER_LEAD.match(s)
-        letter = (m.group(1) or m.group(2)) if m else None
-    if letter is not None and ord(letter) - ord("A") < n_options:
-        return letter
-    return None
-
-
-_UNITS = (r"cm|mm|km|m|kg|g|mg|s|sec|seconds?|mins?|minutes?|h|hrs?|hours?|days?|weeks?|"
-          r"months?|years?|degrees?|deg|units?|inch(?:es)?|in|ft|feet|foot|yards?|miles?|mph|"
-          r"km/h|m/s|l|ml|liters?|litres?|dollars?|cents?|pounds?|lbs?|meters?|metres?|"
-          r"centimeters?|millimeters?|kilometers?|grams?|kilograms?|points?|people|persons?|"
-          r"times|items?|objects?|shapes?")
-_UNIT_RE = re.compile(r"(.*?\d)\s*(?:\\,|\\ |~)?\s*(?:" + _UNITS + r")(?:\^?\{?[23]\}?|²|³)?", re.I)
-_NUM_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
-_FRAC_RE = re.compile(r"([+-]?\d+)\s*/\s*(\d+)|([+-]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}")
-
-
-def number_of(s: str):
-    """(Fraction value, is_percent) of a plain number with optional unit / %, else None."""
-    s = s.replace("\\%", "%").replace("\\!", "").replace("{,}", ",")
-    s = re.sub(r"\^\{?\\circ\}?|°", "", s).strip()
-    if s.startswith("\\$") or (s.startswith("$") and "$" not in s[1:]):
-        s = s.lstrip("\\$").strip()
-    m = _UNIT_RE.fullmatch(s)
-    if m:
-        s = m.group(1)
-    pct = s.endswith("%")
-    s = s.rstrip("%").strip()
-    if _NUM_RE.fullmatch(s):
-        return Fraction(s.replace(",", "")), pct
-    m = _FRAC_RE.fullmatch(s)
-    if m:
-        num, den = (int(m.group(1)), int(m.group(2))) if m.group(1) else \
-            (int(m.group(3) + m.group(4)), int(m.group(5)))
-        return (Fraction(num, den), pct) if den != 0 else None
-    return None
-
-
-def numbers_equal(p, g, rel_tol: float) -> bool:
-    pv = [p[0], p[0] / 100] if p[1] else [p[0]]
-    gv = [g[0], g[0] / 100] if g[1] else [g[0]]
-    return any(abs(a - b) <= Fraction(rel_tol) * max(1, abs(b)) for a in pv for b in gv)
-
-
-_WORDS_RE = re.compile(r"[A-Za-z][A-Za-z '\-]*")
-
-
-def words_of(s: str) -> str:
-    s = re.sub(r"[^a-z0-9 ]", " ", s.casefold())
-    return " ".join(w for w in s.split() if w not in ("a", "an", "the"))
-
-
-# ----------------------------------------------------------------------------- math-verify helper process
-
-def _mv_wrap(s: str) -> str:
-    return s if ("$" in s or "\\(" in s or "\\[" in s) else "$" + s + "$"
-
-
-def _verify_job(gt, preds, timeout_s, gt_cache):
-    """math-verify one job with its own signal timeout (main thread only): ("ok", [bool]) | ("bad", None)."""
-    import logging
-    from math_verify import parse, verify
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)   # it logs whole inputs on timeout
-    t = max(1, math.ceil(timeout_s))
-    try:
-        if gt not in gt_cache:
-            parsed = parse(_mv_wrap(gt), parsing_timeout=t)
-            if len(gt_cache) > 4096:
-                gt_cache.clear()
-            gt_cache[gt] = parsed if any(not isinstance(x, str) for x in parsed) else None
-        if gt_cache[gt] is None:
-            return ("bad", None)
-        return ("ok", [bool(verify(gt_cache[gt], parse(_mv_wrap(p), parsing_timeout=t), timeout_seconds=t))
-                       for p in preds])
-    except Exception:   # math-verify is meant not to raise; if it does, the answers are wrong
-        return ("ok", [False] * len(preds))
-
-
-def _worker_loop(conn, timeout_s, parent_pid):
-    """Helper process: runs jobs until the parent closes the pipe or dies; gt parses cached.
-    (A forked child also holds copies of the parent's pipe ends, so a parent killed with -9 gives
-    no EOF here: the worker checks that its parent is still alive instead of lingering forever.)"""
-    gt_cache = {}
-    while True:
-        if not conn.poll(1.0):
-            if os.getppid() != parent_pid:
-                return
-            continue
-        try:
-            gt, preds = conn.recv()
-        except EOFError:
-            return
-        conn.send(_verify_job(gt, preds, timeout_s, gt_cache))
-
-
-class _MathVerifier:
-    """Up to n long-lived helper processes running math-verify. Each job (gt, preds) has its own
-    deadline; a worker that passes it is killed (a fresh one is forked when next needed).
-    Safe to call from any thread."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.workers = {}   # index -> (process, connection, timeout_s)
-        self.gt_cache = {}  # only for the in-process fallback
-        atexit.register(self.close)
-
-    def close(self):
-        for w in list(self.workers):
-            self._kill(w)
-
-    def _start(self, w, timeout_s):
-        import math_verify  # noqa: F401  imported before the fork, so a restart costs milliseconds
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker_loop, args=(child, timeout_s, os.getpid()), daemon=True)
-        proc.start()
-        child.close()
-        self.workers[w] = (proc, conn, timeout_s)
-
-    def _kill(self, w):
-        proc, conn, _ = self.workers.pop(w)
-        proc.kill()
-        proc.join()
-        conn.close()
-
-    def __call__(self, jobs: list, n_workers: int, timeout_s: float) -> list:
-        """jobs: [(gt, [pred, ...])] -> per job ("ok", [bool per pred]) | ("bad", None) | ("timeout", None)."""
-        if mp.current_process().daemon:   # may not have children (DataLoader / Pool worker):
-            # in-process, bounded by math-verify's signal timeout, which needs the main thread
-            return [_verify_job(g, preds, timeout_s, self.gt_cache) for g, preds in jobs]
-        results = [("timeout", None)] * len(jobs)
-        todo, busy = list(range(len(jobs)))[::-1], {}   # busy: worker -> (job, deadline)
-        with self.lock:
-            try:
-                self._run(jobs, n_workers, timeout_s, todo, busy, results)
-            finally:   # interrupted (Ctrl-C, broken pipe): never leave a stale answer in a pipe
-                for w in busy:
-                    if w in self.workers:
-                        self._kill(w)
-        return results
-
-    def _run(self, jobs, n_workers, timeout_s, todo, busy, results):
-        """Keep up to n_workers jobs in flight; collect answers; kill workers past their deadline."""
-        while todo or busy:
-            for w in range(max(1, n_workers)):
-                if w in busy or not todo:
-                    continue
-                if w in self.workers and (not self.workers[w][0].is_alive()
-                                          or self.workers[w][2] != timeout_s):
-                    self._kill(w)
-                if w not in self.workers:
-                    self._start(w, timeout_s)
-                j = todo.pop()
-                self.workers[w][1].send(jobs[j])
-                busy[w] = (j, time.monotonic() + timeout_s)
-            wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
-            ready = mp_connection.wait([self.workers[w][1] for w in busy], timeout=wait_s)
-            for w, (j, deadline) in list(busy.items()):
-                if self.workers[w][1] in ready:
-                    try:
-                        results[j] = self.workers[w][1].recv()
-                    except EOFError:   # the worker died: the job stays "timeout"
-                        self._kill(w)
-                    del busy[w]
-                elif time.monotonic() >= deadline:
-                    self._kill(w)
-                    del busy[w]
-
-
-_MV = _MathVerifier()
-_GOOD_GT = set()   # (cleaned gt, timeout) that math-verify parsed: skip re-checking them
-
-
-# ----------------------------------------------------------------------------- answer matching
-
-def _options_dict(options):
-    """options: list of texts (A, B, C, ...) or dict letter -> text. Returns {letter: text}."""
-    if options is None:
-        return {}
-    if isinstance(options, dict):
-        items = [(str(k).strip().strip("()."), str(v)) for k, v in options.items()]
-    else:
-        items = [(chr(ord("A") + i), str(v)) for i, v in enumerate(options)]
-    return {k.upper(): re.sub(r"^\(?[A-Z][.):]\s+", "", v.strip()) for k, v in items}
-
-
-class _Matcher:
-    """Answer matcher for one ground truth; decides the ground truth's kind once."""
-
-    def __init__(self, gt, options, cfg):
-        if not isinstance(gt, (str, int, float)) or isinstance(gt, bool):
-            raise BadGroundTruth(f"ground truth {gt!r} is not a string or number")
-        self.cfg, self.raw = cfg, str(gt)
-        self.opts = _options_dict(options)
-        self.g = clean_answer(self.raw)
-        if not self.g or len(self.g) > cfg.max_answer_chars or "\x00" in self.g:
-            raise BadGroundTruth(f"ground truth {self.raw[:80]!r} is empty, too long or binary")
-        self.letter = letter_of(self.g, len(self.opts) or 26) if self.g[0].isupper() or \
-            self.g[0] == "(" else None
-        if self.letter is None and self.opts:   # gt is an option's text
-            self.letter = next((k for k, v in self.opts.items()
-                                if clean_answer(v) == self.g or self._value(v, self.g)), None)
-        self.num = number_of(self.g)
-        self.is_words = self.num is None and bool(_WORDS_RE.fullmatch(self.g))
-        if self.letter is None and self.num is None and not self.is_words \
-                and (self.g, cfg.timeout_s) not in _GOOD_GT:
-            status = _MV([(self.g, [])], 1, cfg.timeout_s)[0][0]
-            if status != "ok":
-                raise BadGroundTruth(f"ground truth {self.raw[:80]!r} cannot be parsed "
-                                     f"(no choice letter, number, word or math-verify expression"
-                                     f"{'; timed out' if status == 'timeout' else ''})")
-            if len(_GOOD_GT) > 4096:
-                _GOOD_GT.clear()
-            _GOOD_GT.add((self.g, cfg.timeout_s))
-
-    def _value(self, p, g):
-        """p, g cleaned: True / False for numbers and words, None when math-verify must decide."""
-        pn, gn = number_of(p), number_of(g)
-        if pn is not None and gn is not None:
-            return numbers_equal(pn, gn, self.cfg.rel_tol)
-        if gn is None and _WORDS_RE.fullmatch(g):
-            return words_of(p) == words_of(g) and bool(words_of(g))
-        return None
-
-    def fast(self, preds: list):
-        """(out, pending): correctness decided here without math-verify, and the (index, cleaned
-        pred) pairs left for math-verify (their out entries stay False until finish)."""
-        out, pending = [], []
-        for p in preds:
-            p = clean_answer(p) if isinstance(p, str) and len(p) <= self.cfg.max_answer_chars else ""
-            if not p:
-                out.append(False)
-            elif self.letter is not None:
-                out.append(self._choice(p))
-            else:
-                v = self._value(p, self.g)
-                if v is None and not _WORDS_RE.fullmatch(p) and "\x00" not in p:
-                    pending.append((len(out), _unit_free(p)))
-                out.append(bool(v))
-        return out, pending
-
-    def job(self, pending):
-        return (self.g if self.num is None else _unit_free(self.g), [p for _, p in pending])
-
-    def finish(self, out, pending, result):
-        status, res = result   # a timed-out job leaves its answers wrong
-        if status == "bad":
-            raise BadGroundTruth(f"ground truth {self.raw[:80]!r} cannot be parsed by math-verify")
-        for (i, _), r in zip(pending, res or [False] * len(pending)):
-            out[i] = bool(r)
-        return out
-
-    def match_many(self, preds: list) -> list:
-        out, pending = self.fast(preds)
-        if pending:
-            self.finish(out, pending, _MV([self.job(pending)], 1, self.cfg.timeout_s)[0])
-        return out
-
-    def _choice(self, p):
-        letter = letter_of(p, len(self.opts) or 26)
-        if letter is None and self.opts:   # the option's text instead of its letter
-            letter = next((k for k, v in self.opts.items() if self._value(p, clean_answer(v))), None)
-        return letter == self.letter
-
-
-def _unit_free(s):
-    m = _UNIT_RE.fullmatch(s)
-    return m.group(1) if m and number_of(m.group(1)) is not None else s
-
-
-def answers_match(pred: str, gt, options=None, cfg: RewardConfig = RewardConfig()) -> bool:
-    """True if pred names the same answer as gt. Raises BadGroundTruth if gt cannot be read."""
-    return _Matcher(gt, options, cfg).match_many([pred])[0]
-
-
-# ----------------------------------------------------------------------------- rewards
-
-def default_count_tokens(text: str) -> int:
-    """Fallback token count: words and single punctuation characters. Use the policy tokenizer."""
-    return len(re.findall(r"\w+|[^\w\s]", text))
-
-
-def length_reward(s_tokens: int, l_tokens: int, cfg: RewardConfig = RewardConfig()) -> float:
-    """exp(-(|L - T| / (Tmax - T))^2), T = target_ratio*S, Tmax = max_ratio*S; 0 when S = 0."""
-    target, tmax = cfg.target_ratio * s_tokens, cfg.max_ratio * s_tokens
-    if s_tokens <= 0 or tmax <= target:
-        return 0.0
-    return math.exp(-((abs(l_tokens - target) / (tmax - target)) ** 2))
-
-
-def _reward(response, p, first_ok, final_ok, mode, count_tokens, cfg):
-    """Score of a parsed response whose first / final answers have been judged."""
-    if not p.answers:
-        case = "none"
-    elif not p.is_two_pass:
-        case = "single"
-    else:
-        case = {(False, True): "w2r", (True, True): "r2r", (True, False): "r2w",
-                (False, False): "w2w"}[(first_ok, final_ok)]
-    if mode == "grpo":
-        fmt = cfg.format_reward if p.is_single_pass_format else 0.0
-        acc = cfg.grpo_correct if final_ok else 0.0
-        r_len = 0.0
-    else:
-        fmt = cfg.format_reward if p.is_two_pass_format else 0.0
-        acc = {"w2r": cfg.w2r, "r2r": cfg.r2r, "r2w": cfg.r2w, "w2w": cfg.w2w, "none": 0.0,
-               "single": cfg.single_correct if final_ok else 0.0}[case]
-        r_len = 0.0
-        if p.is_two_pass:
-            count = count_tokens or default_count_tokens
-            s = count(p.first_think) + count(p.answers[0])
-            r_len = length_reward(s, count(response), cfg)
-    return Score(total=fmt + acc + cfg.length_weight * r_len, format=fmt, accuracy=acc,
-                 length=r_len, first_correct=first_ok, final_correct=final_ok, case=case)
-
-
-def _score_all(responses, gts, mode, count_tokens, cfg, options, where):
-    """Fast checks for every response, then all math-verify jobs at once over the worker pool."""
-    matchers, items, jobs = {}, [], []   # one matcher per distinct (gt, options): a group shares it
-    for i, (r, g) in enumerate(zip(responses, gts)):
-        r = r if isinstance(r, str) else ""
-        opts = None if options is None else options[i]
-        key = (type(g), repr(g), repr(opts))
-        try:
-            if key not in matchers:
-                matchers[key] = _Matcher(g, opts, cfg)
-        except BadGroundTruth as e:
-            raise BadGroundTruth(f"{where.format(i=i)}{e}") from None
-        p = parse_response(r)
-        ends = [p.answers[0], p.answers[-1]] if p.is_two_pass else p.answers[-1:]
-        out, pending = matchers[key].fast(ends)
-        items.append((r, p, matchers[key], out, pending, len(jobs) if pending else None))
-        if pending:
-            jobs.append(matchers[key].job(pending))
-    results = _MV(jobs, cfg.verify_workers, cfg.timeout_s) if jobs else []
-    rewards = []
-    for i, (r, p, matcher, out, pending, j) in enumerate(items):
-        if j is not None:
-            try:
-                matcher.finish(out, pending, results[j])
-            except BadGroundTruth as e:
-                raise BadGroundTruth(f"{where.format(i=i)}{e}") from None
-        first_ok, final_ok = (out[0], out[-1]) if out else (False, False)
-        rewards.append(_reward(r, p, first_ok, final_ok, mode, count_tokens, cfg))
-    return rewards
+    @property
+    def filter_accuracy(self) -> float:
+        """What GRPO's group filter averages: the reflection-aware accuracy term."""
+        return self.accuracy + self.effectiveness
 
 
 def srpo_reward(response: str, gt, count_tokens: Optional[Callable[[str], int]] = None,
                 cfg: RewardConfig = RewardConfig(), options=None) -> Score:
-    """SRPO reward of one response (a Score). Raises BadGroundTruth only."""
-    return _score_all([response], [gt], "srpo", count_tokens, cfg, [options], "")[0]
+    """SRPO reward of one response (a Score). Raises answers.BadGroundTruth only."""
+    return score_batch([response], [gt], "srpo", count_tokens, cfg, [options])[0]
 
 
 def grpo_reward(response: str, gt, cfg: RewardConfig = RewardConfig(), options=None) -> Score:
     """Plain GRPO baseline: format_reward for the single-pass format + grpo_correct if the last
     answer is right. Same fields as srpo_reward (length always 0; case for logging only)."""
-    return _score_all([response], [gt], "grpo", None, cfg, [options], "")[0]
+    return score_batch([response], [gt], "grpo", None, cfg, [options])[0]
 
 
 def score_batch(responses: list, gts: list, mode: str = "srpo",
                 count_tokens: Optional[Callable[[str], int]] = None,
                 cfg: RewardConfig = RewardConfig(), options: Optional[list] = None) -> list[Score]:
     """Rewards of a rollout batch (one gt, and optionally one options list, per response).
-    math-verify work runs on cfg.verify_workers helper processes, bounded by cfg.timeout_s per
-    response. Raises BadGroundTruth naming the index of the first unreadable ground truth."""
+    All answers of the batch are judged at once (answers.match_batch: LaTeX goes to
+    cfg.verify_workers math-verify processes, bounded by cfg.timeout_s per response).
+    Raises answers.BadGroundTruth naming the index of the first unreadable ground truth."""
     if mode not in ("srpo", "grpo"):
         raise ValueError(f"score_batch: mode must be 'srpo' or 'grpo', got {mode!r}")
     if len(responses) != len(gts) or (options is not None and len(options) != len(gts)):
         raise ValueError(f"score_batch: {len(responses)} responses, {len(gts)} ground truths"
                          + ("" if options is None else f", {len(options)} option lists"))
-    return _score_all(responses, gts, mode, count_tokens, cfg, options,
-                      "score_batch: ground truth #{i}: ")
+    responses = [r if isinstance(r, str) else "" for r in responses]
+    parsed = [parse_response(r) for r in responses]
+    judged = [_answers_to_judge(p, mode, cfg) for p in parsed]
+    verdicts = answers.match_batch(judged, gts, options, cfg, where="score_batch: ground truth #{i}: ")
+    count = count_tokens or default_count_tokens
+    return [_score(r, p, v, mode, count, cfg) for r, p, v in zip(responses, parsed, verdicts)]
+
+
+def _answers_to_judge(p, mode, cfg):
+    """[first, final] answer to judge ([a] when they are the same block, [] when none)."""
+    if mode == "srpo" and cfg.preset == "paper":
+        return p.answers[:1] + p.answers[1:][-1:]      # R_accuracy needs a1 even without a reflection
+    return [p.answers[0], p.answers[-1]] if p.is_two_pass else p.answers[-1:]
+
+
+def _score(response, p, verdicts, mode, count, cfg):
+    """Score of a parsed response whose first / final answers have been judged."""
+    first_ok, final_ok = (verdicts[0], verdicts[-1]) if verdicts else (False, False)
+    if not p.answers:
+        case = "none"
+    elif not p.is_two_pass:
+        case = "single"
+    else:
+        case = ("r" if first_ok else "w") + "2" + ("r" if final_ok else "w")
+    fmt = acc = eff = ref = f_len = 0.0
+    if mode == "grpo":
+        fmt = cfg.format_reward if p.is_single_pass_format else 0.0
+        acc = cfg.grpo_correct if final_ok else 0.0
+    elif cfg.preset == "paper":
+        fmt = cfg.format_reward if p.first_solution_ok else 0.0
+        acc = cfg.accuracy_reward if first_ok else 0.0
+        if cfg.effectiveness and p.is_two_pass:
+            eff = {"r2r": cfg.eff_r2r, "w2r": cfg.eff_w2r, "w2w": cfg.eff_w2w, "r2w": cfg.eff_r2w}[case]
+        ref = cfg.reflection_reward if p.reflection_ok else 0.0
+    else:
+        fmt = cfg.format_reward if p.is_two_pass_format else 0.0
+        acc = {"w2r": cfg.w2r, "r2r": cfg.r2r, "r2w": cfg.r2w, "w2w": cfg.w2w, "none": 0.0,
+               "single": cfg.single_correct if final_ok else 0.0}[case]
+    if mode == "srpo" and p.is_two_pass:
+        f_len = length_reward(count(p.first_think) + count(p.answers[0]), count(response), cfg)
+    return Score(total=fmt + acc + eff + ref + cfg.length_weight * f_len, format=fmt, accuracy=acc,
+                 length=f_len, first_correct=first_ok, final_correct=final_ok, case=case,
+                 effectiveness=eff, reflection=ref)
+
+
+def length_reward(s_tokens: int, l_tokens: int, cfg: RewardConfig = RewardConfig()) -> float:
+    """f_len (Eq. 7): exp(-((L - T) / (Tmax - T))^2), T = target_ratio*S, Tmax = max_ratio*S;
+    1 at L = T, e^-1 at L = Tmax (and at L = 2T - Tmax); 0 when S = 0."""
+    target, tmax = cfg.target_ratio * s_tokens, cfg.max_ratio * s_tokens
+    if s_tokens <= 0 or tmax <= target:
+        return 0.0
+    return math.exp(-(((l_tokens - target) / (tmax - target)) ** 2))
+
+
+def default_count_tokens(text: str) -> int:
+    """Fallback token count: words and single punctuation characters. Use the policy tokenizer."""
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+# ----------------------------------------------------------------------------- parsing
+
+@dataclass
+class Parsed:
+    thinks: list          # contents of the non-empty <think> blocks, in order
+    answers: list         # contents of the non-empty <answer> blocks, in order
+    reflection: Optional[str]   # first non-empty <reflection> between the first and last answer
+    first_think: str      # last non-empty <think> before the first answer ("" if none)
+    is_two_pass_format: bool     # exactly think, answer, reflection, think, answer (code preset)
+    is_single_pass_format: bool  # exactly think, answer (grpo mode)
+    is_two_pass: bool     # a reflection between the first and last answer (the case, I_eff, f_len)
+    first_solution_ok: bool   # starts with a think, then an answer (paper R_format)
+    reflection_ok: bool       # after a1: reflection, [think], answer, end (paper I_ref)
+
+
+class _Block(NamedTuple):
+    name: str        # think | answer | reflection
+    text: str        # content between the tags
+    start: int       # offset of the opening tag
+    end: int         # offset after the closing tag
+    clean: bool      # only whitespace between the previous block (or the start) and this one
+
+    @property
+    def full(self):  # a non-empty block
+        return bool(self.text.strip())
+
+
+_TAG_RE = re.compile(r"<(/?)(think|answer|reflection)>")
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+TWO_PASS = ["think", "answer", "reflection", "think", "answer"]
+ONE_PASS = ["think", "answer"]
+
+
+def parse_response(text: str) -> Parsed:
+    """Split a response into its blocks and decide its format; never raises. Linear time."""
+    text = _strip_end_tokens(text if isinstance(text, str) else "")
+    blocks, tail_clean = _blocks(text)
+    full = [b for b in blocks if b.full]
+    answer_blocks = [b for b in full if b.name == "answer"]
+    reflection, first_think = None, ""
+    if answer_blocks:
+        first_think = next((b.text for b in reversed(full) if b.name == "think"
+                            and b.end <= answer_blocks[0].start), "")
+        reflection = next((b.text for b in full if b.name == "reflection"
+                           and answer_blocks[0].end <= b.start and b.end <= answer_blocks[-1].start), None)
+
+    def exactly(names):   # the whole response is these blocks, all non-empty, whitespace between
+        return (tail_clean and [b.name for b in blocks] == names
+                and all(b.clean and b.full for b in blocks))
+
+    return Parsed(
+        thinks=[b.text for b in full if b.name == "think"], answers=[b.text for b in answer_blocks],
+        reflection=reflection, first_think=first_think,
+        is_two_pass_format=exactly(TWO_PASS), is_single_pass_format=exactly(ONE_PASS),
+        is_two_pass=reflection is not None,
+        first_solution_ok=_first_solution_ok(blocks),
+        reflection_ok=bool(answer_blocks) and tail_clean and _reflection_ok(blocks, answer_blocks[0]))
+
+
+def _first_solution_ok(blocks):
+    """The response begins with a non-empty think, then a non-empty answer (whitespace around)."""
+    return (len(blocks) >= 2 and [b.name for b in blocks[:2]] == ONE_PASS
+            and all(b.clean and b.full for b in blocks[:2]))
+
+
+def _reflection_ok(blocks, first_answer):
+    """After the first answer: reflection, an optional think, answer, all non-empty, with only
+    whitespace between them (the caller checks that nothing follows the last one)."""
+    rest = blocks[blocks.index(first_answer) + 1:]
+    names = [b.name for b in rest]
+    return (names in (["reflection", "answer"], ["reflection", "think", "answer"])
+            and all(b.clean and b.full for b in rest))
+
+
+def _blocks(text):
+    """(blocks, tail_clean): the blocks in order (an opening tag whose next tag is its closing tag)
+    and whether only whitespace follows the last one. One pass over the tags."""
+    blocks, prev_end, opening = [], 0, None
+    for m in _TAG_RE.finditer(text):
+        if m.group(1) and opening is not None and opening.group(2) == m.group(2):
+            clean = not text[prev_end:opening.start()].strip()   # stray tags are text, so not clean
+            blocks.append(_Block(m.group(2), text[opening.end():m.start()], opening.start(), m.end(), clean))
+            prev_end, opening = m.end(), None
+        else:   # an opening tag waits for its closing tag; any other tag is stray
+            opening = None if m.group(1) else m
+    return blocks, not text[prev_end:].strip()
+
+
+def _strip_end_tokens(text):
+    """text without trailing end-of-turn tokens and whitespace. A loop, not a regex: a pattern
+    like (\\s*<\\|im_end\\|>)+\\s*$ retries every start inside a long whitespace run (quadratic:
+    40k spaces took 4 s)."""
+    end = len(text)
+    while True:
+        while end and text[end - 1].isspace():
+            end -= 1
+        token = next((t for t in _END_TOKENS if text.endswith(t, 0, end)), None)
+        if token is None:
+            return text[:end]
+        end -= len(token)

@@ -3,8 +3,9 @@
     python bench/reward.py [--n 2048]
 
 Three mixes: built-in task (integer answers: the pure-Python fast path), multiple choice
-(letters / option text), and LaTeX answers (every response goes through the math-verify
-helper process). Token counts use reward.default_count_tokens (pass the policy tokenizer's
+(letters / option text), and LaTeX answers (every response goes through answers.py's math-verify
+helper processes). The last line is the LaTeX throughput with the most workers over that with one
+(the math-verify pool's speed-up). Token counts use reward.default_count_tokens (pass the policy tokenizer's
 encode length in training; its cost is the tokenizer's, not the reward's).
 """
 import argparse
@@ -51,6 +52,7 @@ def main():
     args = ap.parse_args()
     rng = random.Random(0)
     runs = [("task", 1), ("choice", 1)] + [("latex", w) for w in (1, 2, 4, 8) if w <= os.cpu_count()]
+    latex = {}   # workers -> responses/s
     for mix, workers in runs:
         resps, gts = make(mix, args.n if mix != "latex" else args.n // 4, rng)
         cfg = R.RewardConfig(verify_workers=workers)
@@ -61,6 +63,10 @@ def main():
         acc = sum(o.final_correct for o in out) / len(out)
         print(f"{mix:7s} {len(resps):5d} responses  {workers} math-verify workers  "
               f"{len(resps) / dt:8.0f} responses/s  (final correct {acc:.2f})")
+        if mix == "latex":
+            latex[workers] = len(resps) / dt
+    most = max(latex)
+    print(f"latex speed-up with {most} workers over 1: {latex[most] / latex[1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""reward.py against hand-written expected values (SRPO.md reward section, issue 4)."""
+"""reward.py against hand-computed values: both presets' case tables, format and reflection rules,
+the length term, the ablation switches, and bounded cost on hostile inputs."""
 import math
-import os
 import random
 import re
 import threading
@@ -8,112 +8,15 @@ import time
 
 import pytest
 
+import answers
 import reward as R
-from reward import BadGroundTruth, RewardConfig
+from answers import BadGroundTruth
+from reward import RewardConfig
+from test_answers import MATCH_CASES
+
+CODE = RewardConfig(preset="code")   # the official code's values (the tests written before the paper preset)
 
 OPTS = ["10", "12", "14"]
-COLORS = {"A": "red", "B": "blue", "C": "green"}
-
-# (prediction, ground truth, options, expected match)
-MATCH_CASES = [
-    # multiple-choice letters in their usual spellings
-    ("B", "B", None, True),
-    ("(B)", "B", None, True),
-    ("B.", "B", None, True),
-    ("B)", "B", None, True),
-    ("B:", "B", None, True),
-    ("b", "B", None, True),
-    ("The answer is B", "B", None, True),          # official implementation: 0
-    ("the answer is (B).", "B", None, True),
-    ("So the correct option is C", "C", None, True),
-    ("Answer: B", "B", None, True),
-    ("\\boxed{B}", "B", None, True),
-    ("$\\boxed{(B)}$", "B", None, True),
-    ("**B**", "B", None, True),
-    ("(B) 12 cm", "B", None, True),
-    ("B. 12", "B", None, True),
-    ("B", "(B)", None, True),
-    ("B", "B.", None, True),
-    ("Option B", "B", None, True),
-    ("Choice: (D)", "D", None, True),
-    ("\\text{B}", "B", None, True),
-    ("C", "B", None, False),
-    ("(C)", "B", None, False),
-    ("The answer is C", "B", None, False),
-    ("A", "B", None, False),
-    ("AB", "B", None, False),
-    ("", "B", None, False),
-    ("12", "B", None, False),                      # text without options cannot name a letter
-    # choice text vs letter, options given
-    ("12", "B", OPTS, True),
-    ("14", "B", OPTS, False),
-    ("B", "12", OPTS, True),                       # gt is the option's text
-    ("(B)", "12", OPTS, True),
-    ("C", "12", OPTS, False),
-    ("12", "12", OPTS, True),
-    ("D", "B", OPTS, False),                       # out of range letter
-    ("blue", "B", COLORS, True),
-    ("Blue.", "B", COLORS, True),
-    ("green", "B", COLORS, False),
-    ("B", "blue", COLORS, True),
-    # integers, decimals, fractions, percentages, units
-    ("3", "3", None, True),
-    ("3.0", "3", None, True),
-    ("-2", "-2", None, True),
-    ("2", "-2", None, False),
-    ("4", "5", None, False),
-    ("The answer is 4.", "4", None, True),
-    ("\\boxed{3} first, then \\boxed{4}", "4", None, True),   # the last box counts
-    ("\u22123", "-3", None, True),                                # unicode minus
-    ("The answer is 4 apples", "4", None, True),
-    ("0.5", "1/2", None, True),
-    ("\\frac{1}{2}", "0.5", None, True),
-    ("1/2", "\\frac{1}{2}", None, True),
-    ("\\dfrac{3}{4}", "0.75", None, True),
-    ("\\frac{3}{5}", "0.75", None, False),
-    ("0.333333", "1/3", None, True),               # within rel_tol 1e-6
-    ("0.33", "1/3", None, False),
-    ("3.14", "3.14159", None, False),
-    ("75%", "75", None, True),
-    ("75\\%", "0.75", None, True),
-    ("0.75", "75%", None, True),
-    ("7.5", "75%", None, False),
-    ("1,000", "1000", None, True),
-    ("1000", "1,000", None, True),
-    ("12 cm", "12", None, True),
-    ("12", "12 cm", None, True),
-    ("12 cm^2", "12", None, True),
-    ("13 cm", "12", None, False),
-    ("45°", "45", None, True),
-    ("45^\\circ", "45", None, True),
-    ("$12\\text{ cm}$", "12", None, True),
-    ("\\$5", "5", None, True),
-    ("x = 4", "4", None, True),                    # math-verify: equation against value
-    # LaTeX by equivalence (math-verify)
-    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", None, True),
-    ("\\sqrt{8}", "2\\sqrt{2}", None, True),
-    ("\\boxed{\\frac{1}{2}}", "0.5", None, True),
-    ("$\\frac{1}{2}$", "\\frac{1}{2}", None, True),
-    ("\\sqrt{2}", "\\sqrt{3}", None, False),
-    ("2\\pi", "2\\pi", None, True),
-    ("\\pi", "2\\pi", None, False),
-    # words
-    ("Red", "red", None, True),
-    ("red.", "red", None, True),
-    ("The answer is yes", "Yes", None, True),
-    ("blue", "red", None, False),
-    ("No", "yes", None, False),
-    # unparsable predictions are simply wrong
-    ("???", "3", None, False),
-    ("\\frac{", "1/2", None, False),
-    ("garbage text", "\\sqrt{2}", None, False),
-    ("\x00\xff\x01", "3", None, False),
-]
-
-
-@pytest.mark.parametrize("pred,gt,options,expected", MATCH_CASES)
-def test_answers_match(pred, gt, options, expected):
-    assert R.answers_match(pred, gt, options) is expected
 
 
 def test_enough_cases():
@@ -122,8 +25,6 @@ def test_enough_cases():
 
 @pytest.mark.parametrize("gt", ["", "   ", "???", "\\frac{", "$$", None, "\x00\x01\x02", [3]])
 def test_bad_ground_truth_raises(gt):
-    with pytest.raises(BadGroundTruth):
-        R.answers_match("3", gt)
     with pytest.raises(BadGroundTruth):     # never a free reward, never a silent 0
         R.srpo_reward("<think>a</think><answer>3</answer>", gt)
 
@@ -175,7 +76,7 @@ REWARD_CASES = [
 
 @pytest.mark.parametrize("resp,gt,mode,fmt,acc,case,first,final", REWARD_CASES)
 def test_reward_cases(resp, gt, mode, fmt, acc, case, first, final):
-    r = R.srpo_reward(resp, gt) if mode == "srpo" else R.grpo_reward(resp, gt)
+    r = R.srpo_reward(resp, gt, cfg=CODE) if mode == "srpo" else R.grpo_reward(resp, gt)
     assert (r.format, r.accuracy, r.case) == (fmt, acc, case)
     assert (r.first_correct, r.final_correct) == (first, final)
     assert r.total == pytest.approx(r.format + r.accuracy + 0.1 * r.length)
@@ -203,9 +104,12 @@ def words(s):   # test token counter: whitespace words, tags not counted
 ])
 def test_length_reward_hand_computed(refl, t2, expected):
     resp = two_pass("a b c d", "3", refl, t2, "4")
-    r = R.srpo_reward(resp, "4", count_tokens=words)
+    r = R.srpo_reward(resp, "4", count_tokens=words, cfg=CODE)
     assert r.length == pytest.approx(expected, rel=1e-12)
     assert r.total == pytest.approx(0.5 + 1.0 + 0.1 * expected, rel=1e-12)
+    r = R.srpo_reward(resp, "4", count_tokens=words)    # paper: w2r 0.5 + 0 + 0.5 + 0.25
+    assert r.length == pytest.approx(expected, rel=1e-12)
+    assert r.total == pytest.approx(1.25 + 0.1 * expected, rel=1e-12)
 
 
 def test_length_reward_function_and_config():
@@ -213,7 +117,8 @@ def test_length_reward_function_and_config():
     assert R.length_reward(10, 25) == pytest.approx(math.exp(-1.0))   # at T_max
     assert R.length_reward(10, 15) == pytest.approx(math.exp(-1.0))   # symmetric
     assert R.length_reward(0, 7) == 0.0                                 # S = 0 pays nothing
-    cfg = RewardConfig(target_ratio=3.0, max_ratio=4.0, length_weight=0.2, w2r=2.0, format_reward=1.0)
+    cfg = RewardConfig(preset="code", target_ratio=3.0, max_ratio=4.0, length_weight=0.2, w2r=2.0,
+                       format_reward=1.0)
     assert R.length_reward(10, 40, cfg) == pytest.approx(math.exp(-1.0))
     resp = two_pass("a b c d", "3", "w w", "w w", "4")                  # S=5, L=10, T=15, width 5
     r = R.srpo_reward(resp, "4", count_tokens=words, cfg=cfg)
@@ -311,32 +216,6 @@ def test_works_from_worker_thread():
     assert [o.final_correct for o in out["r"]] == [True, False]
 
 
-def test_fast_numeric_path_agrees_with_math_verify():
-    # the pure-Python number path must give math-verify's verdict on plain numbers
-    from math_verify import parse, verify
-    rng = random.Random(1)
-
-    def spell(v):
-        return rng.choice([str(v), f"{v}.0", f"{v * 2}/2", f"\\frac{{{v * 3}}}{{3}}", f"{v:,}"])
-
-    for _ in range(60):
-        a = rng.randint(-3000, 3000)
-        b = a if rng.random() < 0.5 else rng.randint(-3000, 3000)
-        p, g = spell(a), spell(b)
-        assert R.answers_match(p, g) == verify(parse("$" + g + "$"), parse("$" + p + "$")), (p, g)
-
-
-def _match_sqrt(_):
-    return R.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
-
-
-def test_works_in_daemonic_process():
-    # Pool / DataLoader workers may not start helper processes: in-process fallback
-    import multiprocessing as mp
-    with mp.get_context("fork").Pool(1) as pool:
-        assert pool.map(_match_sqrt, [0, 1]) == [True, True]
-
-
 def test_pool_survives_timeouts_in_a_batch():
     good = "<answer>\\frac{\\sqrt{2}}{2}</answer>"
     bad = "<answer>$" + TOWER + "$</answer>"
@@ -345,27 +224,243 @@ def test_pool_survives_timeouts_in_a_batch():
     out = R.score_batch([good, bad, good, bad, good], ["\\frac{1}{\\sqrt{2}}"] * 5, cfg=cfg)
     assert [o.final_correct for o in out] == [True, False, True, False, True]
     assert time.time() - t0 < 2 * cfg.timeout_s + 3.0
-    assert R.answers_match(good[8:-9], "\\frac{1}{\\sqrt{2}}", cfg=cfg)   # workers restarted
+    assert answers.answers_match(good[8:-9], "\\frac{1}{\\sqrt{2}}", cfg=cfg)   # workers restarted
 
 
-def test_verifier_workers_exit_when_the_parent_is_killed(tmp_path):
-    """kill -9 of a training run must not leave math-verify helper processes behind."""
-    import signal
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys, time, reward\n"
-            "assert reward.answers_match(r'\\frac{1}{2}', r'\\sqrt{\\frac{1}{4}}')\n"
-            "print(' '.join(str(p.pid) for p, _, _ in reward._MV.workers.values()), flush=True)\n"
-            "time.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True)
-    pids = [int(x) for x in p.stdout.readline().split()]
-    assert pids, "the LaTeX comparison should have gone through a helper process"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    deadline = time.time() + 10
-    alive = pids
-    while alive and time.time() < deadline:
-        time.sleep(0.2)
-        alive = [q for q in pids if os.path.exists(f"/proc/{q}") and "Z" not in open(f"/proc/{q}/stat").read().split()[2]]
-    assert not alive, f"helper processes {alive} outlived their killed parent"
+# ----------------------------------------------------------------------------- the two presets
+
+def sft_shape(t1, a1, refl, a2, sep=" "):
+    """The paper's SFT target: no second <think>."""
+    return sep.join([f"<think>{t1}</think>", f"<answer>{a1}</answer>",
+                     f"<reflection>{refl}</reflection>", f"<answer>{a2}</answer>"])
+
+
+NO_LEN = lambda s: 0   # noqa: E731  S = 0, so f_len = 0 and the totals are the table's exact values
+
+# (response, gt = "4", case, first_correct, final_correct,
+#  paper (format, accuracy, I_eff, I_ref, total), code (format, accuracy, total))
+CASE_TABLE = [
+    (two_pass(T1, "4", "Check: fine.", "Still four.", "4"), "r2r", True, True,
+     (0.5, 0.5, 0.25, 0.25, 1.5), (0.5, 0.75, 1.25)),
+    (two_pass(T1, "3", "I missed one.", "Four.", "4"), "w2r", False, True,
+     (0.5, 0.0, 0.5, 0.25, 1.25), (0.5, 1.0, 1.5)),
+    (two_pass(T1, "4", "Maybe five.", "Five.", "5"), "r2w", True, False,
+     (0.5, 0.5, -0.25, 0.25, 1.0), (0.5, 0.25, 0.75)),
+    (two_pass(T1, "3", "Maybe five.", "Five.", "5"), "w2w", False, False,
+     (0.5, 0.0, 0.0, 0.25, 0.75), (0.5, 0.0, 0.5)),
+    # the paper's SFT shape: a proper reflection for the paper, not the code's exact format
+    (sft_shape(T1, "4", "Check: fine.", "4"), "r2r", True, True, (0.5, 0.5, 0.25, 0.25, 1.5), (0.0, 0.75, 0.75)),
+    (sft_shape(T1, "3", "Missed one.", "4"), "w2r", False, True, (0.5, 0.0, 0.5, 0.25, 1.25), (0.0, 1.0, 1.0)),
+    (sft_shape(T1, "4", "Maybe five.", "5"), "r2w", True, False, (0.5, 0.5, -0.25, 0.25, 1.0), (0.0, 0.25, 0.25)),
+    (sft_shape(T1, "3", "Maybe five.", "5"), "w2w", False, False, (0.5, 0.0, 0.0, 0.25, 0.75), (0.0, 0.0, 0.0)),
+    # one answer: format + accuracy only
+    ("<think>Four shapes.</think><answer>4</answer>", "single", True, True,
+     (0.5, 0.5, 0.0, 0.0, 1.0), (0.0, 0.5, 0.5)),
+    ("<think>Five shapes.</think><answer>5</answer>", "single", False, False,
+     (0.5, 0.0, 0.0, 0.0, 0.5), (0.0, 0.0, 0.0)),
+    ("<answer>4</answer>", "single", True, True, (0.0, 0.5, 0.0, 0.0, 0.5), (0.0, 0.5, 0.5)),
+    # two answers, no reflection: the paper judges the first answer, the code the last
+    ("<think>a</think><answer>3</answer><think>b</think><answer>4</answer>", "single", False, True,
+     (0.5, 0.0, 0.0, 0.0, 0.5), (0.0, 0.5, 0.5)),
+    # no answer at all: 0
+    ("<think>hmm</think>", "none", False, False, (0.0, 0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    ("", "none", False, False, (0.0, 0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    ("The answer is 4", "none", False, False, (0.0, 0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+]
+
+
+@pytest.mark.parametrize("resp,case,first,final,paper,code", CASE_TABLE)
+def test_case_table_both_presets(resp, case, first, final, paper, code):
+    p = R.srpo_reward(resp, "4", count_tokens=NO_LEN)               # the default preset is the paper's
+    assert (p.format, p.accuracy, p.effectiveness, p.reflection, p.length) == paper[:4] + (0.0,)
+    assert p.total == pytest.approx(paper[4], abs=1e-12)
+    assert p.filter_accuracy == pytest.approx(paper[1] + paper[2])
+    c = R.srpo_reward(resp, "4", count_tokens=NO_LEN, cfg=CODE)
+    assert (c.format, c.accuracy, c.effectiveness, c.reflection, c.length) == code[:2] + (0.0, 0.0, 0.0)
+    assert c.total == pytest.approx(code[2], abs=1e-12)
+    assert c.filter_accuracy == code[1]
+    for s in (p, c):
+        assert (s.case, s.final_correct) == (case, final)
+    assert p.first_correct == first
+    assert c.first_correct == (first if case != "single" else final)   # code: one answer = the last
+
+
+@pytest.mark.parametrize("resp,paper_format,code_format", [
+    ("<think>t</think><answer>4</answer>", 0.5, 0.0),
+    ("\n  <think>t</think>\n\n<answer>4</answer>\n", 0.5, 0.0),     # whitespace around blocks
+    ("<think>t</think><answer>4</answer>\n<|im_end|>", 0.5, 0.0),   # end-of-turn token ignored
+    ("<think>t</think><answer>4</answer> and more text", 0.5, 0.0),  # after a1: I_ref's business
+    ("<think>t</think><answer>4</answer><reflection>r</reflection>", 0.5, 0.0),
+    (two_pass("t", "3", "r", "t2", "4"), 0.5, 0.5),
+    (two_pass("t", "3", "r", "t2", "4") + "<|endoftext|>", 0.5, 0.5),
+    (sft_shape("t", "3", "r", "4"), 0.5, 0.0),
+    ("Sure! <think>t</think><answer>4</answer>", 0.0, 0.0),         # text before the first think
+    ("<think>t</think> so <answer>4</answer>", 0.0, 0.0),           # text between think and answer
+    ("<think> </think><answer>4</answer>", 0.0, 0.0),               # empty think
+    ("<think>t</think><answer> </answer><answer>4</answer>", 0.0, 0.0),  # empty first answer block
+    ("<answer>4</answer>", 0.0, 0.0),                               # no think
+    ("<answer>4</answer><think>t</think>", 0.0, 0.0),               # wrong order
+    ("<think>a</think><think>b</think><answer>4</answer>", 0.0, 0.0),    # two thinks
+    ("<think>t<think>u</think><answer>4</answer>", 0.0, 0.0),       # stray opening tag
+    ("<think>t</think></think><answer>4</answer>", 0.0, 0.0),       # stray closing tag
+    ("<think>t</answer><answer>4</answer>", 0.0, 0.0),              # mismatched tags
+    ("<THINK>t</THINK><ANSWER>4</ANSWER>", 0.0, 0.0),               # tags are case-sensitive
+    ("<think>t</think>", 0.0, 0.0),                                 # no answer
+])
+def test_format_rules(resp, paper_format, code_format):
+    assert R.srpo_reward(resp, "4").format == paper_format
+    assert R.srpo_reward(resp, "4", cfg=CODE).format == code_format
+
+
+# (response, I_ref under the paper preset, case): gt = "4"
+REFLECTION_RULES = [
+    (two_pass(T1, "3", "Missed one.", "Four.", "4"), 0.25, "w2r"),
+    (two_pass(T1, "3", "Missed one.", "Four.", "4", sep=""), 0.25, "w2r"),
+    (two_pass(T1, "3", "Missed one.", "Four.", "4", sep="\n\n ") + "\n<|im_end|>", 0.25, "w2r"),
+    (sft_shape(T1, "3", "Missed one.", "4"), 0.25, "w2r"),           # no second think
+    ("<answer>3</answer><reflection>r</reflection><think>t</think><answer>4</answer>", 0.25, "w2r"),
+    # two reflections: no I_ref (the case, I_eff and f_len still count)
+    ("<think>t</think><answer>3</answer><reflection>a</reflection><reflection>b</reflection>"
+     "<answer>4</answer>", 0.0, "w2r"),
+    ("<think>t</think><answer>3</answer><reflection>a</reflection><think>u</think>"
+     "<reflection>b</reflection><answer>4</answer>", 0.0, "w2r"),
+    ("<think>t</think><answer>3</answer><reflection> </reflection><reflection>r</reflection>"
+     "<answer>4</answer>", 0.0, "w2r"),
+    # empty reflection
+    (two_pass(T1, "3", " ", "Four.", "4"), 0.0, "single"),
+    (sft_shape(T1, "3", "", "4"), 0.0, "single"),
+    # reflection after the last answer
+    ("<think>t</think><answer>4</answer><reflection>r</reflection>", 0.0, "single"),
+    (two_pass(T1, "3", "Missed one.", "Four.", "4") + "<reflection>again</reflection>", 0.0, "w2r"),
+    # no second answer
+    ("<think>t</think><answer>3</answer><reflection>r</reflection><think>u</think>", 0.0, "single"),
+    ("<think>t</think><answer>3</answer><reflection>r</reflection><answer> </answer>", 0.0, "single"),
+    # the second solution is malformed or does not end the response
+    (two_pass(T1, "3", "Missed one.", "Four.", "4") + " extra", 0.0, "w2r"),
+    (two_pass(T1, "3", "Missed one.", "Four.", "4") + "<answer>4</answer>", 0.0, "w2r"),
+    (two_pass(T1, "3", "Missed one.", " ", "4"), 0.0, "w2r"),          # empty second think
+    ("<think>t</think><answer>3</answer><reflection>r</reflection> so <answer>4</answer>", 0.0, "w2r"),
+    ("<think>t</think><answer>3</answer><reflection>r</reflection><think>u</think><think>v</think>"
+     "<answer>4</answer>", 0.0, "w2r"),
+    # the reflection is not between the first answer and a second one
+    ("<think>t</think><reflection>r</reflection><answer>3</answer><answer>4</answer>", 0.0, "single"),
+]
+
+
+@pytest.mark.parametrize("resp,ref,case", REFLECTION_RULES)
+def test_reflection_rules(resp, ref, case):
+    s = R.srpo_reward(resp, "4", count_tokens=NO_LEN)
+    assert (s.reflection, s.case) == (ref, case)
+    eff = {"w2r": 0.5, "single": 0.0}[case]
+    assert s.effectiveness == eff
+    assert s.total == pytest.approx(s.format + s.accuracy + eff + ref)
+    assert R.srpo_reward(resp, "4", cfg=CODE).reflection == 0.0      # the code has no I_ref
+
+
+def test_parse_marks_paper_shapes():
+    p = R.parse_response(sft_shape("t1", "a1", "refl", "a2"))
+    assert (p.thinks, p.answers, p.reflection, p.first_think) == (["t1"], ["a1", "a2"], "refl", "t1")
+    assert p.first_solution_ok and p.reflection_ok and p.is_two_pass and not p.is_two_pass_format
+    p = R.parse_response("<think>t</think><answer>a</answer> tail")
+    assert p.first_solution_ok and not p.reflection_ok and not p.is_single_pass_format
+
+
+# f_len = 1: first think 3 words + first answer 1 -> S = 4, T_target = 8, T_max = 10
+FLEN_1 = {"r2r": sft_shape("a b c", "4", "w w w", "4"), "w2r": sft_shape("a b c", "3", "w w w", "4"),
+          "r2w": sft_shape("a b c", "4", "w w w", "5"), "w2w": sft_shape("a b c", "3", "w w w", "5")}
+
+
+def test_length_term_paper_preset():
+    # L = 3 + 1 + 3 + 1 = 8 = T_target: f_len = 1, the full 0.1
+    expected = {"r2r": 1.6, "w2r": 1.35, "r2w": 1.1, "w2w": 0.85}
+    for case, resp in FLEN_1.items():
+        s = R.srpo_reward(resp, "4", count_tokens=words)
+        assert (s.case, s.length) == (case, 1.0)
+        assert s.total == pytest.approx(expected[case], abs=1e-12)
+    # L = 3 + 1 + 3 + 2 + 1 = 10 = T_max: f_len = e^-1 (not ~0)
+    s = R.srpo_reward(two_pass("a b c", "3", "w w w", "w w", "4"), "4", count_tokens=words)
+    assert s.length == pytest.approx(math.exp(-1.0), rel=1e-12)
+    assert s.total == pytest.approx(1.25 + 0.1 * math.exp(-1.0), rel=1e-12)
+    # L = 4 + 1 + 1 = 6: (6 - 8) / 2 = -1, so e^-1 below the target too
+    s = R.srpo_reward(sft_shape("a b c", "3", "w", "4", sep=""), "4", count_tokens=words)
+    assert s.length == pytest.approx(math.exp(-1.0), rel=1e-12)
+    # no reflection and a second answer: no length term, however the lengths compare
+    s = R.srpo_reward("<think>a b c</think><answer>4</answer> w w w w", "4", count_tokens=words)
+    assert (s.length, s.total) == (0.0, 1.0)
+
+
+def test_ablation_switches():
+    no_len = RewardConfig(length_weight=0.0)                 # the paper's "w/o f_len"
+    no_eff = RewardConfig(effectiveness=False)               # the paper's "w/o I_eff"
+    want_no_len = {"r2r": 1.5, "w2r": 1.25, "r2w": 1.0, "w2w": 0.75}
+    want_no_eff = {"r2r": 1.35, "w2r": 0.85, "r2w": 1.35, "w2w": 0.85}   # format + acc + I_ref + 0.1
+    for case, resp in FLEN_1.items():
+        s = R.srpo_reward(resp, "4", count_tokens=words, cfg=no_len)
+        assert s.length == 1.0                               # still computed and logged, not paid
+        assert s.total == pytest.approx(want_no_len[case], abs=1e-12)
+        s = R.srpo_reward(resp, "4", count_tokens=words, cfg=no_eff)
+        assert s.effectiveness == 0.0 and s.filter_accuracy == s.accuracy
+        assert s.total == pytest.approx(want_no_eff[case], abs=1e-12)
+    with pytest.raises(ValueError, match="effectiveness"):
+        RewardConfig(preset="code", effectiveness=False)   # the code's table has no separate I_eff
+    with pytest.raises(ValueError, match="preset"):
+        RewardConfig(preset="Paper")
+
+
+def test_right_first_answer_beats_wrong_one_under_paper():
+    """Every combination with a proper reflection (both shapes, reflections of 1..40 words, so
+    f_len from ~0 to 1): for the same final outcome a right first answer always scores more, and
+    for the same first answer a right final one does. (Across final outcomes it does not:
+    r2w 1.0 < w2r 1.25, as Eq. 8 pays the correction.) The code preset breaks the first rule."""
+    scores = {"paper": [], "code": []}
+    for a1, a2 in [("4", "4"), ("3", "4"), ("4", "5"), ("3", "5")]:
+        for n in (1, 2, 3, 4, 6, 10, 40):
+            refl = " ".join(["w"] * n)
+            for resp in (sft_shape("a b c", a1, refl, a2), two_pass("a b c", a1, refl, "u", a2)):
+                scores["paper"].append(R.srpo_reward(resp, "4", count_tokens=words))
+                scores["code"].append(R.srpo_reward(resp, "4", count_tokens=words, cfg=CODE))
+    paper = scores["paper"]
+    assert all(s.reflection == 0.25 for s in paper)
+    assert min(s.length for s in paper) < 1e-6 and max(s.length for s in paper) == 1.0
+    for a in paper:
+        for b in paper:
+            if a.first_correct and not b.first_correct and a.final_correct == b.final_correct:
+                assert a.total > b.total, (a, b)
+            if a.final_correct and not b.final_correct and a.first_correct == b.first_correct:
+                assert a.total > b.total, (a, b)
+    code = scores["code"]
+    assert max(s.total for s in code if s.case == "w2r") > min(s.total for s in code if s.case == "r2r")
+
+
+# ----------------------------------------------------------------------------- linear-time parsing
+
+def _best_time(text, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        R.srpo_reward(text, "4", cfg=CFG)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+HEAD = "<think>t</think><answer>4</answer>"
+LONG_INPUTS = {   # n -> a response whose size grows with n
+    "spaces": lambda n: HEAD + " " * n + "x",
+    "spaces around an end token": lambda n: HEAD + " " * n + "<|im_end|>" + " " * n + "x",
+    "end tokens": lambda n: HEAD + " <|im_end|>" * (n // 11),
+    "think tags": lambda n: "<think>" * n,
+    "nested braces": lambda n: HEAD[:-9] + "{" * n + "}" * n + "</answer>",
+    "many blocks": lambda n: HEAD + "<reflection>r</reflection>" * (n // 26),
+    "long reflection": lambda n: two_pass("t", "3", "w " * n, "u", "4"),
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_INPUTS))
+def test_cost_is_linear_in_the_response(name):
+    """issue 17: a regex with nested \\s* runs made 40k spaces take 4.5 s and 200k over 60 s.
+    Compared on n and 4n (best of 3, so a busy machine cannot fake a slow run): linear work
+    takes ~4x, quadratic 16x. The absolute bound is 100x what this takes on an idle core."""
+    make = LONG_INPUTS[name]
+    small, big = _best_time(make(50_000)), _best_time(make(200_000))
+    assert big < 2.0, big
+    assert big < 8 * small + 0.05, (small, big)
