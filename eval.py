@@ -285,17 +285,17 @@ def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None):
     gts = [records[i // n]["answer"] for i in range(len(gens))]
     opts = [records[i // n].get("options") for i in range(len(gens))]
     srpo = reward.score_batch(texts, gts, mode="srpo", count_tokens=count_tokens, cfg=rcfg, options=opts)
-    # format compliance is judged against the format the prompt asked for
-    fmt = srpo if cfg.prompt == "reflect" else reward.score_batch(texts, gts, mode="grpo", cfg=rcfg, options=opts)
     preds = []
-    for i, (g, s, f) in enumerate(zip(gens, srpo, fmt)):
+    for i, (g, s) in enumerate(zip(gens, srpo)):
         p = reward.parse_response(g["text"])
+        # format compliance is judged against the format the prompt asked for
+        format_ok = p.is_two_pass_format if cfg.prompt == "reflect" else p.is_single_pass_format
         rec = records[i // n]
         preds.append(dict(id=rec["id"], sample=i % n, answer=rec["answer"], response=g["text"],
                           first_answer=(p.answers[0] if p.is_two_pass else p.answers[-1]) if p.answers else None,
                           final_answer=p.answers[-1] if p.answers else None,
                           first_correct=bool(s.first_correct), final_correct=bool(s.final_correct),
-                          case=s.case, format_ok=f.format > 0, reward=float(s.total),
+                          case=s.case, format_ok=format_ok, reward=float(s.total),
                           length=g["length"], finish=g["finish"]))
         if isinstance(rec.get("scene"), dict):  # built-in task: is the first scene list exactly right?
             preds[-1]["scene_ok"] = task.first_scene_list(g["text"]) == task.scene_list(rec["scene"])
@@ -386,14 +386,14 @@ def with_next_images(records):
 
 def check_answers(name, records):
     """Drop (and report) records whose ground truth reward.py cannot parse: never a free reward."""
-    import reward
+    import answers
     good, bad = [], []
     for r in records:
         field(r, "answer", r.get("source", f"{name}: record {r.get('id')}"))
         try:
-            reward.answers_match(r["answer"], r["answer"], r.get("options"))
+            answers.check_ground_truth(r["answer"], r.get("options"))
             good.append(r)
-        except reward.BadGroundTruth as e:
+        except answers.BadGroundTruth as e:
             bad.append(f"{r.get('id')}: {e}")
     if bad:
         print(f"[eval] {name}: {len(bad)} record(s) with an unparsable answer skipped, e.g. {bad[:3]}", file=sys.stderr)

@@ -65,6 +65,7 @@ from typing import Optional
 from tqdm import tqdm
 
 import data
+import answers
 import reward
 from config import parse_config
 
@@ -293,8 +294,8 @@ def judge_attempts(items, attempts):
         texts = [texts] if isinstance(texts, str) else list(texts)
         it.attempt = texts[0] if texts else ""
         try:
-            reward.answers_match(it.gt, it.gt)
-        except reward.BadGroundTruth as e:
+            answers.check_ground_truth(it.gt)
+        except answers.BadGroundTruth as e:
             bad[it.id] = f"bad_ground_truth: {e}"
             continue
         for text in texts:
@@ -530,7 +531,7 @@ def check_samples(items, replies):
             why = "empty_reflection"
         elif copies_attempt(r.reflection, it.attempt_think):
             why = "reflection_copies_attempt"
-        elif not s.format:
+        elif not reward.parse_response(text).is_two_pass_format:
             why = "bad_format"   # e.g. the teacher put tags inside its text
         elif not s.final_correct:
             why = "second_answer_wrong"

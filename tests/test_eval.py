@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
+import reward
 
 
 def png(path, size=(56, 56), color=(200, 30, 30)):
@@ -195,7 +196,8 @@ def test_aggregate_known_predictions():
     lengths = [40, 30, 20, 10, 8, 6]
     gens = [dict(text=t, length=n, finish="stop" if n != 6 else "length") for t, n in zip(gens, lengths)]
     cfg = ev.EvalConfig(prompt="reflect")
-    preds = ev.score_predictions(records, gens, cfg, count_tokens=lambda s: len(s.split()))
+    preds = ev.score_predictions(records, gens, cfg, count_tokens=lambda s: len(s.split()),
+                                  reward_cfg=reward.RewardConfig(preset="code"))  # the values below are the code preset's
     assert [p["case"] for p in preds] == ["w2r", "r2r", "r2w", "w2w", "single", "none"]
     assert [p["first_correct"] for p in preds] == [False, True, True, False, True, False]
     assert [p["final_correct"] for p in preds] == [True, True, False, False, True, False]
