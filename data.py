@@ -318,6 +318,22 @@ SYSTEM_PROMPT_REFLECT = (
     "optionally in \\boxed{}) inside each <answer>, and write nothing after the last </answer>."
 )
 
+# The paper's SFT target (arXiv 2506.01713 Eq. 1, Appendix B.4): reflection, then the final answer
+# with no second reasoning pass (reflect_data.py --target paper trains it).
+SYSTEM_PROMPT_REFLECT_PAPER = (
+    "You are a helpful assistant that solves visual reasoning problems and then checks its own work. "
+    "Look at the image, think step by step and answer; then reflect on that first attempt "
+    "(check each step against the image and the question, say what was wrong or confirm what was "
+    "right); then give your final answer. "
+    "Respond in exactly this format:\n"
+    "<think>reasoning</think>\n"
+    "<answer>first answer</answer>\n"
+    "<reflection>critique of the first attempt</reflection>\n"
+    "<answer>final answer</answer>\n"
+    "Every block must be non-empty. Put only the answer (a number, a letter or an expression, "
+    "optionally in \\boxed{}) inside each <answer>, and write nothing after the last </answer>."
+)
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 # Qwen2.5-VL's chat template (behaviour), saved into tokenizer_config.json; render_chat is its Python twin.
