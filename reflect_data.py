@@ -252,6 +252,8 @@ def load_items(path, limit):
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         items.append(Item(id=rid, record=rec, where=where, question=question, images=images, gt=str(rec["answer"])))
+    if not items:
+        raise ValueError(f"{path}: no records")
     return items
 
 
@@ -315,7 +317,7 @@ def check_settings(cfg, settings_path, earlier_output):
         return
     with open(settings_path, encoding="utf-8") as f:
         then = json.load(f)
-    for key in sorted(set(now) | set(then)):
+    for key in list(now) + [k for k in then if k not in now]:  # the most telling settings first
         if now.get(key) != then.get(key):
             raise SystemExit(f"reflect_data.py: {cfg.out} was made with --{key} {then.get(key)!r}, this run has "
                              f"--{key} {now.get(key)!r} ({settings_path}); rerun with the same settings, "
@@ -398,14 +400,15 @@ def judge_attempts(items, attempts):
         except ValueError as e:
             bad[it.id] = f"bad_ground_truth: {e}"
             continue
-        control = [t for t in texts if data.find_control_token(t)]
+        control = ""  # a control token in an attempt that is otherwise in the format
         for text in texts:
             p = reward.parse_response(text)
-            if p.is_single_pass_format and text not in control:
+            if p.is_single_pass_format and data.find_control_token(text):
+                control = control or data.find_control_token(text)
+            elif p.is_single_pass_format:
                 flat.append((i, text, p.thinks[0].strip(), p.answers[0].strip()))
         if not any(f[0] == i for f in flat):
-            bad[it.id] = (f"attempt_control_token: {data.find_control_token(control[0])!r} in the policy's attempt"
-                          if control else "attempt_format")
+            bad[it.id] = f"attempt_control_token: {control!r} in the policy's attempt" if control else "attempt_format"
     scores = reward.score_batch([f[1] for f in flat], [items[f[0]].gt for f in flat], mode="grpo")
     for (i, text, think, answer), sc in zip(flat, scores):
         cands[i].append((text, think, answer, bool(sc.final_correct)))
@@ -534,13 +537,13 @@ class OpenAITeacher:
         u, cfg = self.url, self.cfg
         conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
         conn = conn_cls(u.hostname, u.port, timeout=cfg.timeout_s)
-        expired = threading.Event()
+        expired, sock = threading.Event(), []  # sock: kept here, since conn.sock is dropped once headers arrive
 
         def stop():
             expired.set()
-            if conn.sock is not None:
+            for s in sock:
                 try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)  # wakes up a blocked read in the other thread
+                    s.shutdown(socket.SHUT_RDWR)  # wakes up a blocked read in the other thread
                 except OSError:
                     pass
         watchdog = threading.Timer(cfg.timeout_s, stop)
@@ -548,7 +551,8 @@ class OpenAITeacher:
         watchdog.start()
         try:
             conn.connect()
-            if expired.is_set():
+            sock.append(conn.sock)
+            if expired.is_set():  # the deadline passed while connecting, before stop() could see the socket
                 raise RetryableError("timeout")
             conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body=json.dumps(body).encode(),
                          headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"})
