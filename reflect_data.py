@@ -165,7 +165,7 @@ class ReflectConfig:
     teacher_key_env: str = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key
     teacher_temperature: float = 0.7  # openai / local teacher sampling
     teacher_max_tokens: int = 1024    # openai / local teacher reply length
-    timeout_s: float = 120.0      # openai: per request, the whole request (connect, send, reply)
+    timeout_s: float = 120.0      # openai: per request
     retries: int = 3              # openai: extra tries per item after a failure; local: resampling rounds
     backoff_s: float = 2.0        # openai: wait backoff_s * 2^k (+ jitter) before retry k
     max_wait_s: float = 60.0      # openai: longest wait honoured from an HTTP 429 Retry-After
