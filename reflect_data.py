@@ -827,7 +827,14 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
 
     summary = make_summary(cfg, teacher.name, len(items), counts, Counter(r.get("reason", "?") for r in rejected),
                            len(todo), run_written, run_rejected, failures, bad_images)
-    data.write_json_atomic(summary_path, summary)
+    # summary.json means "every record is decided" (pipeline.py takes it as the stage's done mark):
+    # with items left over (teacher failures, unreadable images) the summary goes to *.incomplete.json
+    incomplete = summary_path[:-len(".json")] + ".incomplete.json" if summary_path.endswith(".json") \
+        else summary_path + ".incomplete"
+    done, stale = (summary_path, incomplete) if summary["complete"] else (incomplete, summary_path)
+    if os.path.exists(stale):
+        os.remove(stale)
+    data.write_json_atomic(done, summary)
     print(json.dumps(summary, indent=1))
     return summary
 
@@ -838,7 +845,8 @@ def make_summary(cfg, teacher_name, n_records, counts, old_rejected, n_todo, run
     total = counts["correct"] + counts["wrong"]
     bad_images = bad_images or {}
     return dict(
-        out=cfg.out, teacher=teacher_name, target=cfg.target, correct_frac=cfg.correct_frac, records=n_records,
+        out=cfg.out, complete=not failures and not bad_images,  # every record written or rejected
+        teacher=teacher_name, target=cfg.target, correct_frac=cfg.correct_frac, records=n_records,
         written=dict(correct=counts["correct"], wrong=counts["wrong"], total=total,
                      r2r=counts["correct"], w2r=counts["wrong"]),
         correct_share=round(counts["correct"] / total, 4) if total else None,
@@ -870,11 +878,17 @@ def parse_args(argv=None) -> ReflectConfig:
 
 
 def main(argv=None):
+    """Exit 0 only when every record is decided; items left for a rerun (teacher failures,
+    unreadable images) end with exit 1, so a pipeline does not go on with a partial file."""
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        summary = run(cfg)
     except (ValueError, FileNotFoundError) as e:  # a data error: one line naming file:line and field
         raise SystemExit(f"reflect_data.py: {e}") from None
+    if not summary["complete"]:
+        raise SystemExit(f"reflect_data.py: {summary['teacher_failures']['count']} teacher failure(s) and "
+                         f"{summary['bad_images']['count']} unreadable image(s) left undone: rerun the same "
+                         f"command to retry them")
 
 
 if __name__ == "__main__":

@@ -732,9 +732,16 @@ def test_bad_image_skipped_and_counted(tmp_path):
     assert s["bad_images"]["count"] == 2 and s["this_run"]["bad_images"] == 2
     assert "q1.png" in s["bad_images"]["examples"][0] and "aspect ratio" in s["bad_images"]["examples"][1]
     assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "o" / "r.jsonl")) == ["q0", "q3"]
+    # not every record decided: no summary.json (a pipeline's "done" mark), an incomplete one instead
+    assert not s["complete"] and not (tmp_path / "o" / "summary.json").exists()
+    assert json.loads((tmp_path / "o" / "summary.incomplete.json").read_text()) == s
     Image.new("RGB", (56, 56), "white").save(tmp_path / "d" / "img" / "q1.png")  # fixed: the rerun takes it
     s2 = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
     assert s2["this_run"]["todo"] == 2 and s2["written"]["total"] == 3 and s2["bad_images"]["count"] == 1
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "d" / "img" / "q2.png")
+    s3 = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
+    assert s3["complete"] and s3["written"]["total"] == 4 and (tmp_path / "o" / "summary.json").exists()
+    assert not (tmp_path / "o" / "summary.incomplete.json").exists()
 
 
 def test_openai_retry_after_trickle_and_control(tmp_path, monkeypatch):
