@@ -355,7 +355,7 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu", metrics=(), reward_cfg
 
 def parse_args(argv=None) -> EvalConfig:
     return parse_config(EvalConfig, argv, description=__doc__.split("\n")[0],
-                        choices={"prompt": ["single", "reflect"], "reward_preset": ["", "paper", "code"]},
+                        choices={"prompt": ["single", "reflect"], "reward_preset": ["paper", "code"]},
                         minimum={"max_new_tokens": 1, "batch_size": 1, "n": 1, "temperature": 0.0, "limit": 0})
 
 
