@@ -643,25 +643,26 @@ def recount(record):
 
 # ----------------------------------------------------------------------------- issue 17: refusals
 
-def test_no_arguments_one_line(task_dir, tmp_path):
-    """`python reflect_data.py` with nothing built: one line naming the command that makes it."""
+def test_no_arguments_one_line(task_dir, tmp_path, monkeypatch):
+    """`python reflect_data.py` with nothing built: one line naming the command that makes it (no
+    traceback, exit != 0); the same for a missing policy; an empty training file is an error."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "reflect_data.py")], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("reflect_data.py: --data runs/demo/task/train.jsonl: no such file; "
                                 "make it with: python pipeline.py --only task base")
-    os.makedirs(tmp_path / "runs/demo/task")
-    (tmp_path / "runs/demo/task/train.jsonl").write_text("\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "reflect_data.py")], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip() == "reflect_data.py: runs/demo/task/train.jsonl: no records"
-    (tmp_path / "runs/demo/task/train.jsonl").write_text((task_dir / "train.jsonl").read_text().split("\n")[0] + "\n")
-    os.symlink(task_dir / "images", tmp_path / "runs/demo/task/images")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "reflect_data.py")], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == ("reflect_data.py: --policy runs/demo/base: not a checkpoint directory "
-                                                 "(no config.json); make it with: python pipeline.py --only task base")
+    monkeypatch.chdir(tmp_path)  # the rest in-process (a subprocess costs seconds of torch import)
+    os.makedirs("runs/demo/task")
+    with open("runs/demo/task/train.jsonl", "w") as f:
+        f.write("\n")
+    with pytest.raises(SystemExit, match=r"^reflect_data.py: runs/demo/task/train.jsonl: no records$"):
+        rd.main([])
+    with open("runs/demo/task/train.jsonl", "w") as f:
+        f.write((task_dir / "train.jsonl").read_text().split("\n")[0] + "\n")
+    os.symlink(task_dir / "images", "runs/demo/task/images")
+    with pytest.raises(SystemExit, match=r"^reflect_data.py: --policy runs/demo/base: not a checkpoint directory "
+                                         r"\(no config.json\); make it with: python pipeline.py --only task base$"):
+        rd.main([])
 
 
 @pytest.mark.parametrize("argv,flag", [
