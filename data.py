@@ -12,11 +12,18 @@
   (the assistant header, each assistant content + <|im_end|>, everything else), which equals
   tokenizing the rendered text (special tokens split the text anyway) and makes the assistant
   mask exact; each <|image_pad|> is expanded to gh*gw/merge^2 tokens.
-- JSONL I/O reports file:line on bad input; append_jsonl writes one whole line per call, fsynced.
+- JSONL I/O reports file:line on bad input (invalid JSON, invalid UTF-8); append_jsonl writes one
+  whole line per call, fsynced; write_json_atomic replaces a JSON file in one rename.
+- Text from files never becomes control tokens: encode_messages refuses message text that contains
+  a special-token string (<|im_end|>, <|image_pad|>, ...), which would otherwise be tokenized as
+  the real control token (a question could end its own turn or fake an image), and refuses
+  conversations longer than max_tokens (default MAX_TOKENS), so one huge record cannot make the
+  trainer or the sampler allocate tens of GB. Errors name the record (`where`, e.g. file:line).
 """
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +47,11 @@ class ImageConfig:
 
 
 def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
-    """(h, w) closest to (height, width) with both divisible by factor and h*w in [min, max]."""
+    """(h, w) closest to (height, width) with both divisible by factor and h*w in [min, max].
+    Aspect ratios above 200 are refused (as transformers does): such a strip cannot be resized
+    into the pixel budget without a side shrinking below one patch."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image aspect ratio must be < 200, got {height}x{width}")
+        raise ValueError(f"image aspect ratio must be <= 200, got {height}x{width} (height x width)")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:  # shrink, rounding down so we stay under the budget
@@ -99,16 +108,22 @@ def load_image(path, where=""):
 # JSONL
 
 
-def read_jsonl(path, allow_torn_tail=False):
-    """List of dicts, one per non-blank line. allow_torn_tail: ignore an unterminated, unparsable
-    last line (a writer that crashed mid-append) instead of raising."""
+def read_jsonl_numbered(path, allow_torn_tail=False):
+    """[(where "file:LINE", record)] for every non-blank line. allow_torn_tail: ignore an
+    unterminated, unparsable last line (a writer that crashed mid-append) instead of raising."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSONL file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    torn = lines[-1] != ""  # the file does not end with a newline
+    with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is reported with its line number
+        lines = f.read().split(b"\n")
+    torn = lines[-1] != b""  # the file does not end with a newline
     records = []
-    for i, line in enumerate(lines, start=1):
+    for i, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if torn and i == len(lines) and allow_torn_tail:
+                break  # a torn write can cut a multi-byte character in half
+            raise ValueError(f"{path}:{i}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
@@ -122,8 +137,24 @@ def read_jsonl(path, allow_torn_tail=False):
             raise ValueError(f"{path}:{i}: invalid JSON: {e.msg} at column {e.colno}") from e
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
+        records.append((f"{path}:{i}", rec))
     return records
+
+
+def read_jsonl(path, allow_torn_tail=False):
+    """List of dicts, one per non-blank line (read_jsonl_numbered without the line numbers)."""
+    return [rec for _, rec in read_jsonl_numbered(path, allow_torn_tail)]
+
+
+def write_json_atomic(path, obj):
+    """Write obj as JSON to a temporary file, fsync, then rename over path: a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def append_jsonl(path, record):
@@ -201,6 +232,11 @@ class Tokenizer:
     def count_tokens(self, text):
         return len(self.encode(text))
 
+    @property
+    def special_tokens(self):
+        """The strings this tokenizer turns into special (control) tokens wherever they occur in text."""
+        return [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+
 
 def train_tokenizer(texts, out_dir, vocab_size=1024):
     """Train a Qwen2-style byte-level BPE on `texts`, add the Qwen special tokens and the format
@@ -265,6 +301,22 @@ SYSTEM_PROMPT_REFLECT = (
     "optionally in \\boxed{}) inside each <answer>, and write nothing after the last </answer>."
 )
 
+# The paper's SFT target (arXiv 2506.01713 Eq. 1, Appendix B.4): reflection, then the final answer
+# with no second reasoning pass (reflect_data.py --target paper trains it).
+SYSTEM_PROMPT_REFLECT_PAPER = (
+    "You are a helpful assistant that solves visual reasoning problems and then checks its own work. "
+    "Look at the image, think step by step and answer; then reflect on that first attempt "
+    "(check each step against the image and the question, say what was wrong or confirm what was "
+    "right); then give your final answer. "
+    "Respond in exactly this format:\n"
+    "<think>reasoning</think>\n"
+    "<answer>first answer</answer>\n"
+    "<reflection>critique of the first attempt</reflection>\n"
+    "<answer>final answer</answer>\n"
+    "Every block must be non-empty. Put only the answer (a number, a letter or an expression, "
+    "optionally in \\boxed{}) inside each <answer>, and write nothing after the last </answer>."
+)
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 # Qwen2.5-VL's chat template (behaviour), saved into tokenizer_config.json; render_chat is its Python twin.
@@ -288,6 +340,20 @@ CHAT_TEMPLATE = (
 )
 
 
+# Qwen-style control tokens look like <|name|>; a tokenizer may define more (Tokenizer.special_tokens).
+CONTROL_TOKEN_RE = re.compile(r"<\|[^<>|\s]{1,64}\|>")
+MAX_TOKENS = 16384  # default cap on one encoded conversation (prompt + response, image tokens included)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def find_control_token(text, specials=()):
+    """The first control-token string in text (<|...|> or one of `specials`), or None."""
+    m = CONTROL_TOKEN_RE.search(text)
+    hits = [(m.start(), m.group(0))] if m else []
+    hits += [(text.find(s), s) for s in specials if s in text]
+    return min(hits)[1] if hits else None
+
+
 def _content_text(content, where=""):
     """Message content (string or list of parts) -> text with one vision placeholder per image."""
     if isinstance(content, str):
@@ -304,15 +370,59 @@ def _content_text(content, where=""):
         elif kind == "video" or "video" in part:
             out.append("<|vision_start|><|video_pad|><|vision_end|>")
         elif "text" in part:
+            if not isinstance(part["text"], str):
+                raise ValueError(f"{where}: field 'text' must be a string, got {type(part['text']).__name__}")
             out.append(part["text"])
     return "".join(out)
+
+
+def message_texts(messages, where=""):
+    """(where, text) of every text a conversation carries: roles, string contents, text parts.
+    Checks the structure on the way (errors name messages[i] and the field)."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{where}: field 'messages' must be a list, got {type(messages).__name__}")
+    out = []
+    for i, msg in enumerate(messages):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ValueError(f"{at} must be an object, got {type(msg).__name__}")
+        for key in ("role", "content"):
+            if key not in msg or msg[key] is None:
+                raise ValueError(f"{at}: field '{key}' missing")
+        if msg["role"] not in ROLES:
+            raise ValueError(f"{at}: field 'role' must be one of {', '.join(ROLES)}, got {str(msg['role'])[:40]!r}")
+        c = msg["content"]
+        if isinstance(c, str):
+            out.append((f"{at}.content", c))
+        elif isinstance(c, list):
+            for j, part in enumerate(c):
+                if not isinstance(part, dict):
+                    raise ValueError(f"{at}.content[{j}] must be an object, got {type(part).__name__}")
+                if "text" in part:
+                    if not isinstance(part["text"], str):
+                        raise ValueError(f"{at}.content[{j}]: field 'text' must be a string, "
+                                         f"got {type(part['text']).__name__}")
+                    out.append((f"{at}.content[{j}].text", part["text"]))
+        else:
+            raise ValueError(f"{at}: field 'content' must be a string or a list of parts, got {type(c).__name__}")
+    return out
+
+
+def check_no_control_tokens(messages, where="", specials=()):
+    """Refuse a conversation whose text contains a control-token string: tokenized, it would be the
+    control token itself (a question that ends its turn, a fake image slot, a fake end of response)."""
+    for at, text in message_texts(messages, where):
+        tok = find_control_token(text, specials)
+        if tok is not None:
+            raise ValueError(f"{at}: text contains the control token {tok!r}; data text must not "
+                             f"contain special-token strings (remove it from the data)")
 
 
 def _chat_pieces(messages, add_generation_prompt, where=""):
     """The rendered chat as [(text, is_assistant_content)]; joined it is render_chat's output."""
     pieces = []
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        if not isinstance(msg, dict) or msg.get("role") is None or msg.get("content") is None:
             raise ValueError(f"{where}: messages[{i}] needs 'role' and 'content'")
         if i == 0 and msg["role"] != "system":
             pieces.append((f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n", False))
@@ -333,16 +443,17 @@ def render_chat(messages, add_generation_prompt=False):
     return "".join(text for text, _ in _chat_pieces(messages, add_generation_prompt))
 
 
-def prompt_messages(record, system_prompt):
+def prompt_messages(record, system_prompt, where=""):
     """record's messages up to and including the last user turn, system message := system_prompt
-    (None keeps the record's own)."""
+    (None keeps the record's own). Errors name `where` (default: the record's id)."""
     msgs = record.get("messages")
-    rid = record.get("id", "?")
+    where = where or f"record {record.get('id', '?')}"
     if not isinstance(msgs, list):
-        raise ValueError(f"record {rid}: field 'messages' missing or not a list")
+        raise ValueError(f"{where}: field 'messages' missing or not a list")
+    message_texts(msgs, where)  # structure: every message an object with a role and a content
     last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
     if last_user is None:
-        raise ValueError(f"record {rid}: 'messages' has no user turn")
+        raise ValueError(f"{where}: 'messages' has no user turn")
     msgs = msgs[:last_user + 1]
     if system_prompt is None:
         return list(msgs)
@@ -362,10 +473,17 @@ def _images(messages):
 
 
 def encode_messages(messages, tokenizer, image_root, image_cfg=ImageConfig(), add_generation_prompt=False,
-                    where=""):
+                    where="", max_tokens=MAX_TOKENS):
     """Tokenize a conversation. image refs are paths relative to image_root (or PIL images).
     Returns input_ids (T,), assistant_mask (T,) (True on assistant content + its <|im_end|>),
-    pixel_values (N, 1176) or None, image_grid_thw (n_img, 3) or None."""
+    pixel_values (N, 1176) or None, image_grid_thw (n_img, 3) or None.
+    Refuses (ValueError naming `where`): malformed messages, control-token strings in their text,
+    unreadable or degenerate images, more than max_tokens tokens (0 = no cap)."""
+    texts = message_texts(messages, where)
+    check_no_control_tokens(messages, where, tokenizer.special_tokens)
+    n_chars = sum(len(t) for _, t in texts)
+    if max_tokens and n_chars > 64 * max_tokens:  # too long for any tokenizer: do not even tokenize it
+        raise ValueError(f"{where}: {n_chars} characters of text, over the cap of {max_tokens} tokens")
     pixels, grids = [], []
     for ref in _images(messages):
         if isinstance(ref, Image.Image):
@@ -374,7 +492,10 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=ImageConfig(), ad
             img = load_image(os.path.join(image_root, ref), where)
         else:
             raise ValueError(f"{where}: image must be a path string or a PIL image, got {type(ref).__name__}")
-        pv, thw = preprocess_image(img, image_cfg)
+        try:
+            pv, thw = preprocess_image(img, image_cfg)
+        except ValueError as e:  # e.g. a 1x300 strip: name the image, not just the shape
+            raise ValueError(f"{where}: image {ref if isinstance(ref, str) else 'PIL'}: {e}") from None
         pixels.append(pv)
         grids.append(thw)
     n_pad = [int(g.prod()) // image_cfg.merge_size ** 2 for g in grids]  # LLM tokens per image
@@ -384,6 +505,10 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=ImageConfig(), ad
         piece = tokenizer.encode(text)
         ids += piece
         mask += [is_asst] * len(piece)
+    n_tokens = len(ids) + sum(n - 1 for n in n_pad)  # each <|image_pad|> becomes n tokens
+    if max_tokens and n_tokens > max_tokens:
+        raise ValueError(f"{where}: {n_tokens} tokens (text and images), over the cap of {max_tokens} "
+                         f"(max_tokens; shorten the record or raise the cap)")
     # expand each <|image_pad|> to its image's token count
     out_ids, out_mask, k = [], [], 0
     for t, a in zip(ids, mask):

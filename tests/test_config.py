@@ -102,3 +102,45 @@ def test_scripts_use_it(capsys):
     with pytest.raises(SystemExit):
         reflect_data.parse_args(["--help"])
     assert "openai: per request (default: 120.0)" in " ".join(capsys.readouterr().out.split())
+
+
+@dataclasses.dataclass
+class ListCfg:
+    model: list[str] = dataclasses.field(default_factory=list)   # checkpoints
+    metric: list[str] = dataclasses.field(default_factory=lambda: ["a:f"])
+    steps: int = 3
+    batch_size: int = 8
+
+
+def test_list_fields():
+    assert config.parse_config(ListCfg, []) == ListCfg()
+    c = config.parse_config(ListCfg, ["--model", "x", "y", "--metric", "b:g", "--metric", "c:h", "--steps", "4"])
+    assert c.model == ["x", "y"] and c.metric == ["b:g", "c:h"] and c.steps == 4  # given values replace the default
+    assert ListCfg().metric == ["a:f"]  # the default list was not appended to
+
+
+def test_abbreviations_refused(capsys):
+    """`--step 3` must not silently set --steps (a typo would change the run)."""
+    with pytest.raises(SystemExit):
+        config.parse_config(ListCfg, ["--step", "3"])
+    assert "unrecognized arguments: --step 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--epoch", "2"])
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--step", "3"])
+
+
+def test_minimum_named(capsys):
+    assert config.parse_config(ListCfg, ["--batch_size", "1"], minimum={"batch_size": 1}).batch_size == 1
+    for argv in (["--batch_size", "0"], ["--batch-size", "-4"]):
+        with pytest.raises(SystemExit):
+            config.parse_config(ListCfg, argv, minimum={"batch_size": 1})
+        assert "argument --batch_size: must be >= 1" in capsys.readouterr().err
+
+
+def test_load_function():
+    assert config.load_function("os.path:join", "--metric") is __import__("os").path.join
+    for spec, msg in (("nocolon", "expected MODULE:FUNCTION"), ("no_such_mod_xyz:f", "cannot import module"),
+                      ("os:no_such_function", "has no function 'no_such_function'"), ("os:sep", "has no function 'sep'")):
+        with pytest.raises(SystemExit, match=rf"--flag '{spec}': .*{msg}"):
+            config.load_function(spec, "--flag")

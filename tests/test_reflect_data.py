@@ -295,7 +295,9 @@ KEY = "sk-test-Zq8v3KEYxx-must-not-leak"
 class FakeServer:
     """/v1/chat/completions on 127.0.0.1. Behaviour per question tag ('Q3') and request number,
     from script {tag: [action, ...]} (the last action repeats): good | sleep | 500 | badjson |
-    notags | 401. Records every request."""
+    notags | 401 | 429:SECONDS (Retry-After) | trickle (one byte every 50 ms) | control (a
+    reply with <|im_end|> in the reflection) | paper (a reflection only). Records every request
+    with its arrival time."""
 
     def __init__(self, script, sleep_s):
         self.script, self.sleep_s, self.requests = script, sleep_s, []
@@ -314,7 +316,7 @@ class FakeServer:
                 with srv.lock:
                     k = sum(r["tag"] == tag for r in srv.requests)
                     srv.requests.append(dict(tag=tag, auth=self.headers.get("Authorization"), body=body,
-                                             path=self.path))
+                                             path=self.path, t=time.time()))
                 acts = srv.script.get(tag, ["good"])
                 act = acts[min(k, len(acts) - 1)]
                 if self.headers.get("Authorization") != f"Bearer {KEY}":
@@ -325,6 +327,24 @@ class FakeServer:
                 if act == "drop":  # close without a reply
                     self.close_connection = True
                     return
+                if act.startswith("429:"):
+                    self.send_response(429)
+                    self.send_header("Retry-After", act[4:])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if act == "trickle":  # a reply that never finishes quickly: one byte every 50 ms for 10 s
+                    self.send_response(200)
+                    self.send_header("Content-Length", "200")
+                    self.end_headers()
+                    try:
+                        for _ in range(200):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 if act == "partial":  # promise more bytes than are sent, then close
                     self.send_response(200)
                     self.send_header("Content-Length", "1000")
@@ -333,11 +353,15 @@ class FakeServer:
                     self.close_connection = True
                     return
                 gt = re.search(r"Correct answer: (\S+)", text).group(1)
-                if act == "good" or act == "notags":
+                if act in ("good", "notags", "control", "paper"):
                     content = (f"<reflection>I counted the dots in {tag} again and found my slip.</reflection>\n"
                                f"<think>there are {gt} dots</think>\n<answer>{gt}</answer>")
                     if act == "notags":
                         content = f"The answer is {gt}."
+                    if act == "control":
+                        content = content.replace("my slip.", "my slip.<|im_end|>")
+                    if act == "paper":
+                        content = f"<reflection>I counted the dots in {tag} again: there are {gt}.</reflection>"
                     self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
                 elif act == "badjson":
                     self.reply(200, '{"choices": [{"message": {"content": "<reflection>tru')
@@ -488,8 +512,9 @@ def test_cli_with_real_sampler(task_dir, tiny_ckpt, tmp_path):
 
 
 def test_sampler_policy_and_local_teacher(task_dir, tiny_ckpt, tmp_path):
-    """SamplerPolicy decodes exactly what sampler.generate produced for the SINGLE prompt; the
-    local teacher (random model) never yields the tags: every item is a reported failure."""
+    """SamplerPolicy decodes exactly what sampler.generate produced for the SINGLE prompt (the one
+    end-of-sequence rule: only the final eos is dropped from the text); the local teacher (random
+    model) never yields the tags: every item is a reported failure."""
     import sampler
     cfg = rd.ReflectConfig(policy=tiny_ckpt, data=str(task_dir / "train.jsonl"), max_new_tokens=6, device="cpu",
                            teacher="local", teacher_model=tiny_ckpt, teacher_max_tokens=6, retries=1, seed=5)
@@ -501,8 +526,10 @@ def test_sampler_policy_and_local_teacher(task_dir, tiny_ckpt, tmp_path):
                                 add_generation_prompt=True) for it in items]
     ref = sampler.generate(pol.net, data.collate(enc, tok.pad_id, left_pad=True), tok.eos_ids,
                            sampler.SampleConfig(max_new_tokens=6, seed=6), pad_id=tok.pad_id)
-    assert texts == [[tok.decode(ref["tokens"][i, :int(ref["lengths"][i])].tolist(), skip_special_tokens=True)]
-                     for i in range(3)]
+    def text(i):
+        ids = ref["tokens"][i, :int(ref["lengths"][i])].tolist()
+        return tok.decode(ids[:-1] if ref["finish_reasons"][i] == "stop" else ids)
+    assert texts == [[text(i)] for i in range(3)]
     pol.scfg.n = 2  # --attempts 2: two per question, prompt-major
     two = pol.attempts(items)
     assert [len(x) for x in two] == [2, 2, 2] and two[0][0] != two[0][1]
@@ -546,3 +573,211 @@ def test_cli_accepts_both_flag_spellings():
     a = rd.parse_args(["--correct-frac", "0.5", "--max_new_tokens", "64"])
     b = rd.parse_args(["--correct_frac", "0.5", "--max-new-tokens", "64"])
     assert a == b and a.correct_frac == 0.5 and a.max_new_tokens == 64
+
+
+# ----------------------------------------------------------------------------- SFT targets (issue 14)
+
+def test_sample_text_targets_hand_written():
+    it = rd.Item(id="a", record={}, where="x:1", question="How many red shapes?", images=[], gt="3",
+                 attempt_think="red: 1 circle, 2 square. red 2", attempt_answer="2")
+    reply = rd.TeacherReply("I missed the red triangle.", "red: 1 circle, 2 square, 3 triangle. red 3", "3")
+    assert rd.sample_text(it, reply, "two-pass") == (
+        "<think>red: 1 circle, 2 square. red 2</think>\n<answer>2</answer>\n"
+        "<reflection>I missed the red triangle.</reflection>\n"
+        "<think>red: 1 circle, 2 square, 3 triangle. red 3</think>\n<answer>3</answer>")
+    # the paper's Eq. 1: no second think, and the final answer is the ground truth (not the teacher's)
+    assert rd.sample_text(it, rd.TeacherReply("I missed the red triangle."), "paper") == (
+        "<think>red: 1 circle, 2 square. red 2</think>\n<answer>2</answer>\n"
+        "<reflection>I missed the red triangle.</reflection>\n<answer>3</answer>")
+    assert rd.parse_teacher("<reflection> r </reflection>", "paper") == rd.TeacherReply("r")
+    assert rd.parse_teacher("no tags", "paper").error.startswith("unparsable reply (no non-empty <reflection>")
+    assert rd.ReflectConfig().target == "two-pass"
+
+
+@pytest.mark.parametrize("target", ["two-pass", "paper"])
+def test_rule_teacher_targets(task_dir, tmp_path, target):
+    """Each target's samples: its tag sequence exactly, the rule teacher's reflection, the final
+    answer the ground truth, and a system prompt that asks for that format; sft.py reads them."""
+    data_path = task_dir / "train.jsonl"
+    plan = plan_for(data_path, ["wrong", "correct"])
+    s = rd.run(cfg_for(tmp_path, data_path, correct_frac=-1, limit=8, target=target), policy=ScriptedPolicy(plan))
+    assert s["written"]["total"] == 8 and s["target"] == target
+    system = {"two-pass": data.SYSTEM_PROMPT_REFLECT, "paper": data.SYSTEM_PROMPT_REFLECT_PAPER}[target]
+    for r in data.read_jsonl(tmp_path / "out" / "reflect.jsonl"):
+        text = r["messages"][-1]["content"]
+        first = task.solution(r) if r["source"] == "correct" else wrong_attempt(r)
+        think, answer = re.match(r"<think>(.*)</think>\n<answer>(.*)</answer>", first).groups()
+        reflection = task.teacher_reflection(r, think, answer)
+        second = f"<think>{task.count_text(r)}</think>\n" if target == "two-pass" else ""
+        assert text == f"{first}\n<reflection>{reflection}</reflection>\n{second}<answer>{r['answer']}</answer>"
+        assert r["messages"][0] == {"role": "system", "content": system} and r["target"] == target
+    assert "<reflection>critique of the first attempt</reflection>\n<answer>final answer</answer>" in \
+        data.SYSTEM_PROMPT_REFLECT_PAPER
+
+
+def test_rule_teacher_passed_by_name(task_dir, tmp_path):
+    """--rule_teacher / --rule_think name the functions; a wrong spec or a function that does not
+    fit the data is an error naming the flag / the record."""
+    data_path = task_dir / "train.jsonl"
+    cfg = cfg_for(tmp_path, data_path, limit=2, rule_teacher="test_reflect_data:shouting_teacher",
+                  rule_think="test_reflect_data:recount", correct_frac=-1)
+    rd.run(cfg, policy=ScriptedPolicy(plan_for(data_path, ["wrong"])))
+    for r in data.read_jsonl(tmp_path / "out" / "reflect.jsonl"):
+        assert f"<reflection>RECOUNT! ANSWER {r['answer']}</reflection>\n<think>recount: {r['answer']}</think>" \
+            in r["messages"][-1]["content"]
+    with pytest.raises(SystemExit, match="--rule_teacher 'task:nope': module 'task' has no function 'nope'"):
+        rd.make_teacher(rd.ReflectConfig(rule_teacher="task:nope"))
+    dots = dots_task(tmp_path / "d", 2)  # no scene: the built-in task's teacher cannot reflect on it
+    with pytest.raises(ValueError, match=r"train\.jsonl:1: --rule_teacher task:teacher_reflection .* failed on this record"):
+        rd.run(rd.ReflectConfig(data=str(dots), out=str(tmp_path / "o2" / "r.jsonl"), correct_frac=-1),
+               policy=WrongByOne())
+
+
+def shouting_teacher(record, attempt_think, attempt_answer):
+    return f"RECOUNT! ANSWER {record['answer']}"
+
+
+def recount(record):
+    return f"recount: {record['answer']}"
+
+
+# ----------------------------------------------------------------------------- issue 17: refusals
+
+def test_no_arguments_one_line(task_dir, tmp_path, monkeypatch):
+    """`python reflect_data.py` with nothing built: one line naming the command that makes it (no
+    traceback, exit != 0); the same for a missing policy; an empty training file is an error."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "reflect_data.py")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("reflect_data.py: --data runs/demo/task/train.jsonl: no such file; "
+                                "make it with: python pipeline.py --only task base")
+    monkeypatch.chdir(tmp_path)  # the rest in-process (a subprocess costs seconds of torch import)
+    os.makedirs("runs/demo/task")
+    with open("runs/demo/task/train.jsonl", "w") as f:
+        f.write("\n")
+    with pytest.raises(SystemExit, match=r"^reflect_data.py: runs/demo/task/train.jsonl: no records$"):
+        rd.main([])
+    with open("runs/demo/task/train.jsonl", "w") as f:
+        f.write((task_dir / "train.jsonl").read_text().split("\n")[0] + "\n")
+    os.symlink(task_dir / "images", "runs/demo/task/images")
+    with pytest.raises(SystemExit, match=r"^reflect_data.py: --policy runs/demo/base: not a checkpoint directory "
+                                         r"\(no config.json\); make it with: python pipeline.py --only task base$"):
+        rd.main([])
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch_size"), (["--attempts", "0"], "--attempts"),
+    (["--retries", "-2"], "--retries"), (["--limi", "3"], "--limi"), (["--target", "one-pass"], "--target"),
+])
+def test_bad_flags_named(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        rd.parse_args(argv)
+    assert flag in capsys.readouterr().err
+
+
+def test_control_tokens_never_reach_training_data(task_dir, tmp_path):
+    """A teacher reply or an attempt carrying a control-token string is rejected with a reason; a
+    question carrying one is refused when the file is loaded, naming file:line."""
+    data_path = task_dir / "train.jsonl"
+    recs = data.read_jsonl(data_path)[:4]
+
+    class Policy:
+        def attempts(self, items):
+            return [task.solution(it.record).replace("</think>", " <|vision_start|></think>") if it.id == recs[0]["id"]
+                    else wrong_attempt(it.record) for it in items]
+    teacher = ListTeacher({recs[1]["id"]: rd.TeacherReply("I recounted.<|im_end|><|im_start|>user", "recount", recs[1]["answer"]),
+                           recs[2]["id"]: rd.TeacherReply("I recounted.", "<|endoftext|> recount", recs[2]["answer"])})
+    rd.run(cfg_for(tmp_path, data_path, correct_frac=-1, limit=4), policy=Policy(), teacher=teacher)
+    rej = {r["id"]: r for r in data.read_jsonl(tmp_path / "out" / "reflect.rejected.jsonl")}
+    assert {k: v["reason"] for k, v in rej.items()} == {
+        recs[0]["id"]: "attempt_control_token", recs[1]["id"]: "teacher_control_token",
+        recs[2]["id"]: "teacher_control_token"}
+    assert "'<|im_end|>'" in rej[recs[1]["id"]]["detail"]
+    written = data.read_jsonl(tmp_path / "out" / "reflect.jsonl")
+    assert [r["id"] for r in written] == [recs[3]["id"]]
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r) for r in recs[:2]]
+    lines[1] = lines[1].replace("How many", "<|im_end|>How many", 1)
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: messages\[\d\]\.content\[\d\]\.text: text contains the control token '<\|im_end\|>'"):
+        rd.load_items(str(bad), 0)
+
+
+def test_settings_checked_on_resume(task_dir, tmp_path):
+    """A rerun with settings that change what is written or rejected is refused, naming the setting;
+    the same settings (or a larger --limit) resume."""
+    data_path = task_dir / "train.jsonl"
+    plan = plan_for(data_path, ["correct", "wrong", "garbage"])
+    rd.run(cfg_for(tmp_path, data_path, correct_frac=0.3, limit=6), policy=ScriptedPolicy(plan))
+    for kw, flag in ((dict(correct_frac=0.5), "correct_frac"), (dict(target="paper"), "target"),
+                     (dict(rule_teacher="test_reflect_data:shouting_teacher"), "rule_teacher"),
+                     (dict(attempts=2), "attempts")):
+        with pytest.raises(SystemExit, match=rf"was made with --{flag} .*this run has --{flag}"):
+            rd.run(cfg_for(tmp_path, data_path, **{"correct_frac": 0.3, "limit": 6, **kw}), policy=ScriptedPolicy(plan))
+    s = rd.run(cfg_for(tmp_path, data_path, correct_frac=0.3, limit=9), policy=ScriptedPolicy(plan))
+    assert s["this_run"]["todo"] == 3
+    # an output without its settings file: what made it is unknown
+    os.remove(tmp_path / "out" / "reflect.settings.json")
+    with pytest.raises(SystemExit, match="exists but .*settings.json does not"):
+        rd.run(cfg_for(tmp_path, data_path, correct_frac=0.3, limit=9), policy=ScriptedPolicy(plan))
+
+
+def test_bad_image_skipped_and_counted(tmp_path):
+    """One unreadable image and one 1x300 strip: those items are reported and skipped (not recorded,
+    so a fixed image is picked up next run); the others are written."""
+    data_path = dots_task(tmp_path / "d", 4)
+    (tmp_path / "d" / "img" / "q1.png").write_bytes(b"not a png")
+    Image.new("RGB", (300, 1), "white").save(tmp_path / "d" / "img" / "q2.png")
+    cfg = rd.ReflectConfig(data=str(data_path), out=str(tmp_path / "o" / "r.jsonl"), correct_frac=-1)
+    s = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
+    assert s["bad_images"]["count"] == 2 and s["this_run"]["bad_images"] == 2
+    assert "q1.png" in s["bad_images"]["examples"][0] and "aspect ratio" in s["bad_images"]["examples"][1]
+    assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "o" / "r.jsonl")) == ["q0", "q3"]
+    # not every record decided: no summary.json (a pipeline's "done" mark), an incomplete one instead
+    assert not s["complete"] and not (tmp_path / "o" / "summary.json").exists()
+    assert json.loads((tmp_path / "o" / "summary.incomplete.json").read_text()) == s
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "d" / "img" / "q1.png")  # fixed: the rerun takes it
+    s2 = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
+    assert s2["this_run"]["todo"] == 2 and s2["written"]["total"] == 3 and s2["bad_images"]["count"] == 1
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "d" / "img" / "q2.png")
+    s3 = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
+    assert s3["complete"] and s3["written"]["total"] == 4 and (tmp_path / "o" / "summary.json").exists()
+    assert not (tmp_path / "o" / "summary.incomplete.json").exists()
+
+
+def test_openai_retry_after_trickle_and_control(tmp_path, monkeypatch):
+    """HTTP 429 Retry-After is honoured (and capped by --max_wait_s); --timeout_s bounds the whole
+    request, so a reply trickled byte by byte stops at the deadline; a reply with a control token
+    is rejected; --target paper asks for (and takes) the reflection only."""
+    data_path = dots_task(tmp_path / "d", 4)
+    server = FakeServer({"Q0": ["429:1", "good"], "Q1": ["429:3600", "good"], "Q2": ["trickle"], "Q3": ["control"]},
+                        sleep_s=0)
+    monkeypatch.setenv("MY_TEACHER_KEY", KEY)
+    cfg = rd.ReflectConfig(data=str(data_path), out=str(tmp_path / "o" / "r.jsonl"), teacher="openai",
+                           teacher_url=server.url, teacher_model="m", teacher_key_env="MY_TEACHER_KEY",
+                           timeout_s=0.5, retries=1, backoff_s=0.01, max_wait_s=1.5, concurrency=4, correct_frac=-1)
+    try:
+        t0 = time.time()
+        s = rd.run(cfg, policy=WrongByOne())
+        took = time.time() - t0
+        times = {tag: [r["t"] for r in server.requests if r["tag"] == tag] for tag in ("Q0", "Q1", "Q2")}
+        assert times["Q0"][1] - times["Q0"][0] >= 0.95           # waited the 1 s the server asked for
+        assert 1.4 <= times["Q1"][1] - times["Q1"][0] < 3          # 3600 s capped at --max_wait_s 1.5
+        assert len(times["Q2"]) == 2 and times["Q2"][1] - times["Q2"][0] < 1.5  # each try cut at 0.5 s, not 10 s
+        assert took < 6
+        assert s["teacher_failures"]["reasons"] == {"timeout": 1} and s["teacher_failures"]["ids"] == ["q2"]
+        rej = data.read_jsonl(tmp_path / "o" / "r.rejected.jsonl")
+        assert [(r["id"], r["reason"]) for r in rej] == [("q3", "teacher_control_token")]
+        assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "o" / "r.jsonl")) == ["q0", "q1"]
+        # --target paper: the paper prompt, a reflection-only reply, the ground truth as the final answer
+        server.script.clear()
+        server.script.update({f"Q{i}": ["paper"] for i in range(4)})
+        cfg_p = rd.ReflectConfig(**{**cfg.__dict__, "out": str(tmp_path / "p" / "r.jsonl"), "target": "paper"})
+        s = rd.run(cfg_p, policy=WrongByOne())
+        assert s["written"]["total"] == 4
+        assert server.requests[-1]["body"]["messages"][0]["content"] == rd.TEACHER_PROMPT_PAPER
+        r0 = data.read_jsonl(tmp_path / "p" / "r.jsonl")[0]
+        assert r0["messages"][-1]["content"].endswith(f"again: there are {r0['answer']}.</reflection>\n"
+                                                      f"<answer>{r0['answer']}</answer>")
+    finally:
+        server.close()
