@@ -879,8 +879,9 @@ def parse_args(argv=None) -> ReflectConfig:
 
 
 def main(argv=None):
-    """Exit 0 only when every record is decided; items left for a rerun (teacher failures,
-    unreadable images) end with exit 1, so a pipeline does not go on with a partial file."""
+    """Exit 0 only when every record is decided and at least one sample was written; items left for
+    a rerun (teacher failures, unreadable images) or an empty output end with exit 1, so a pipeline
+    never goes on with a partial or empty file."""
     cfg = parse_args(argv)
     try:
         summary = run(cfg)
@@ -890,6 +891,9 @@ def main(argv=None):
         raise SystemExit(f"reflect_data.py: {summary['teacher_failures']['count']} teacher failure(s) and "
                          f"{summary['bad_images']['count']} unreadable image(s) left undone: rerun the same "
                          f"command to retry them")
+    if summary["written"]["total"] == 0:
+        raise SystemExit(f"reflect_data.py: no SFT sample was written to {cfg.out}: every record was rejected "
+                         f"({summary['rejected']}); see the .rejected.jsonl file beside it")
 
 
 if __name__ == "__main__":
