@@ -1,5 +1,5 @@
 """
-Stage 1 data: reflection SFT samples from the policy's own attempts (SRPO.md, "Reflection SFT").
+Stage 1 data: reflection SFT samples from the policy's own attempts (METHOD.md, sections 1 and 3.1).
 
 For each training question:
 
@@ -30,8 +30,8 @@ For each training question:
                            <reflection>..</reflection>\\n<answer>ground truth</answer>
                            under SYSTEM_PROMPT_REFLECT_PAPER (the paper's Eq. 1 / Appendix B.4:
                            no second <think>; the teacher writes only the reflection)
-   two-pass is the default because stage 2 trains and rewards the two-pass format (SRPO.md,
-   "Response format"; the reward's I_ref and the code preset's format term need a second
+   two-pass is the default because stage 2 trains and rewards the two-pass format (METHOD.md,
+   sections 2 and 4; the reward's I_ref and the code preset's format term need a second
    solution that ends in an answer): SFT then teaches the format RL pays for. The paper's target
    stays available so the two can be measured against each other.
    A sample is kept only if the reflection is non-empty, does not copy the attempt, contains no
