@@ -29,6 +29,7 @@ Run directory (log.jsonl, checkpoint/, the final HF model in --out): see checkpo
     python grpo.py --model runs/demo/base --reward grpo ... --out runs/demo/grpo   # plain GRPO
     torchrun --nproc_per_node=8 grpo.py ...                                        # 7B: see below
 """
+import importlib
 import math
 import os
 import time
@@ -181,6 +182,8 @@ class GRPOConfig:
     steps: int = 200
     save_every: int = 20
     eval_every: int = 0                     # in-run evaluation is off for now (must be 0): run eval.py on the output
+    extra_metrics: str = ""                 # "module:function", fn(texts, records) -> {name: (sum, count)}, logged as
+                                            # sum / count per step (same names every call), e.g. a task's perception metric
     seed: int = 0
     device: str = ""                        # "" = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
     threads: int = 0                        # CPU: torch threads per process (0 = torch's default)
@@ -297,6 +300,18 @@ def rollout_seed(cfg, step, rank, world_size):
     at most P_local, so no two calls of a run share a seed (`rank * 101 + c` did, beyond 101
     prompts per rank), for any step < 1_000_003."""
     return (cfg.seed * 1_000_003 + step) * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world_size)
+
+
+def load_metric_fn(spec):
+    """--extra_metrics "module:function" -> the function (None for ""): task-specific metrics are
+    passed in, never imported here."""
+    if not spec:
+        return None
+    mod, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise checkpoint.RunError(f"{PROG}: --extra_metrics {spec!r}: {e} (expected module:function)") from None
 
 
 def autocast(device):
@@ -434,11 +449,11 @@ def lr_at(step, cfg):
 
 
 def make_optimizer(policy, cfg):
-    """AdamW; weight decay only on weight matrices: decaying norm gains, biases or embedding rows
-    pulls them towards 0, which is not a prior anyone wants for them."""
+    """AdamW; weight decay only on weight matrices: decaying norm gains, biases or token embedding
+    rows pulls them towards 0, which is not a prior anyone wants for them."""
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
-    rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
+    decay, rest = [p for n, p in named if decays(n, p)], [p for n, p in named if not decays(n, p)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=(0.9, 0.999))
 
@@ -504,8 +519,9 @@ def minibatch_step(policy, optimizer, roll, groups, cfg, d, logp_ref, st: Update
 CASES = ("w2r", "r2r", "r2w", "w2w", "single", "none")
 
 
-def log_record(step, roll: Rollout, us: UpdateStats, t_roll, t_train, cfg, d) -> dict:
+def log_record(step, roll: Rollout, us: UpdateStats, t_roll, t_train, cfg, d, metric_fn=None) -> dict:
     sc, G = roll.scores, roll.group_size
+    extra = metric_fn(roll.texts, [r for r in roll.records for _ in range(G)]) if metric_fn else {}
     sums = dict(n=len(sc), groups=len(roll.prompts), groups_kept=int(roll.keep.sum()) // G,
                 reward=sum(s.total for s in sc), r_format=sum(s.format for s in sc),
                 r_accuracy=sum(s.accuracy for s in sc), r_length=sum(s.length for s in sc),
@@ -513,7 +529,8 @@ def log_record(step, roll: Rollout, us: UpdateStats, t_roll, t_train, cfg, d) ->
                 acc_first=sum(float(s.first_correct) for s in sc), acc_final=sum(float(s.final_correct) for s in sc),
                 resp_len=float(roll.lengths.sum()), truncated=sum(f == "length" for f in roll.finish_reasons),
                 tokens=us.tokens, clipped=us.clipped, kl_old=us.kl_old, kl_ref=us.kl_ref, entropy=us.entropy,
-                forward_tokens=us.forward_tokens, **{f"case_{c}": sum(s.case == c for s in sc) for c in CASES})
+                forward_tokens=us.forward_tokens, **{f"case_{c}": sum(s.case == c for s in sc) for c in CASES},
+                **{f"{k}/sum": v[0] for k, v in extra.items()}, **{f"{k}/n": v[1] for k, v in extra.items()})
     keys = sorted(sums)
     t = dist.all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=d.device))
     s = dict(zip(keys, t.tolist()))
@@ -526,6 +543,7 @@ def log_record(step, roll: Rollout, us: UpdateStats, t_roll, t_train, cfg, d) ->
                entropy=s["entropy"] / tokens)
     if cfg.beta > 0:
         rec["kl_ref"] = s["kl_ref"] / tokens
+    rec.update({k: s[f"{k}/sum"] / s[f"{k}/n"] for k in extra if s[f"{k}/n"] > 0})
     rec.update(rollout_tok_s=s["resp_len"] / max(t_roll, 1e-9), train_tok_s=s["forward_tokens"] / max(t_train, 1e-9),
                rollout_s=t_roll, train_s=t_train, sample=roll.texts[0])
     return rec
@@ -547,7 +565,7 @@ def main(cfg: GRPOConfig):
 
 def build_models(cfg: GRPOConfig, d, path):
     """The policy from `path` (fp32 master weights; bf16 autocast on GPU), its AdamW, and the
-    frozen reference (the initial model --model) when beta > 0."""
+    frozen reference (the initial model --model, sharded fp32) when beta > 0."""
     policy = model_lib.from_pretrained(path, device=d.device, dtype=torch.float32)
     policy.visual.requires_grad_(not cfg.freeze_vision)
     if cfg.grad_checkpoint:
@@ -556,9 +574,8 @@ def build_models(cfg: GRPOConfig, d, path):
             recompute_in_backward(layer)
     dist.shard_model(policy)
     ref = None
-    if cfg.beta > 0:
-        ref_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=ref_dtype).requires_grad_(False))
+    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same autocast): KL starts at 0
+        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False))
     return policy, ref, make_optimizer(policy, cfg)
 
 
@@ -596,6 +613,7 @@ def train(cfg: GRPOConfig, d):
     if d.device.type == "cpu" and cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    metric_fn = load_metric_fn(cfg.extra_metrics)
     tok, rcfg, records, policy, ref, optimizer, start = setup(cfg, d)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     ckpt, log_path, saved = os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "log.jsonl"), start
@@ -624,7 +642,7 @@ def train(cfg: GRPOConfig, d):
                 checkpoint.append_log(log_path, {"step": step + 1, "error": msg})
             raise NonFiniteLoss(msg) from None
         # 6. log
-        rec = log_record(step + 1, roll, us, t_roll, time.time() - t0, cfg, d)
+        rec = log_record(step + 1, roll, us, t_roll, time.time() - t0, cfg, d, metric_fn)
         rec.update(lr=lr_at(step, cfg), **({} if mismatch is None else {"logp_old_mismatch": mismatch}))
         if d.is_main:
             checkpoint.append_log(log_path, rec)

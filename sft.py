@@ -86,7 +86,7 @@ def check_config(cfg: SFTConfig, world_size=1):
         if getattr(cfg, name) < 1:
             bad(name, "must be >= 1")
     for name, ok, why in (("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "must be a finite number > 0"),
-                          ("min_lr", math.isfinite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.lr, "need 0 <= min_lr <= lr"),
+                          ("min_lr", math.isfinite(cfg.min_lr) and cfg.min_lr >= 0, "must be a finite number >= 0"),
                           ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0, "must be a finite number > 0"),
                           ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0 = from --epochs)"),
                           ("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0"),
@@ -226,13 +226,15 @@ def lr_at(step, max_steps, cfg):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; matrices decay, vectors do not; the vision tower's lr is scaled by vision_lr_scale."""
+    """AdamW; weight matrices decay, norms, biases and embeddings do not; the vision tower's lr is
+    scaled by vision_lr_scale."""
     groups = []
     for vision in (False, True):
-        params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.") == vision]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.") == vision]
+        decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
         scale = cfg.vision_lr_scale if vision else 1.0
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+        groups += [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
 
 

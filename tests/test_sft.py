@@ -358,7 +358,7 @@ def test_non_finite_loss_stops_with_an_error(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("batch_size", "0"), ("micro_batch_size", "0"), ("lr", "nan"),
-                                        ("min_lr", "1"), ("grad_clip", "-1"), ("epochs", "0")])
+                                        ("min_lr", "-1"), ("grad_clip", "-1"), ("epochs", "0")])
 def test_bad_values_name_their_flag(flag, value):
     with pytest.raises(ValueError, match=f"--{flag} "):
         sft.parse_args([f"--{flag}", value])
@@ -374,3 +374,13 @@ def test_no_arguments_says_what_to_run(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and want in lines[0] and "not found" in lines[0], r.stderr
         assert os.listdir(tmp_path) == []                                     # nothing written
+
+
+def test_no_weight_decay_on_norms_biases_embeddings(tok):
+    cfg = sft.SFTConfig(weight_decay=0.1)
+    model = sft.build_tiny(tok, cfg)
+    opt = sft.make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
