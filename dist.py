@@ -57,10 +57,13 @@ def barrier():
         dist.barrier()
 
 
-def close():
-    """Wait for every process, then tear the process group down (no rank leaves mid-collective)."""
+def close(ok: bool = True):
+    """Wait for every process, then tear the process group down (no rank leaves mid-collective).
+    ok=False (this rank is failing): no barrier -- it would match a barrier the other ranks wait
+    in mid-run and let them carry on; tearing down makes their next collective fail instead."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -553,14 +553,16 @@ def log_record(step, roll: Rollout, us: UpdateStats, t_roll, t_train, cfg, d, me
 # 7. the run
 
 def main(cfg: GRPOConfig):
-    d = dist.init()
+    d, ok = dist.init(), False
     try:
         check_config(cfg, d.world_size)
-        return train(cfg, d)
+        out = train(cfg, d)
+        ok = True
+        return out
     finally:
         if d.is_main:
             checkpoint.release_lock(cfg.out)
-        dist.close()
+        dist.close(ok)
 
 
 def build_models(cfg: GRPOConfig, d, path):

@@ -297,14 +297,16 @@ def setup(cfg: SFTConfig, d):
 
 
 def train(cfg: SFTConfig):
-    d = dist.init()
+    d, ok = dist.init(), False
     try:
         check_config(cfg, d.world_size)
-        return _train(cfg, d)
+        out = _train(cfg, d)
+        ok = True
+        return out
     finally:
         if d.is_main:
             checkpoint.release_lock(cfg.out)
-        dist.close()
+        dist.close(ok)
 
 
 def _train(cfg: SFTConfig, d):

@@ -384,3 +384,26 @@ def test_no_weight_decay_on_norms_biases_embeddings(tok):
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_second_run_on_a_locked_out_fails_at_once(dataset, tmp_path):
+    """A live run holds out/lock: a second one -- here under torchrun x2, where only rank 0
+    takes the lock -- fails at once naming the holder's pid, and does not hang the other rank."""
+    import socket
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "lock").write_text(f"{holder.pid} {socket.gethostname()}")
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                            "sft.py"] + _args(dataset, str(out), steps=2), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and f"in use by pid {holder.pid}" in r.stderr, r.stderr[-2000:]
+        assert time.time() - t0 < 90
+        assert (out / "lock").read_text().split()[0] == str(holder.pid)     # the holder's lock is untouched
+        assert not (out / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
