@@ -391,6 +391,17 @@ def open_run(prog, out, inputs: dict, is_main: bool):
     return ckpt, is_complete(ckpt)
 
 
+def stop_non_finite(prog, step, what, ckpt, saved, is_main):
+    """Log and raise NonFiniteLoss: the run stops before the optimizer step of `step`, naming the
+    last good checkpoint (step `saved`, 0 = none yet), which is left untouched."""
+    where = f"{os.path.abspath(ckpt)} (step {saved}), left untouched" if saved else "none: none was written yet"
+    msg = (f"{prog}: step {step}: non-finite {what}. Stopped before the optimizer step. Last good checkpoint: "
+           f"{where}. Lower --lr, check the data or the initial weights, or resume from it.")
+    if is_main:
+        append_log(os.path.join(os.path.dirname(os.path.abspath(ckpt)), "log.jsonl"), {"step": step, "error": msg})
+    raise NonFiniteLoss(msg)
+
+
 def start_log(out, resume: bool, step: int, config: dict):
     """Rank 0: a resumed run drops the log records after its checkpoint's step (the killed run's
     lost steps); a fresh run starts an empty log and writes out/run_config.json."""

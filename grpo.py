@@ -637,12 +637,7 @@ def train(cfg: GRPOConfig, d):
         try:
             us = update(policy, optimizer, roll, cfg, d, logp_ref)
         except NonFiniteLoss as e:
-            where = f"{os.path.abspath(ckpt)} (step {saved}), left untouched" if saved else "none: none was written yet"
-            msg = (f"{PROG}: step {step + 1}: non-finite {e}. Stopped before the optimizer step. "
-                   f"Last good checkpoint: {where}. Lower --lr, check the data, or resume from it.")
-            if d.is_main:
-                checkpoint.append_log(log_path, {"step": step + 1, "error": msg})
-            raise NonFiniteLoss(msg) from None
+            checkpoint.stop_non_finite(PROG, step + 1, str(e), ckpt, saved, d.is_main)
         # 6. log
         rec = log_record(step + 1, roll, us, t_roll, time.time() - t0, cfg, d, metric_fn)
         rec.update(lr=lr_at(step, cfg), **({} if mismatch is None else {"logp_old_mismatch": mismatch}))

@@ -356,12 +356,7 @@ def _train(cfg: SFTConfig, d):
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         loss = loss_sum.item() / n_global
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            where = f"{os.path.abspath(ckpt)} (step {saved}), left untouched" if saved else "none: none was written yet"
-            msg = (f"{PROG}: step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}. Stopped before the "
-                   f"optimizer step. Last good checkpoint: {where}. Lower --lr or check the data / --init weights.")
-            if d.is_main:
-                checkpoint.append_log(log_path, {"step": step + 1, "error": msg})
-            raise checkpoint.NonFiniteLoss(msg)
+            checkpoint.stop_non_finite(PROG, step + 1, f"loss {loss} / grad norm {grad_norm}", ckpt, saved, d.is_main)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
