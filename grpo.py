@@ -3,67 +3,56 @@ Stage 2 of SRPO: reflection-aware GRPO (see ../shared/SRPO.md, "GRPO (stage 2)")
 
     for each step:
       1. rollout   each rank takes its contiguous share of the step's P prompts and samples G
-                   responses per prompt at temperature 1.0 (sampler.generate); logp_old comes
-                   from the sampler (log-softmax of logits / temperature, as recomputed below)
-      2. reward    reward.score_batch: the SRPO reward (two-pass prompt SYSTEM_PROMPT_REFLECT:
-                   format + reflection effectiveness + length) or, with --reward grpo, the plain
-                   GRPO baseline (single-pass prompt SYSTEM_PROMPT_SINGLE: format + accuracy)
+                   responses per prompt at temperature 1.0 (sampler.generate_texts); logp_old is
+                   the sampler's log-softmax(logits / temperature) of the drawn tokens
+      2. reward    reward.score_batch: the SRPO reward (two-pass prompt SYSTEM_PROMPT_REFLECT) or,
+                   with --reward grpo, the plain GRPO baseline (single-pass SYSTEM_PROMPT_SINGLE)
       3. advantage A_i = (r_i - mean(r)) / (std(r) + eps) within each group of G
-      4. filter    groups whose mean final-answer accuracy is outside [0.1, 0.9] carry no signal
+      4. filter    groups whose mean of (accuracy + effectiveness) is outside [acc_low, acc_high]
+                   carry no signal and are dropped
       5. update    mu passes x n_minibatches AdamW steps (grad-norm clipped) of
                        ratio = exp(logp - logp_old)
                        pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
-                       kl    = exp(logp_ref - logp) - (logp_ref - logp) - 1    (k3; beta > 0 only,
-                                                       no reference model is kept when beta = 0)
-                       loss  = sum over response tokens of (pg + beta * kl) / (response tokens
-                               of the GLOBAL mini-batch)
-                   so one process and N processes holding the same global batch take the same step
-                   (FSDP averages gradients over ranks, so each rank scales its sum by world_size).
+                       kl    = exp(logp_ref - logp) - (logp_ref - logp) - 1   (k3; only if beta > 0)
+                       loss  = --loss_agg seq:   mean over responses of (mean over its tokens)  (Eq. 2)
+                               --loss_agg token: sum over all tokens / tokens            (DAPO)
+                   of pg + beta * kl, normalised by the GLOBAL mini-batch, so one process and N
+                   processes holding the same global batch take the same step.
 
-Log-probabilities are computed on logits / temperature, in float32, chunked over time so a 152k
+Log-probs are computed on logits / temperature, in float32, chunked over time so a 152k
 vocabulary never needs a full float32 (B, T, V) copy. The vision tower is frozen by default.
+Distributed: one process without torchrun; under torchrun FSDP2 (dist.shard_model) over gloo
+(CPU) or nccl (GPU). Every rank runs the same number of forwards (weight-0 padding forwards).
+Run directory (log.jsonl, checkpoint/, the final HF model in --out): see checkpoint.py.
 
-Distributed: one process without torchrun; under torchrun, FSDP2 (dist.shard_model: one unit per
-decoder layer / vision block) over gloo (CPU) or nccl (GPU), multi-node by torchrun's own flags.
-Every rank runs the same number of forwards (padding with weight-0 micro-batches), rewards and
-metrics are all-reduced.
-
-Outputs in --out: log.jsonl (one line per step: reward and its components, first / final answer
-accuracy, reflection cases w2r r2r r2w w2w single none, response length, KL, clip fraction,
-entropy, grad norm, rollout and training tokens/s, a sample response; plus greedy test evals),
-checkpoint/ (HF weights + optimizer + RNG, written atomically every save_every steps; a rerun of
-the same command resumes from it exactly, also after kill -9) and, at the end, the final HF model
-in --out itself. A non-finite loss or gradient stops the run before the optimizer step, naming
-the last good checkpoint, which is left untouched.
-
-    python grpo.py --model runs/sft --train runs/task/train.jsonl --test runs/task/test.jsonl --out runs/srpo
-    python grpo.py --model runs/base --reward grpo ... --out runs/grpo          # plain GRPO baseline
-    torchrun --nproc_per_node=8 grpo.py ...                                     # see the 7B config below
+    python grpo.py --model runs/demo/sft --train runs/demo/task/train.jsonl --out runs/demo/srpo
+    python grpo.py --model runs/demo/base --reward grpo ... --out runs/demo/grpo   # plain GRPO
+    torchrun --nproc_per_node=8 grpo.py ...                                        # 7B: see below
 """
-import json
+import importlib
 import math
 import os
-import shutil
 import time
-from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
+import checkpoint
 import data
 import dist
-from config import parse_config
 import model as model_lib
 import reward
 import sampler
-import task
+from config import parse_config
+
+PROG = "grpo.py"
 
 
 # ----------------------------------------------------------------------------------------------
-# the math: log-probabilities, advantages, group filter, loss
+# 1. the math: log-probabilities, advantages, group filter, loss
 
 def _chunk_logprobs(logits, targets, temperature):
     # logits (B, t, V) any dtype; targets (B, t) long -> logp (B, t) fp32, entropy (B, t) fp32
@@ -71,24 +60,20 @@ def _chunk_logprobs(logits, targets, temperature):
     lse = torch.logsumexp(x, dim=-1)                                   # (B, t)
     logp = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse       # (B, t)
     with torch.no_grad():
-        p = torch.softmax(x, dim=-1)
-        entropy = lse - (p * x).sum(-1)                                # (B, t)
+        entropy = lse - (torch.softmax(x, dim=-1) * x).sum(-1)         # (B, t)
     return logp, entropy
 
 
 def token_logprobs(logits, targets, temperature=1.0, chunk=256):
-    """log softmax(logits / temperature) gathered at targets, plus the entropy (no grad).
-
-    logits (B, T, V), targets (B, T) -> logp (B, T) float32, entropy (B, T) float32.
-    Works chunk by chunk over T; with autograd on, each chunk is recomputed in backward
-    (checkpoint), so at most (B, chunk, V) float32 values are alive at once.
-    """
+    """log softmax(logits / temperature) at targets, plus the entropy (no grad).
+    logits (B, T, V), targets (B, T) -> logp (B, T) float32, entropy (B, T) float32. Chunk by
+    chunk over T, each chunk recomputed in backward: at most (B, chunk, V) fp32 values alive."""
     assert logits.shape[:2] == targets.shape, f"logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}"
     logps, ents = [], []
     for s in range(0, logits.shape[1], chunk):
         lg, tg = logits[:, s:s + chunk], targets[:, s:s + chunk]
         if torch.is_grad_enabled() and lg.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, lg, tg, temperature, use_reentrant=False)
+            lp, ent = recompute(_chunk_logprobs, lg, tg, temperature, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(lg, tg, temperature)
         logps.append(lp)
@@ -98,45 +83,39 @@ def token_logprobs(logits, targets, temperature=1.0, chunk=256):
 
 def group_advantages(rewards, G, eps=1e-6):
     """rewards (P*G,) prompt-major -> advantages (P*G,): (r - group mean) / (group std + eps).
-
-    std is the unbiased (Bessel) one, as torch.std and the verl / EasyR1 code behind the paper.
-    """
+    std is the unbiased (Bessel) one, as torch.std and the verl / EasyR1 code behind the paper."""
     assert G >= 2, f"group advantages need G >= 2 samples per prompt, got G={G}"
     assert rewards.numel() % G == 0, f"{rewards.numel()} rewards is not a multiple of G={G}"
     r = rewards.float().view(-1, G)                                    # (P, G)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
-    return adv.view(-1)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
-def accuracy_band_keep(correct, G, low=0.1, high=0.9):
-    """correct (P*G,) 0/1 -> keep (P*G,) bool: True for every row of a group whose mean
-    accuracy lies in [low, high] (all-right and all-wrong groups carry no signal)."""
-    acc = correct.float().view(-1, G).mean(1, keepdim=True)          # (P, 1)
-    keep = (acc >= low - 1e-9) & (acc <= high + 1e-9)
+def accuracy_band_keep(acc, G, low=0.1, high=0.9):
+    """acc (P*G,) per-response accuracy term -> keep (P*G,) bool: True for every row of a group
+    whose mean lies in [low, high] (all-right and all-wrong groups carry no signal)."""
+    mean = acc.float().view(-1, G).mean(1, keepdim=True)              # (P, 1)
+    keep = (mean >= low - 1e-9) & (mean <= high + 1e-9)
     return keep.expand(-1, G).reshape(-1)
 
 
-def grpo_loss(logp, logp_old, adv, mask, n_tokens, eps_low=0.2, eps_high=0.2, beta=0.0,
+def grpo_loss(logp, logp_old, adv, mask, n_global, agg="seq", eps_low=0.2, eps_high=0.2, beta=0.0,
               logp_ref=None, world_size=1):
-    """Clipped surrogate (+ beta * k3 KL to the reference), token-level mean over the global batch.
+    """Clipped surrogate (+ beta * k3 KL to the reference) of this rank's rows.
 
     logp, logp_old, logp_ref: (B, R) float32 log-probs of the response tokens
     adv: (B,) advantage per response;  mask: (B, R) bool, True on response tokens
-    n_tokens: response tokens in the GLOBAL mini-batch (all ranks); the loss is this rank's sum
-      divided by n_tokens, times world_size because FSDP averages gradients over ranks.
-    Returns loss (scalar) and stats: sums over this rank's tokens (all-reduce, then divide by
-      the token count): clipped, kl_ref, kl_old (k3 of the rollout policy vs the current one).
-    """
+    agg "seq":   sum_i (1/|o_i|) sum_t l_it / n_global, n_global = responses in the GLOBAL mini-batch
+    agg "token": sum_it l_it / n_global,                n_global = response tokens in it
+    times world_size, because FSDP averages the ranks' gradients.
+    Returns loss and stats (sums over this rank's tokens): clipped, kl_ref, kl_old."""
     mask = mask.bool()
-    m = mask.to(logp.dtype)
+    m = mask.to(logp.dtype)                                            # (B, R)
     # padded positions may hold anything (-inf, garbage): zero them before exp, never after
-    d_old = torch.where(mask, logp - logp_old, torch.zeros_like(logp))   # (B, R)
+    d_old = torch.where(mask, logp - logp_old, torch.zeros_like(logp))
     ratio = torch.exp(d_old)
-    A = adv.to(logp.dtype).unsqueeze(1)                                          # (B, 1)
-    pg1 = -ratio * A
-    pg2 = -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A
-    pg = torch.maximum(pg1, pg2)                                          # -min(ratio*A, clip*A)
-    per_tok = pg
+    A = adv.to(logp.dtype).unsqueeze(1)                                # (B, 1)
+    pg1, pg2 = -ratio * A, -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * A
+    per_tok = torch.maximum(pg1, pg2)                                  # -min(ratio*A, clip*A)
     stats = {"clipped": ((pg2 > pg1) & mask).sum().detach()}
     if beta > 0:
         assert logp_ref is not None, "beta > 0 needs logp_ref (the frozen reference model)"
@@ -145,22 +124,31 @@ def grpo_loss(logp, logp_old, adv, mask, n_tokens, eps_low=0.2, eps_high=0.2, be
         per_tok = per_tok + beta * kl
         stats["kl_ref"] = (kl * m).sum().detach()
     with torch.no_grad():
-        stats["kl_old"] = ((ratio - 1.0 - d_old) * m).sum()     # k3 of KL(old || new)
-    loss = (per_tok * m).sum() / max(float(n_tokens), 1.0) * world_size
+        stats["kl_old"] = ((ratio - 1.0 - d_old) * m).sum()          # k3 of KL(old || new)
+    if agg == "seq":
+        w = m / m.sum(1, keepdim=True).clamp(min=1.0)                  # (B, R): 1/|o_i| on its tokens
+    elif agg == "token":
+        w = m
+    else:
+        raise ValueError(f"grpo_loss: agg must be 'seq' or 'token', got {agg!r}")
+    loss = (per_tok * w).sum() / max(float(n_global), 1.0) * world_size
     return loss, stats
 
 
 # ----------------------------------------------------------------------------------------------
-# config
+# 2. config
 
 @dataclass
 class GRPOConfig:
-    # io
-    model: str = "runs/sft"                 # stage-1 (reflection SFT) checkpoint, HF format + tokenizer.json
-    train: str = "runs/task/train.jsonl"    # records with messages + answer (task.py / reflect_data.py)
-    test: str = "runs/task/test.jsonl"      # greedy eval every eval_every steps ("" = none)
-    out: str = "runs/grpo"                  # log.jsonl, checkpoint/ (latest, resumed from), final HF model
+    # io (defaults: the files `python pipeline.py` makes in runs/demo)
+    model: str = "runs/demo/sft"            # stage-1 (reflection SFT) checkpoint, HF format + tokenizer.json
+    train: str = "runs/demo/task/train.jsonl"   # records with messages + answer (task.py / reflect_data.py)
+    test: str = ""                          # unused while in-run evaluation is off (run eval.py on --out)
+    out: str = "runs/demo/srpo"             # log.jsonl, checkpoint/ (resumed from), final HF model
     reward: str = "srpo"                    # srpo (two-pass prompt + SRPO reward) | grpo (baseline)
+    reward_preset: str = ""                 # paper | code: reward.RewardConfig(preset=...); "" = reward.py's default
+    length_weight: float = -1.0             # weight of f_len (0 = the paper's "w/o f_len"); -1 = the preset's
+    effectiveness: bool = True              # 0 = the paper's "w/o I_eff" (RewardConfig(effectiveness=False))
     # rollout
     prompts_per_step: int = 16              # P, global over all ranks
     group_size: int = 8                     # G responses per prompt
@@ -169,11 +157,14 @@ class GRPOConfig:
     top_p: float = 1.0
     rollout_batch: int = 8                  # prompts per sampler call (per rank)
     # update
+    loss_agg: str = "seq"                   # seq: the paper's Eq. 2 (per-response token mean, then mean) | token (DAPO)
     lr: float = 3e-5                        # tiny model (1e-4 erodes the scene list; README); the paper's 7B uses 1e-6
-    weight_decay: float = 0.0
+    warmup_frac: float = 0.0                # linear lr warmup over this fraction of the steps (paper code: 0.03)
+    min_lr_frac: float = 1.0                # then cosine from lr to lr x this at the end; 1 = constant (paper code: 0.1)
+    weight_decay: float = 0.0               # AdamW, on weight matrices only (not norms, biases, embeddings)
     mu: int = 1                             # passes over each rollout batch
     n_minibatches: int = 2                  # optimizer steps per pass
-    micro_batch: int = 16                   # rows per forward/backward (per rank)
+    micro_batch: int = 16                   # rows per forward/backward (per rank), rounded down to whole groups (>= 1)
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.04                      # k3 KL to the frozen initial model; 0 = no reference kept (paper: 0)
@@ -181,99 +172,115 @@ class GRPOConfig:
     filter_groups: bool = True              # drop groups with mean accuracy outside [acc_low, acc_high]
     acc_low: float = 0.1
     acc_high: float = 0.9
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0                  # max grad norm; 0 = off
     freeze_vision: bool = True
     grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
     logprob_chunk: int = 256                # time chunk of the float32 log-softmax
+    logp_old: str = "auto"                  # sampler | recompute (training forward) | auto: recompute unless the
+                                            # policy runs in float32 (CPU), where both agree to ~1e-6
     # run
     steps: int = 200
     save_every: int = 20
-    eval_every: int = 20                    # greedy eval on the first n_eval test records (0 = none)
-    n_eval: int = 100
+    eval_every: int = 0                     # in-run evaluation is off for now (must be 0): run eval.py on the output
+    extra_metrics: str = ""                 # "module:function", fn(texts, records) -> {name: (sum, count)}, logged as
+                                            # sum / count per step (same names every call), e.g. a task's perception metric
     seed: int = 0
     device: str = ""                        # "" = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
     threads: int = 0                        # CPU: torch threads per process (0 = torch's default)
 
 
 # Qwen2.5-VL-7B on 8 GPUs (one node; multi-node: torchrun --nnodes/--node_rank/--master_addr):
-#
-#   torchrun --nproc_per_node=8 grpo.py \
-#       --model ckpt/qwen2.5-vl-7b-reflection-sft --train data/srpo_rl.jsonl --test data/val.jsonl \
-#       --out runs/grpo-7b --prompts_per_step 128 --group_size 8 --max_new_tokens 2048 \
-#       --rollout_batch 4 --lr 1e-6 --weight_decay 1e-2 --mu 1 --n_minibatches 4 --micro_batch 4 \
-#       --grad_checkpoint 1 --eps_low 0.2 --eps_high 0.2 --beta 0.0 --grad_clip 1.0 --steps 300 \
-#       --save_every 20 --eval_every 20 --n_eval 512
-#
-# i.e. the paper-code defaults (lr 1e-6, eps 0.2, G 8, beta 0 -- 0.01 for the verl variant,
-# frozen vision tower, accuracy band [0.1, 0.9]) with 128 prompts x 8 = 1024 rollouts per step,
-# 4 optimizer steps of 256 rollouts each. Memory per H100-80GB: fp32 master weights + AdamW state
-# sharded 8 ways (~14 GB), bf16 autocast compute, each decoder layer recomputed in backward; the
-# rollout all-gathers the full model (sampler.unsharded, ~30 GB fp32) and keeps an fp32 KV cache of
-# rollout_batch x G rows (~0.11 MB per token: 4 x 8 rows x 3k tokens ~ 11 GB). beta > 0 adds a
-# sharded bf16 reference copy. Checkpoints are HF format (loadable by transformers).
+#   torchrun --nproc_per_node=8 grpo.py --model ckpt/qwen2.5-vl-7b-reflection-sft \
+#       --train data/srpo_rl.jsonl --out runs/grpo-7b --prompts_per_step 128 --group_size 8 \
+#       --max_new_tokens 2048 --rollout_batch 4 --lr 1e-6 --weight_decay 1e-2 --mu 1 \
+#       --n_minibatches 4 --micro_batch 8 --grad_checkpoint 1 --beta 0.0 --steps 300
+# i.e. the paper-code defaults with 128 prompts x 8 = 1024 rollouts per step, 4 optimizer steps
+# of 256 rollouts. Memory per H100-80GB: fp32 master weights + AdamW state sharded 8 ways
+# (~14 GB), bf16 autocast compute, each decoder layer recomputed in backward; the rollout
+# all-gathers the model (~30 GB fp32) and keeps a KV cache of rollout_batch x G rows.
 
 
 def parse_args(argv=None) -> GRPOConfig:
-    cfg = parse_config(GRPOConfig, argv, description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)")
+    cfg = parse_config(GRPOConfig, argv, description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)",
+                       choices={"reward": ["srpo", "grpo"], "loss_agg": ["seq", "token"],
+                                "logp_old": ["auto", "sampler", "recompute"],
+                                "reward_preset": ["", "paper", "code"]})
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg: GRPOConfig, world_size=1):
-    def bad(field, why):
-        raise ValueError(f"grpo.py: --{field}={getattr(cfg, field)!r}: {why}")
-    if cfg.reward not in ("srpo", "grpo"):
-        bad("reward", "must be srpo or grpo")
-    if cfg.group_size < 2:
-        bad("group_size", "GRPO needs at least 2 responses per prompt")
-    if cfg.prompts_per_step % (world_size * cfg.n_minibatches):
-        bad("prompts_per_step", f"must be a multiple of world_size x n_minibatches = {world_size} x {cfg.n_minibatches}")
-    for name in ("mu", "n_minibatches", "micro_batch", "rollout_batch", "max_new_tokens", "steps", "save_every"):
-        if getattr(cfg, name) < 1:
-            bad(name, "must be >= 1")
-    if not 0 <= cfg.eps_low < 1 or cfg.eps_high < 0:
-        bad("eps_low", "need 0 <= eps_low < 1 and eps_high >= 0")
-    if cfg.beta < 0:
-        bad("beta", "must be >= 0")
-    if not cfg.temperature > 0:
-        bad("temperature", "must be > 0")
+    """Every bad value is refused before anything runs, naming its flag."""
+    W, nm, c = world_size, max(cfg.n_minibatches, 1), cfg
+    rules = [(n, getattr(c, n) >= 1, "must be >= 1") for n in ("prompts_per_step", "mu", "n_minibatches", "micro_batch",
+                                                               "rollout_batch", "max_new_tokens", "steps", "save_every",
+                                                               "logprob_chunk")] + [
+        ("group_size", c.group_size >= 2, "GRPO needs at least 2 responses per prompt"),
+        ("prompts_per_step", c.prompts_per_step % (W * nm) == 0, f"must be a multiple of world_size x n_minibatches = {W} x {nm}"),
+        ("eps_low", 0 <= c.eps_low < 1, "need 0 <= eps_low < 1"), ("eps_high", c.eps_high >= 0, "must be >= 0"),
+        ("beta", c.beta >= 0, "must be >= 0"), ("temperature", c.temperature > 0, "must be > 0"),
+        ("top_p", 0 < c.top_p <= 1, "must be in (0, 1]"), ("weight_decay", c.weight_decay >= 0, "must be >= 0"),
+        ("adv_eps", c.adv_eps > 0, "must be > 0 (a group of equal rewards would give 0 / 0 = NaN)"),
+        ("lr", math.isfinite(c.lr) and c.lr > 0, "must be a finite number > 0"),
+        ("warmup_frac", 0 <= c.warmup_frac < 1, "must be in [0, 1)"), ("min_lr_frac", 0 <= c.min_lr_frac <= 1, "must be in [0, 1]"),
+        ("grad_clip", c.grad_clip >= 0, "must be >= 0 (0 = off)"),
+        ("acc_low", 0 <= c.acc_low <= c.acc_high, f"need 0 <= acc_low <= acc_high ({c.acc_high})"),
+        ("eval_every", c.eval_every == 0, "in-run evaluation is off for now: use 0 and run eval.py on --out"),
+        ("length_weight", c.length_weight >= 0 or c.length_weight == -1, "must be >= 0, or -1 (the preset's)")]
+    for name, ok, why in rules:
+        if not ok:
+            raise checkpoint.RunError(f"{PROG}: --{name} {getattr(c, name)!r}: {why}")
+
+
+def reward_config(cfg: GRPOConfig) -> reward.RewardConfig:
+    """--reward_preset / --length_weight / --effectiveness -> reward.RewardConfig (only the ones
+    set); a field this reward.py lacks is an error naming the flag, never silently another reward."""
+    want = {"preset": ("reward_preset", cfg.reward_preset or None), "effectiveness": ("effectiveness", None if cfg.effectiveness else False),
+            "length_weight": ("length_weight", None if cfg.length_weight == -1 else cfg.length_weight)}
+    want = {k: (flag, v) for k, (flag, v) in want.items() if v is not None}
+    for name, (flag, _) in want.items():
+        if name not in {f.name for f in fields(reward.RewardConfig)}:
+            raise checkpoint.RunError(f"{PROG}: --{flag} needs reward.RewardConfig.{name}, which this reward.py "
+                                      f"does not have (update reward.py)")
+    return reward.RewardConfig(**{k: v for k, (_, v) in want.items()})
 
 
 # ----------------------------------------------------------------------------------------------
-# small helpers
-
-def reduce_sums(d: dict, device) -> dict:
-    """All-reduce (sum) a dict of numbers over ranks, in one call."""
-    keys = sorted(d)
-    t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, "sum")
-    return dict(zip(keys, t.tolist()))
-
-
-def n_micro_batches(n_rows, size, device):
-    """Micro-batches per rank, the same on every rank (FSDP: every rank runs the same forwards)."""
-    t = torch.tensor([math.ceil(n_rows / size)], device=device)
-    return int(dist.all_reduce(t, "max").item())
-
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
+# 3. data
 
 def load_records(path):
-    """Records of a JSONL file, each with 'messages' and 'answer'; errors name file:line."""
+    """Records of a JSONL file, each with 'messages' and 'answer' (checked here, on every rank,
+    so a bad record fails before training, naming file:line)."""
     records = data.read_jsonl(path)
+    if not records:
+        raise checkpoint.RunError(f"{PROG}: {path}: no records")
     for i, r in enumerate(records):
+        r["_where"], r["_root"] = f"{path}:{i + 1}", os.path.dirname(os.path.abspath(path))
         for key in ("messages", "answer"):
             if key not in r:
-                raise ValueError(f"{path}:{i + 1}: record {r.get('id', '?')} has no field '{key}'")
-        r["_where"] = f"{path}:{i + 1}"
+                raise checkpoint.RunError(f"{r['_where']}: record {r.get('id', '?')} has no field '{key}'")
+    check_ground_truths(records)
     return records
 
 
-def encode_prompt(record, tok, image_root, system_prompt):
+def check_ground_truths(records):
+    """Every ground truth must be readable by the answer matcher (one call per distinct answer).
+    TODO(answers.py lands): answers.check_ground_truth(r["answer"], r.get("options"), r["_where"])."""
+    seen = set()
+    for r in records:
+        key = (repr(r["answer"]), repr(r.get("options")))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            reward.score_batch(["<answer>x</answer>"], [r["answer"]], mode="grpo", options=[r.get("options")])
+        except reward.BadGroundTruth as e:
+            raise checkpoint.RunError(f"{r['_where']}: field 'answer': {e}") from None
+
+
+def encode_prompt(record, tok, system_prompt):
     msgs = data.prompt_messages(record, system_prompt)
-    return data.encode_messages(msgs, tok, image_root, add_generation_prompt=True, where=record["_where"])
+    return data.encode_messages(msgs, tok, record["_root"], add_generation_prompt=True, where=record["_where"])
 
 
 def step_prompts(n_records, step, P, seed):
@@ -287,413 +294,369 @@ def step_prompts(n_records, step, P, seed):
     return out
 
 
-def decode_response(tok, tokens, length):
-    """Response text without its final eos token."""
-    ids = tokens[:length].tolist()
-    if ids and ids[-1] in tok.eos_ids:
-        ids = ids[:-1]
-    return tok.decode(ids)
+def rollout_seed(cfg, step, rank, world_size):
+    """Seed of this rank's first sampler call of a step (generate_texts uses seed + k for call k).
+    A step's calls get seeds in [base, base + P): rank r's start at base + r * P_local and number
+    at most P_local, so no two calls of a run share a seed (`rank * 101 + c` did, beyond 101
+    prompts per rank), for any step < 1_000_003."""
+    return (cfg.seed * 1_000_003 + step) * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world_size)
+
+
+def load_metric_fn(spec):
+    """--extra_metrics "module:function" -> the function (None for ""): task-specific metrics are
+    passed in, never imported here."""
+    if not spec:
+        return None
+    mod, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise checkpoint.RunError(f"{PROG}: --extra_metrics {spec!r}: {e} (expected module:function)") from None
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
-# rollout and rewards
+# 4. rollout: G responses per prompt, rewards, advantages, filter
+
+@dataclass
+class Rollout:
+    """One rank's share of a step: P prompts x G responses, rows prompt-major (row i: prompt i // G)."""
+    records: list              # P records
+    prompts: list              # P encoded prompts (data.encode_messages, generation prompt added)
+    tokens: torch.Tensor       # (P*G, R) long, pad_id after each row's length
+    lengths: torch.Tensor      # (P*G,) long, response tokens incl. the final eos
+    logp_old: torch.Tensor     # (P*G, R) float32, the sampler's log-probs of the drawn tokens
+    texts: list                # P*G responses without their final eos
+    finish_reasons: list       # P*G "stop" | "length"
+    scores: list               # P*G reward.Score
+    adv: torch.Tensor          # (P*G,) group-normalised advantages
+    keep: torch.Tensor         # (P*G,) bool, whole groups: passed the accuracy filter
+    group_size: int
+    pad_id: int
+
+    def rows(self, groups):
+        """Prompt indices (g,) -> their response rows (g*G,), prompt-major."""
+        G = self.group_size
+        return (groups[:, None] * G + torch.arange(G)).reshape(-1)
+
 
 @torch.no_grad()
-def rollout(policy, tok, records, image_root, cfg, d, step, system_prompt):
-    """This rank's prompts -> G responses each, their rewards and advantages.
-
-    Returns roll: prompts (list of encoded prompts), prompt_of (N,) long, tokens (N, R) long,
-    lengths (N,), logp_old (N, R) float32, rewards (list of reward dicts), adv (N,), keep (N,) bool
-    with N = local prompts x G, rows prompt-major; and stats (sums over this rank)."""
+def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
+    """This rank's P records -> G sampled responses each, their rewards, advantages and filter."""
     G = cfg.group_size
-    prompts = [encode_prompt(r, tok, image_root, system_prompt) for r in records]
+    prompts = [encode_prompt(r, tok, system_prompt) for r in records]
     scfg = sampler.SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, n=G)
-    tokens, logps, lengths, reasons = [], [], [], []
-    for c in range(0, len(prompts), cfg.rollout_batch):
-        batch = data.collate(prompts[c:c + cfg.rollout_batch], tok.pad_id, left_pad=True)
-        scfg.seed = cfg.seed * 1_000_003 + step * 10_007 + d.rank * 101 + c
-        with autocast(d.device):
-            out = sampler.generate(policy, batch, tok.eos_ids, scfg, pad_id=tok.pad_id)
-        tokens.append(out["tokens"].cpu())
-        logps.append(out["logprobs"].float().cpu())
-        lengths.append(out["lengths"].cpu())
-        reasons += out["finish_reasons"]
-    tokens, logp_old, lengths = torch.cat(tokens), torch.cat(logps), torch.cat(lengths)   # (N, R)
-    # an <|image_pad|> / <|video_pad|> the policy wrote cannot be replayed (the model would take it
-    # for an image slot): the response ends just before the first one, for reward and training
-    vis = torch.isin(tokens, torch.tensor([tok.image_pad_id, tok.video_pad_id])) & (
-        torch.arange(tokens.shape[1])[None] < lengths[:, None])
-    cut = torch.where(vis.any(1), vis.float().argmax(1), lengths)
-    n_cut = int((cut < lengths).sum())
-    lengths = cut
-    tokens = tokens.masked_fill(torch.arange(tokens.shape[1])[None] >= lengths[:, None], tok.pad_id)
-
-    texts = [decode_response(tok, tokens[i], int(lengths[i])) for i in range(len(tokens))]
+                                top_p=cfg.top_p, n=G, seed=seed)
+    with autocast(d.device):
+        gen = sampler.generate_texts(policy, tok, prompts, scfg, batch_size=cfg.rollout_batch)
     gts = [r["answer"] for r in records for _ in range(G)]
     options = [r.get("options") for r in records for _ in range(G)]
-    scores = reward.score_batch(texts, gts, mode=cfg.reward, count_tokens=tok.count_tokens, options=options)
-    rewards = torch.tensor([s.total for s in scores])
-    correct = torch.tensor([float(s.final_correct) for s in scores])
-    adv = group_advantages(rewards, G, cfg.adv_eps)
-    keep = (accuracy_band_keep(correct, G, cfg.acc_low, cfg.acc_high) if cfg.filter_groups
+    scores = reward.score_batch(gen.texts, gts, mode=cfg.reward, count_tokens=tok.count_tokens, cfg=rcfg,
+                                options=options)
+    adv = group_advantages(torch.tensor([s.total for s in scores]), G, cfg.adv_eps)
+    acc = torch.tensor([s.accuracy + s.effectiveness for s in scores])   # filter_accuracy in the paper's code
+    keep = (accuracy_band_keep(acc, G, cfg.acc_low, cfg.acc_high) if cfg.filter_groups
             else torch.ones(len(scores), dtype=torch.bool))
-    roll = dict(prompts=prompts, prompt_of=torch.arange(len(scores)) // G, tokens=tokens, lengths=lengths,
-                logp_old=logp_old, adv=adv, keep=keep, texts=texts, pad_id=tok.pad_id)
-
-    stats = dict(n=len(scores), groups=len(records), groups_kept=int(keep.sum()) // G,
-                 reward=float(rewards.sum()), resp_len=float(lengths.sum()),
-                 truncated=sum(r == "length" for r in reasons), vision_token_cut=n_cut)
-    for key in ("format", "accuracy", "length"):
-        stats[f"r_{key}"] = sum(float(getattr(s, key)) for s in scores)
-    stats["acc_first"] = sum(float(s.first_correct) for s in scores)
-    stats["acc_final"] = float(correct.sum())
-    for case in ("w2r", "r2r", "r2w", "w2w", "single", "none"):
-        stats[f"case_{case}"] = sum(s.case == case for s in scores)
-    # built-in task only: is the first scene list right? (perception, which no reward checks)
-    scenes = [(t, r["scene"]) for t, r in zip(texts, (r for r in records for _ in range(G)))
-              if isinstance(r.get("scene"), dict)]
-    stats["scene_n"] = len(scenes)
-    stats["scene_ok"] = sum(task.first_scene_list(t) == task.scene_list(sc) for t, sc in scenes)
-    return roll, stats
+    return Rollout(records=records, prompts=prompts, tokens=gen.tokens, lengths=gen.lengths,
+                   logp_old=gen.logprobs.float(), texts=gen.texts, finish_reasons=gen.finish_reasons,
+                   scores=scores, adv=adv, keep=keep, group_size=G, pad_id=tok.pad_id)
 
 
-def train_batch(roll, rows, pad_id, device):
-    """Rollout rows -> left-padded prompt + right-padded response, the response at [Tp, Tp + R).
+def recompute_logp_old(policy, roll: Rollout, cfg, d):
+    """Under bf16 the sampler's and the training forward's log-probs differ, and the PPO ratio
+    must start at exactly 1: replace roll.logp_old by the training forward's. Returns the mean
+    |sampler - training| over all ranks' response tokens (logged as logp_old_mismatch)."""
+    sampled, roll.logp_old = roll.logp_old, rows_logprobs(policy, roll, cfg, d)
+    m = torch.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]          # (P*G, R)
+    t = torch.tensor([float(((sampled - roll.logp_old).abs() * m).sum()), float(m.sum())], dtype=torch.float64)
+    t = dist.all_reduce(t.to(d.device))
+    return float(t[0] / t[1].clamp(min=1))
 
-    Returns input_ids (B, Tp+R), attention_mask (B, Tp+R), pixel_values, image_grid_thw,
-    targets (B, R) response tokens, mask (B, R) True on response tokens, R."""
-    prompts = data.collate([roll["prompts"][int(roll["prompt_of"][i])] for i in rows], pad_id, left_pad=True)
-    L = roll["lengths"][rows]                                        # (B,)
+
+def group_logprobs(net, roll: Rollout, groups, cfg, device):
+    """Log-probs under `net` of the responses of whole groups: groups (g,) prompt indices ->
+    logp (g*G, R) float32, entropy (g*G, R), mask (g*G, R) bool (True on response tokens).
+    The one place the training forward runs; model.forward_shared_prefix (each prompt encoded
+    once for its G responses) replaces the "unshared forward" block when it lands."""
+    rows = roll.rows(groups)
+    L = roll.lengths[rows]                                             # (g*G,)
     R = max(int(L.max()), 1)
-    targets = roll["tokens"][rows, :R]                               # (B, R)
-    mask = torch.arange(R)[None] < L[:, None]                        # (B, R)
-    targets = targets.masked_fill(~mask, pad_id)
-    ids = torch.cat([prompts["input_ids"], targets], 1)
-    att = torch.cat([prompts["attention_mask"], mask.long()], 1)
-    pv, grid = prompts["pixel_values"], prompts["image_grid_thw"]
-    return dict(input_ids=ids.to(device), attention_mask=att.to(device),
-                pixel_values=None if pv is None else pv.to(device), image_grid_thw=None if grid is None else grid.to(device),
-                targets=targets.to(device), mask=mask.to(device), R=R)
-
-
-def policy_logprobs(net, b, cfg, device):
-    """Log-probs (B, R) float32 and entropy (B, R) of the response tokens of train_batch b."""
-    pv = b["pixel_values"]
+    mask = torch.arange(R)[None] < L[:, None]                          # (g*G, R)
+    resp = roll.tokens[rows, :R].masked_fill(~mask, roll.pad_id)       # (g*G, R)
+    # unshared forward: each prompt repeated for its G responses, (g*G, Tp + R), prompts left-padded
+    p = data.collate([roll.prompts[int(j)] for j in groups for _ in range(roll.group_size)], roll.pad_id, left_pad=True)
+    ids, att = torch.cat([p["input_ids"], resp], 1), torch.cat([p["attention_mask"], mask.long()], 1)
+    pv, grid = p["pixel_values"], p["image_grid_thw"]
     with autocast(device):
-        logits = net(b["input_ids"], pixel_values=None if pv is None else pv.to(next(net.parameters()).dtype),
-                     image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"],
-                     logits_to_keep=b["R"] + 1)[:, :-1]              # (B, R, V): position t predicts token t+1
-    return token_logprobs(logits, b["targets"], cfg.temperature, cfg.logprob_chunk)
+        logits = net(ids.to(device), attention_mask=att.to(device), logits_to_keep=R + 1,
+                     pixel_values=None if pv is None else pv.to(device, next(net.parameters()).dtype),
+                     image_grid_thw=None if grid is None else grid.to(device))[:, :-1]   # (g*G, R, V)
+    logp, ent = token_logprobs(logits, resp.to(device), cfg.temperature, cfg.logprob_chunk)
+    return logp, ent, mask.to(device)
+
+
+def n_micro_batches(n, size, device):
+    """Micro-batches per rank, the same on every rank (FSDP: every rank runs the same forwards)."""
+    return int(dist.all_reduce(torch.tensor([math.ceil(n / size)], device=device), "max").item())
 
 
 @torch.no_grad()
-def reference_logprobs(ref, roll, cfg, d):
-    """logp_ref (N, R) of every rollout row under the frozen reference model."""
-    N, Rmax = roll["tokens"].shape
-    out = torch.zeros(N, Rmax)
-    rows = torch.arange(N)
-    for k in range(n_micro_batches(N, cfg.micro_batch, d.device)):
-        mb = rows[k * cfg.micro_batch:(k + 1) * cfg.micro_batch]
-        if len(mb) == 0:
-            mb = rows[:1]                                            # keep FSDP collectives in step
-        b = train_batch(roll, mb, roll["pad_id"], d.device)
-        lp, _ = policy_logprobs(ref, b, cfg, d.device)
-        out[mb, :b["R"]] = lp.cpu()
+def rows_logprobs(net, roll: Rollout, cfg, d):
+    """(P*G, R) log-probs of every rollout row under `net`, no grad: the frozen reference's
+    logp_ref, or logp_old recomputed with the training forward."""
+    out = torch.zeros(roll.tokens.shape)
+    groups, per = torch.arange(len(roll.prompts)), max(1, cfg.micro_batch // roll.group_size)
+    for k in range(n_micro_batches(len(groups), per, d.device)):
+        mb = groups[k * per:(k + 1) * per]
+        lp, _, _ = group_logprobs(net, roll, mb if len(mb) else groups[:1], cfg, d.device)  # padding forward
+        if len(mb):
+            out[roll.rows(mb), :lp.shape[1]] = lp.cpu()
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# the update
+# 5. the update
 
-class NonFiniteLoss(RuntimeError):
-    pass
+NonFiniteLoss = checkpoint.NonFiniteLoss
 
 
-def update(policy, optimizer, roll, cfg, d, logp_ref=None):
-    """mu passes x n_minibatches optimizer steps on this rank's share of the rollout batch.
+@dataclass
+class UpdateStats:
+    """What one update did. loss and grad_norm are global (the same on every rank); the rest are
+    sums over this rank's response tokens."""
+    loss: float = 0.0            # sum over optimizer steps
+    grad_norm: float = 0.0       # sum over optimizer steps (before clipping)
+    opt_steps: int = 0
+    tokens: float = 0.0          # response tokens trained on
+    clipped: float = 0.0
+    kl_old: float = 0.0
+    kl_ref: float = 0.0
+    entropy: float = 0.0
+    forward_tokens: float = 0.0  # prompt + response tokens through the training forward
 
-    Mini-batch k holds the kept rows of the local prompts j with j % n_minibatches == k; since each
-    rank owns a contiguous block of prompts_per_step / world_size prompts (a multiple of
-    n_minibatches), mini-batch k is the same set of global prompts for any number of ranks."""
-    G, W = cfg.group_size, d.world_size
-    # the optimizer's (sharded) parameters: an FSDP2 module that is unsharded at the moment
-    # (e.g. the root after a no-grad forward) lists its gathered copies in .parameters()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    kept = roll["keep"].nonzero()[:, 0]
-    st = dict(loss=0.0, tokens=0.0, clipped=0.0, kl_old=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0,
-              opt_steps=0, train_tokens=0.0)
-    for epoch in range(cfg.mu):
+
+def lr_at(step, cfg):
+    """lr of GRPO step `step` (0-based): linear warmup over warmup_frac of the steps, then cosine
+    from lr down to min_lr_frac x lr at the last step. Defaults: constant lr."""
+    warm = round(cfg.warmup_frac * cfg.steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - 1 - warm)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_optimizer(policy, cfg):
+    """AdamW; weight decay only on weight matrices: decaying norm gains, biases or token embedding
+    rows pulls them towards 0, which is not a prior anyone wants for them."""
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
+    decay, rest = [p for n, p in named if decays(n, p)], [p for n, p in named if not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def update(policy, optimizer, roll: Rollout, cfg, d, logp_ref=None) -> UpdateStats:
+    """mu passes x n_minibatches optimizer steps on this rank's share of the rollout. Mini-batch k
+    holds the kept groups of the local prompts j with j % n_minibatches == k; each rank owns a
+    contiguous block of P / world_size prompts (a multiple of n_minibatches), so mini-batch k is
+    the same set of global prompts for any number of ranks."""
+    st = UpdateStats()
+    kept = roll.keep.view(-1, roll.group_size)[:, 0].nonzero()[:, 0]  # (kept groups,)
+    for _ in range(cfg.mu):
         for k in range(cfg.n_minibatches):
-            rows = kept[(roll["prompt_of"][kept] % cfg.n_minibatches) == k]
-            n_tok = float(dist.all_reduce(torch.tensor([float(roll["lengths"][rows].sum())], device=d.device)).item())
-            if n_tok == 0:
-                continue                                             # every group of this mini-batch filtered
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for m in range(n_micro_batches(len(rows), cfg.micro_batch, d.device)):
-                mb = rows[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]
-                dummy = len(mb) == 0
-                if dummy:
-                    mb = torch.arange(1)                             # same forwards on every rank, weight 0
-                b = train_batch(roll, mb, roll["pad_id"], d.device)
-                logp, ent = policy_logprobs(policy, b, cfg, d.device)
-                R = b["R"]
-                loss, s = grpo_loss(logp, roll["logp_old"][mb, :R].to(d.device), roll["adv"][mb].to(d.device),
-                                    b["mask"], n_tok, cfg.eps_low, cfg.eps_high, cfg.beta,
-                                    None if logp_ref is None else logp_ref[mb, :R].to(d.device), W)
-                if dummy:
-                    loss = loss * 0.0
-                loss.backward()
-                if not dummy:
-                    loss_sum += loss.item()
-                    st["tokens"] += float(b["mask"].sum())
-                    st["clipped"] += float(s["clipped"])
-                    st["kl_old"] += float(s["kl_old"])
-                    st["kl_ref"] += float(s.get("kl_ref", 0.0))
-                    st["entropy"] += float((ent * b["mask"]).sum())
-                    st["train_tokens"] += float(b["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = float(grad_norm)
-            loss_global = float(dist.all_reduce(torch.tensor([loss_sum / W], device=d.device)).item())
-            if not (math.isfinite(loss_global) and math.isfinite(grad_norm)):
-                raise NonFiniteLoss(f"loss {loss_global}, grad norm {grad_norm} (pass {epoch}, mini-batch {k})")
-            optimizer.step()
-            st["loss"] += loss_global
-            st["grad_norm"] += grad_norm
-            st["opt_steps"] += 1
+            minibatch_step(policy, optimizer, roll, kept[kept % cfg.n_minibatches == k], cfg, d, logp_ref, st)
     return st
 
 
-# ----------------------------------------------------------------------------------------------
-# evaluation (greedy, on the test split)
-
-@torch.no_grad()
-def evaluate(policy, tok, records, image_root, cfg, d, system_prompt):
-    """Greedy responses to `records` (split over ranks) -> mean reward, accuracies, cases."""
-    per = math.ceil(len(records) / d.world_size)
-    mine = list(range(d.rank * per, min((d.rank + 1) * per, len(records))))
-    idx = mine + [0] * (per - len(mine))            # equal sampler calls on every rank; padding not counted
-    scfg = sampler.SampleConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, temperature=cfg.temperature)
-    st = dict(n=0.0, reward=0.0, acc_first=0.0, acc_final=0.0, resp_len=0.0, r_format=0.0)
-    for case in ("w2r", "r2r", "r2w", "w2w", "single", "none"):
-        st[f"case_{case}"] = 0.0
-    bs = cfg.rollout_batch * cfg.group_size
-    answers = []                                     # final answers: a collapse to one answer shows here
-    for c in range(0, per, bs):
-        chunk = idx[c:c + bs]
-        batch = data.collate([encode_prompt(records[i], tok, image_root, system_prompt) for i in chunk],
-                             tok.pad_id, left_pad=True)
-        with autocast(d.device):
-            out = sampler.generate(policy, batch, tok.eos_ids, scfg, pad_id=tok.pad_id)
-        n_real = max(0, min(len(chunk), len(mine) - c))
-        texts = [decode_response(tok, out["tokens"][j], int(out["lengths"][j])) for j in range(n_real)]
-        scores = reward.score_batch(texts, [records[i]["answer"] for i in chunk[:n_real]], mode=cfg.reward,
-                                    count_tokens=tok.count_tokens,
-                                    options=[records[i].get("options") for i in chunk[:n_real]])
-        for j, s in enumerate(scores):
-            parsed = reward.parse_response(texts[j])
-            answers.append(parsed.answers[-1] if parsed.answers else "")
-            st["n"] += 1
-            st["reward"] += s.total
-            st["r_format"] += s.format
-            st["acc_first"] += float(s.first_correct)
-            st["acc_final"] += float(s.final_correct)
-            st["resp_len"] += float(out["lengths"][j])
-            st[f"case_{s.case}"] += 1
-    st = reduce_sums(st, d.device)
-    n = max(st.pop("n"), 1.0)
-    metrics = {k: (v if k.startswith("case_") else v / n) for k, v in st.items()}
-    if dist.is_distributed():
-        every = [None] * d.world_size
-        torch.distributed.all_gather_object(every, answers)
-        answers = [a for part in every for a in part]
-    top, count = Counter(answers).most_common(1)[0] if answers else ("", 0)
-    metrics.update(top_answer=top, top_answer_frac=count / n)
-    return metrics
+def minibatch_step(policy, optimizer, roll, groups, cfg, d, logp_ref, st: UpdateStats):
+    """One optimizer step on the groups (g,) of this rank's part of a global mini-batch."""
+    rows = roll.rows(groups)
+    n_local = roll.lengths[rows].sum() if cfg.loss_agg == "token" else len(rows)
+    n_global = float(dist.all_reduce(torch.tensor([float(n_local)], device=d.device)).item())
+    if n_global == 0:
+        return                                                         # every group filtered out
+    # the optimizer's (sharded) parameters: an FSDP2 module that is unsharded at the moment
+    # (e.g. the root after a no-grad forward) lists its gathered copies in .parameters()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    per, loss_sum = max(1, cfg.micro_batch // roll.group_size), 0.0
+    for m in range(n_micro_batches(len(groups), per, d.device)):
+        mb = groups[m * per:(m + 1) * per]
+        dummy = len(mb) == 0
+        mb = torch.arange(1) if dummy else mb                          # same forwards on every rank, weight 0
+        logp, ent, mask = group_logprobs(policy, roll, mb, cfg, d.device)
+        r, R = roll.rows(mb), mask.shape[1]
+        loss, s = grpo_loss(logp, roll.logp_old[r, :R].to(d.device), roll.adv[r].to(d.device), mask, n_global,
+                            cfg.loss_agg, cfg.eps_low, cfg.eps_high, cfg.beta,
+                            None if logp_ref is None else logp_ref[r, :R].to(d.device), d.world_size)
+        (loss * 0.0 if dummy else loss).backward()
+        if not dummy:
+            loss_sum += loss.item()
+            st.tokens += float(mask.sum())
+            st.clipped += float(s["clipped"])
+            st.kl_old += float(s["kl_old"])
+            st.kl_ref += float(s.get("kl_ref", 0.0))
+            st.entropy += float((ent * mask).sum())
+            st.forward_tokens += float(mask.sum()) + sum(len(roll.prompts[int(j)]["input_ids"]) for j in r // roll.group_size)
+    # clip_grad_norm_(params, 0) would zero every gradient: 0 means off
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    loss_global = float(dist.all_reduce(torch.tensor([loss_sum / d.world_size], device=d.device)).item())
+    if not (math.isfinite(loss_global) and math.isfinite(grad_norm)):
+        raise NonFiniteLoss(f"loss {loss_global}, grad norm {grad_norm} (optimizer step {st.opt_steps + 1})")
+    optimizer.step()
+    st.loss += loss_global
+    st.grad_norm += grad_norm
+    st.opt_steps += 1
 
 
 # ----------------------------------------------------------------------------------------------
-# main loop
+# 6. metrics: the one place that builds a step's log record
 
-def truncate_log(path, step):
-    """Keep only the log records of steps <= step (a resumed run rewrites what came after)."""
-    if not os.path.exists(path):
-        return
-    keep = [r for r in data.read_jsonl(path, allow_torn_tail=True) if r.get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(path + ".tmp", path)
+CASES = ("w2r", "r2r", "r2w", "w2w", "single", "none")
 
 
-def export_final(ckpt, out):
-    """Copy the HF files of the final checkpoint into out/ itself (each atomically;
-    model.safetensors last, so its presence means the export is complete)."""
-    names = [n for n in os.listdir(ckpt) if n.endswith((".json", ".safetensors", ".jinja"))
-             and n not in ("optimizer.safetensors", "train_state.json") and not n.startswith("rng_rank")]
-    for name in sorted(names, key=lambda n: n == "model.safetensors"):
-        shutil.copyfile(os.path.join(ckpt, name), os.path.join(out, name + ".tmp"))
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+def log_record(step, roll: Rollout, us: UpdateStats, t_roll, t_train, cfg, d, metric_fn=None) -> dict:
+    sc, G = roll.scores, roll.group_size
+    extra = metric_fn(roll.texts, [r for r in roll.records for _ in range(G)]) if metric_fn else {}
+    sums = dict(n=len(sc), groups=len(roll.prompts), groups_kept=int(roll.keep.sum()) // G,
+                reward=sum(s.total for s in sc), r_format=sum(s.format for s in sc),
+                r_accuracy=sum(s.accuracy for s in sc), r_length=sum(s.length for s in sc),
+                r_effectiveness=sum(s.effectiveness for s in sc), r_reflection=sum(s.reflection for s in sc),
+                acc_first=sum(float(s.first_correct) for s in sc), acc_final=sum(float(s.final_correct) for s in sc),
+                resp_len=float(roll.lengths.sum()), truncated=sum(f == "length" for f in roll.finish_reasons),
+                tokens=us.tokens, clipped=us.clipped, kl_old=us.kl_old, kl_ref=us.kl_ref, entropy=us.entropy,
+                forward_tokens=us.forward_tokens, **{f"case_{c}": sum(s.case == c for s in sc) for c in CASES},
+                **{f"{k}/sum": v[0] for k, v in extra.items()}, **{f"{k}/n": v[1] for k, v in extra.items()})
+    keys = sorted(sums)
+    t = dist.all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=d.device))
+    s = dict(zip(keys, t.tolist()))
+    n, tokens, opt = s["n"], max(s["tokens"], 1.0), max(us.opt_steps, 1)
+    rec = {"step": step, **{k: s[k] / n for k in ("reward", "r_format", "r_accuracy", "r_length", "r_effectiveness",
+                                                  "r_reflection", "acc_first", "acc_final", "resp_len", "truncated")}}
+    rec.update({f"case_{c}": int(s[f"case_{c}"]) for c in CASES})
+    rec.update(groups_kept=s["groups_kept"] / s["groups"], loss=us.loss / opt, grad_norm=us.grad_norm / opt,
+               opt_steps=us.opt_steps, kl_old=s["kl_old"] / tokens, clip_frac=s["clipped"] / tokens,
+               entropy=s["entropy"] / tokens)
+    if cfg.beta > 0:
+        rec["kl_ref"] = s["kl_ref"] / tokens
+    rec.update({k: s[f"{k}/sum"] / s[f"{k}/n"] for k in extra if s[f"{k}/n"] > 0})
+    rec.update(rollout_tok_s=s["resp_len"] / max(t_roll, 1e-9), train_tok_s=s["forward_tokens"] / max(t_train, 1e-9),
+               rollout_s=t_roll, train_s=t_train, sample=roll.texts[0])
+    return rec
 
 
-def check_special_tokens(path, tok):
-    """config.json's vision token ids must be the tokenizer's: the model treats image_token_id
-    positions as image slots and the sampler never draws image/video ids, so a wrong id there
-    can, e.g., make a format tag like <reflection> impossible to sample."""
-    mc = model_lib.read_config(path)
-    want = dict(image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
-                vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
-    for field, tid in want.items():
-        got = getattr(mc, field)
-        if got != tid:
-            raise ValueError(f"grpo.py: {os.path.join(path, 'config.json')}: {field} = {got} is "
-                             f"{tok.tok.id_to_token(got)!r} in the tokenizer, which has "
-                             f"{tok.tok.id_to_token(tid)!r} at id {tid}; fix config.json")
-
+# ----------------------------------------------------------------------------------------------
+# 7. the run
 
 def main(cfg: GRPOConfig):
-    d = dist.init()
+    d, ok = dist.init(), False
     try:
         check_config(cfg, d.world_size)
-        return train(cfg, d)
+        out = train(cfg, d)
+        ok = True
+        return out
     finally:
-        dist.close()
+        if d.is_main:
+            checkpoint.release_lock(cfg.out)
+        dist.close(ok)
 
 
-def train(cfg: GRPOConfig, d):
-    device = torch.device(cfg.device) if cfg.device and d.world_size == 1 else d.device
-    d.device = device
-    if device.type == "cpu" and cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
-    tok = data.Tokenizer.from_dir(cfg.model)
-    check_special_tokens(cfg.model, tok)
-    train_records = load_records(cfg.train)
-    test_records = load_records(cfg.test)[:cfg.n_eval] if cfg.test else []
-    train_root = os.path.dirname(os.path.abspath(cfg.train))
-    test_root = os.path.dirname(os.path.abspath(cfg.test)) if cfg.test else ""
-    ckpt = os.path.join(cfg.out, "checkpoint")
-    log_path = os.path.join(cfg.out, "log.jsonl")
-    resume = os.path.exists(os.path.join(ckpt, "train_state.json"))
-
-    # models: fp32 master weights (bf16 autocast on GPU); the reference only when beta > 0
-    policy = model_lib.from_pretrained(ckpt if resume else cfg.model, device=device, dtype=torch.float32)
-    if cfg.freeze_vision:
-        policy.visual.requires_grad_(False)
+def build_models(cfg: GRPOConfig, d, path):
+    """The policy from `path` (fp32 master weights; bf16 autocast on GPU), its AdamW, and the
+    frozen reference (the initial model --model, sharded fp32) when beta > 0."""
+    policy = model_lib.from_pretrained(path, device=d.device, dtype=torch.float32)
+    policy.visual.requires_grad_(not cfg.freeze_vision)
     if cfg.grad_checkpoint:
         from torch.distributed._composable import checkpoint as recompute_in_backward
-        for layer in policy.layers:          # state-dict keys unchanged
+        for layer in policy.layers:                                    # state-dict keys unchanged
             recompute_in_backward(layer)
     dist.shard_model(policy)
     ref = None
-    if cfg.beta > 0:
-        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        ref = model_lib.from_pretrained(cfg.model, device=device, dtype=ref_dtype).requires_grad_(False)
-        dist.shard_model(ref)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    start = saved = 0
+    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same autocast): KL starts at 0
+        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False))
+    return policy, ref, make_optimizer(policy, cfg)
+
+
+RESUME_FREE = ("steps", "save_every", "eval_every", "threads", "device", "test",  # may change on resume
+               "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk")
+
+
+def setup(cfg: GRPOConfig, d):
+    """Inputs checked (before anything is written), out/ opened, models built or resumed."""
+    how = "run `python pipeline.py --only task base reflect sft` first, or pass --model / --train"
+    checkpoint.require(PROG, os.path.join(cfg.model, "tokenizer.json"), "the model to train", how)
+    checkpoint.require(PROG, cfg.train, "training prompts", how)
+    tok = data.Tokenizer.from_dir(cfg.model)
+    checkpoint.check_special_tokens(PROG, cfg.model, tok)
+    rcfg, records = reward_config(cfg), load_records(cfg.train)
+    ckpt, resume = checkpoint.open_run(PROG, cfg.out, {"--model": cfg.model}, d.is_main)
+    policy, ref, optimizer = build_models(cfg, d, ckpt if resume else cfg.model)
+    start = 0
     if resume:
-        start, extra = dist.load_train_state(ckpt, policy, optimizer)
-        saved = start
-        free = ("steps", "save_every", "eval_every", "n_eval", "threads", "device", "test",   # memory / run knobs
-                "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk")
-        old = extra.get("config", {})
-        changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items() if k in old and k not in free and old[k] != v]
-        if changed:
-            raise ValueError(f"grpo.py: {ckpt} was written with another config ({'; '.join(changed)}); "
-                             f"resume with the same settings or use a new --out")
+        start, extra = checkpoint.load(ckpt, policy, optimizer)
+        checkpoint.check_resume_config(PROG, ckpt, extra.get("config", {}), asdict(cfg), RESUME_FREE)
     if d.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        if resume:
-            truncate_log(log_path, start)
-        else:
-            if os.path.exists(log_path):
-                os.remove(log_path)
-            with open(os.path.join(cfg.out, "config.json"), "w") as f:
-                json.dump(asdict(cfg), f, indent=1)
-        print(f"grpo.py: {'resuming at step ' + str(start) if resume else 'starting'}: {len(train_records)} train "
+        checkpoint.install_tokenizer(PROG, cfg.model, cfg.out)
+        checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg)})
+        print(f"{PROG}: {'resuming at step ' + str(start) if resume else 'starting'}: {len(records)} train "
               f"prompts, world size {d.world_size}, {model_lib.count_params(policy, trainable_only=True):,} "
-              f"trainable parameters, device {device}", flush=True)
+              f"trainable parameters, device {d.device}", flush=True)
+    dist.barrier()
+    return tok, rcfg, records, policy, ref, optimizer, start
 
-    def log(record):
-        if d.is_main:
-            data.append_jsonl(log_path, record)
 
-    def run_eval(step):
-        t0 = time.time()
-        ev = evaluate(policy, tok, test_records, test_root, cfg, d, system_prompt)
-        log({"step": step, "eval": True, **{f"test_{k}": v for k, v in ev.items()}, "time_s": time.time() - t0})
-        if d.is_main:
-            tqdm.write(f"eval step {step}: test reward {ev['reward']:.3f}  first acc {ev['acc_first']:.3f}  "
-                       f"final acc {ev['acc_final']:.3f}  length {ev['resp_len']:.0f}  "
-                       f"most common answer {ev['top_answer']!r} ({ev['top_answer_frac']:.0%})")
-
-    if test_records and cfg.eval_every and start == 0:
-        run_eval(0)
+def train(cfg: GRPOConfig, d):
+    if cfg.device and d.world_size == 1:
+        d.device = torch.device(cfg.device)
+    if d.device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    metric_fn = load_metric_fn(cfg.extra_metrics)
+    tok, rcfg, records, policy, ref, optimizer, start = setup(cfg, d)
+    system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
+    ckpt, log_path, saved = os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "log.jsonl"), start
     P_local = cfg.prompts_per_step // d.world_size
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.is_main, desc="grpo")
     for step in pbar:
         # 1-4. rollout, rewards, advantages, filter (this rank's contiguous block of the step's prompts)
-        idx = step_prompts(len(train_records), step, cfg.prompts_per_step, cfg.seed)
-        mine = [train_records[i] for i in idx[d.rank * P_local:(d.rank + 1) * P_local]]
+        idx = step_prompts(len(records), step, cfg.prompts_per_step, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
         t0 = time.time()
-        roll, rs = rollout(policy, tok, mine, train_root, cfg, d, step, system_prompt)
-        t_roll = time.time() - t0
-        logp_ref = reference_logprobs(ref, roll, cfg, d) if ref is not None else None
+        roll = rollout(policy, tok, [records[i] for i in idx], cfg, d, rollout_seed(cfg, step, d.rank, d.world_size),
+                       rcfg, system_prompt)
+        logp_ref = rows_logprobs(ref, roll, cfg, d) if ref is not None else None
+        recompute = cfg.logp_old == "recompute" or (cfg.logp_old == "auto" and d.device.type == "cuda")
+        mismatch = recompute_logp_old(policy, roll, cfg, d) if recompute else None
+        t_roll, t0 = time.time() - t0, time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
         # 5. update
-        t0 = time.time()
         try:
             us = update(policy, optimizer, roll, cfg, d, logp_ref)
         except NonFiniteLoss as e:
-            where = (f"{os.path.abspath(ckpt)} (step {saved}), left untouched" if saved
-                     else "none: no checkpoint was written yet")
-            msg = (f"grpo.py: step {step + 1}: non-finite {e}. Stopped before the optimizer step. "
-                   f"Last good checkpoint: {where}. Lower --lr, check the data, or resume from it.")
-            log({"step": step + 1, "error": msg})
-            raise NonFiniteLoss(msg) from None
-        t_train = time.time() - t0
-
+            checkpoint.stop_non_finite(PROG, step + 1, str(e), ckpt, saved, d.is_main)
         # 6. log
-        rs = reduce_sums(rs, device)
-        us = reduce_sums(us, device)
-        n, tokens = rs["n"], max(us["tokens"], 1.0)
-        rec = {"step": step + 1, "reward": rs["reward"] / n}
-        rec.update({k: rs[k] / n for k in ("r_format", "r_accuracy", "r_length", "acc_first", "acc_final",
-                                           "resp_len", "truncated", "vision_token_cut")})
-        rec.update({k: int(rs[k]) for k in rs if k.startswith("case_")})
-        rec["groups_kept"] = rs["groups_kept"] / rs["groups"]
-        if rs["scene_n"]:
-            rec["scene_acc"] = rs["scene_ok"] / rs["scene_n"]
-        opt_steps = max(us["opt_steps"] / d.world_size, 1.0)
-        rec.update(loss=us["loss"] / d.world_size / opt_steps, grad_norm=us["grad_norm"] / d.world_size / opt_steps,
-                   opt_steps=int(us["opt_steps"] / d.world_size), kl_old=us["kl_old"] / tokens,
-                   clip_frac=us["clipped"] / tokens, entropy=us["entropy"] / tokens)
-        if cfg.beta > 0:
-            rec["kl_ref"] = us["kl_ref"] / tokens
-        rec.update(rollout_tok_s=rs["resp_len"] / t_roll, train_tok_s=us["train_tokens"] * 1.0 / max(t_train, 1e-9),
-                   rollout_s=t_roll, train_s=t_train, lr=cfg.lr, sample=roll["texts"][0])
-        log(rec)
+        rec = log_record(step + 1, roll, us, t_roll, time.time() - t0, cfg, d, metric_fn)
+        rec.update(lr=lr_at(step, cfg), **({} if mismatch is None else {"logp_old_mismatch": mismatch}))
+        if d.is_main:
+            checkpoint.append_log(log_path, rec)
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['acc_final']:.2f}", len=f"{rec['resp_len']:.0f}",
                          kept=f"{rec['groups_kept']:.2f}", clip=f"{rec['clip_frac']:.3f}")
-
-        # 7. eval, checkpoint
+        # 7. (in-run evaluation goes here, calling eval.py's functions, once eval.py's rewrite lands)
         done = step + 1
-        if test_records and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            run_eval(done)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            dist.save_train_state(ckpt, policy, optimizer, done, extra={"config": asdict(cfg)},
-                                  tokenizer_dir=cfg.model)
+            checkpoint.save(ckpt, policy, optimizer, done, extra={"config": asdict(cfg)},
+                            tokenizer_dir=os.path.join(cfg.out, "tokenizer"))
             saved = done
     if d.is_main:
-        export_final(ckpt, cfg.out)
-        print(f"grpo.py: done, {cfg.steps} steps; final model in {cfg.out} (training state in {ckpt})", flush=True)
+        checkpoint.export_final(ckpt, cfg.out)
+        print(f"{PROG}: done, {cfg.steps} steps; final model in {cfg.out} (training state in {ckpt})", flush=True)
     return ckpt
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    checkpoint.cli(lambda: main(parse_args()))
     dist.exit_worker()

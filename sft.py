@@ -2,12 +2,13 @@
 Supervised fine-tuning of the Qwen2.5-VL of model.py on JSONL conversations with images.
 
 Two uses, one code path:
-- `--init tiny`: train the tiny default tokenizer (data.train_tokenizer) on the training texts,
-  build the tiny model (model.tiny_config) from a seed and train it from scratch: this makes
-  the built-in *base* model. The default one-liner builds the built-in task and does this:
-      python sft.py --task runs/task --out runs/base
+- `--init tiny`: train the tiny default tokenizer (data.train_tokenizer) on the training texts
+  (+ the extra texts of --tokenizer_corpus), build the tiny model (model.tiny_config) from a seed
+  and train it from scratch: this makes the built-in *base* model:
+      python sft.py --data runs/demo/task/train.jsonl \
+          --tokenizer_corpus runs/demo/task/tokenizer_corpus.jsonl --out runs/demo/base
 - `--init PATH`: continue from a checkpoint (HF format); on reflection data this is SRPO stage 1:
-      python sft.py --data runs/reflect/train.jsonl --init runs/base --out runs/sft --lr 1e-4
+      python sft.py --data runs/demo/reflect/train.jsonl --init runs/demo/base --out runs/demo/sft --lr 1e-4
 
 The idea:
 - loss = cross-entropy on assistant tokens only (data.encode_messages' assistant_mask), as a
@@ -19,18 +20,18 @@ The idea:
   batches are then shuffled. Step s always sees the same examples, so resuming needs only s;
 - global batch = batch_size examples = world_size x grad_accum x micro_batch_size;
 - AdamW, linear warmup then cosine decay to min_lr, gradient clipping;
-- every save_every steps and at the end an atomic training checkpoint (dist.save_train_state:
-  HF weights + optimizer + step + RNG, no pickle) goes to out/checkpoints/step_N; a rerun of the
-  same command resumes from the newest one (also after kill -9) and ends with the same weights
+- every save_every steps and at the end an atomic training checkpoint (checkpoint.save: HF
+  weights + optimizer + step + RNG, no pickle) goes to out/checkpoint/ (layout: checkpoint.py); a
+  rerun of the same command resumes from it (also after kill -9) and ends with the same weights
   as an uninterrupted run. At the end the HF files (config.json, model.safetensors,
   tokenizer.json, ...) are also copied into out/ itself, loadable by transformers;
+- a non-finite loss or gradient stops the run before the optimizer step (exit status 1);
 - metrics (loss, lr, grad norm, tokens/s) go to out/log.jsonl, progress to a tqdm bar.
 Images are re-encoded per micro-batch (cheap), so memory does not grow with the data set.
 """
 import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -39,18 +40,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import data
 import dist
 from config import parse_config
 import model as model_lib
 
+PROG = "sft.py"
+
 
 @dataclass
 class SFTConfig:
-    data: str = ""              # training JSONL (images relative to its directory)
-    task: str = ""              # or: the built-in task in this dir (built with task.make_task defaults if absent): its train split
+    data: str = "runs/demo/task/train.jsonl"  # training JSONL (images relative to its directory)
+    tokenizer_corpus: str = ""  # --init tiny: JSONL of extra texts for the tokenizer (one JSON string a line)
     init: str = "tiny"          # "tiny" = new tokenizer + tiny model from scratch, else a checkpoint dir
-    out: str = "runs/base"      # final HF checkpoint + log.jsonl + checkpoints/
+    out: str = "runs/demo/base" # final HF checkpoint + log.jsonl + checkpoint/ (layout: checkpoint.py)
     system_prompt: str = "keep" # keep the records' system message, or replace it: "single" / "reflect"
     epochs: float = 1.0
     max_steps: int = 0          # 0 = epochs * steps_per_epoch
@@ -66,13 +70,38 @@ class SFTConfig:
     vision_lr_scale: float = 1.0  # the vision tower's lr = lr x this
     bucket: int = 8             # length bucketing window, in global batches (1 = plain shuffle)
     save_every: int = 50        # checkpoint every K steps (and at the end)
-    keep_last: int = 2          # training checkpoints kept
     seed: int = 1337
     vocab_size: int = 1024      # --init tiny: tokenizer size
     tiny: str = ""              # --init tiny: JSON of model.tiny_config overrides, e.g. '{"hidden_size": 96}'
     max_len: int = 0            # >0: error on longer examples
     threads: int = 1            # CPU only: torch threads per process (0 = torch's default). 1 is robust
                                 # on a shared machine: spinning OpenMP threads on busy cores cost up to 10x
+
+
+def check_config(cfg: SFTConfig, world_size=1):
+    """Every bad value is refused before anything runs, naming its flag."""
+    def bad(field, why):
+        raise checkpoint.RunError(f"{PROG}: --{field} {getattr(cfg, field)!r}: {why}")
+    for name in ("batch_size", "micro_batch_size", "save_every", "bucket", "vocab_size"):
+        if getattr(cfg, name) < 1:
+            bad(name, "must be >= 1")
+    for name, ok, why in (("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "must be a finite number > 0"),
+                          ("min_lr", math.isfinite(cfg.min_lr) and cfg.min_lr >= 0, "must be a finite number >= 0"),
+                          ("epochs", math.isfinite(cfg.epochs) and cfg.epochs > 0, "must be a finite number > 0"),
+                          ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0 = from --epochs)"),
+                          ("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0"),
+                          ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
+                          ("beta2", 0 <= cfg.beta2 < 1, "must be in [0, 1)"),
+                          ("grad_clip", cfg.grad_clip >= 0, "must be >= 0 (0 = off)"),
+                          ("vision_lr_scale", math.isfinite(cfg.vision_lr_scale) and cfg.vision_lr_scale >= 0, "must be >= 0"),
+                          ("system_prompt", cfg.system_prompt in SYSTEM_PROMPTS, f"must be one of {list(SYSTEM_PROMPTS)}")):
+        if not ok:
+            bad(name, why)
+    if cfg.batch_size % (cfg.micro_batch_size * world_size):
+        bad("batch_size", f"must be a multiple of micro_batch_size {cfg.micro_batch_size} x world_size {world_size}")
+
+
+SYSTEM_PROMPTS = {"keep": None, "single": data.SYSTEM_PROMPT_SINGLE, "reflect": data.SYSTEM_PROMPT_REFLECT}
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,10 +175,10 @@ def encode_batch(idx, examples, tokenizer, device):
 
 # ----------------------------------------------------------------------------- model / tokenizer
 
-def tokenizer_texts(path):
-    """Training texts for the tiny tokenizer: every text of the data, both system prompts, and for
-    built-in task records (they carry a "scene") the rule-based teacher's reflections on an empty,
-    the reference and a miscounted attempt, so stage-1 reflection text has whole-word tokens too."""
+def tokenizer_texts(path, corpus=""):
+    """Training texts for the tiny tokenizer: every text of the data, the system prompts, the
+    format tags, and the extra texts of `corpus` (JSONL, one JSON string a line: e.g. the task's
+    teacher reflections, so stage-1 reflection text gets whole-word tokens too)."""
     texts = [data.SYSTEM_PROMPT_SINGLE, data.SYSTEM_PROMPT_REFLECT, data.DEFAULT_SYSTEM,
              "<think></think><answer></answer><reflection></reflection>"]
     for rec in data.read_jsonl(path):
@@ -159,11 +188,18 @@ def tokenizer_texts(path):
                 texts.append(c)
             elif isinstance(c, list):
                 texts += [p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        if "scene" in rec and isinstance(texts[-1], str) and "<think>" in texts[-1]:
-            import task
-            think = texts[-1].split("<think>")[1].split("</think>")[0]
-            for attempt, answer in (("", ""), (think, rec.get("answer", "")), (think.replace("1", "2"), "9")):
-                texts.append(task.teacher_reflection(rec, attempt, answer))
+    if corpus:
+        with open(corpus, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    t = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise checkpoint.RunError(f"{corpus}:{i}: invalid JSON: {e.msg}") from None
+                if not isinstance(t, str):
+                    raise checkpoint.RunError(f"{corpus}:{i}: expected a JSON string, got {type(t).__name__}")
+                texts.append(t)
     return texts
 
 
@@ -178,33 +214,6 @@ def build_tiny(tokenizer, cfg) -> "model_lib.Qwen2_5_VL":
     return model_lib.Qwen2_5_VL(mcfg)
 
 
-def latest_checkpoint(out):
-    """Newest complete out/checkpoints/step_N (complete = renamed into place), or None."""
-    d = os.path.join(out, "checkpoints")
-    if not os.path.isdir(d):
-        return None
-    steps = sorted(int(m.group(1)) for n in os.listdir(d) if (m := re.fullmatch(r"step_(\d+)", n))
-                   and os.path.isfile(os.path.join(d, n, "train_state.json")))
-    return os.path.join(d, f"step_{steps[-1]:06d}") if steps else None
-
-
-def export_final(ckpt, out):
-    """Copy the HF files of a training checkpoint into out/ (each one atomically)."""
-    for name in sorted(os.listdir(ckpt)):
-        if name in ("optimizer.safetensors", "train_state.json") or name.startswith("rng_rank"):
-            continue
-        tmp = os.path.join(out, name + ".tmp")
-        shutil.copyfile(os.path.join(ckpt, name), tmp)
-        os.replace(tmp, os.path.join(out, name))
-
-
-def prune_checkpoints(out, keep_last):
-    d = os.path.join(out, "checkpoints")
-    steps = sorted(n for n in os.listdir(d) if re.fullmatch(r"step_\d+", n))
-    for n in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(os.path.join(d, n), ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, max_steps, cfg):
@@ -217,13 +226,15 @@ def lr_at(step, max_steps, cfg):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; matrices decay, vectors do not; the vision tower's lr is scaled by vision_lr_scale."""
+    """AdamW; weight matrices decay, norms, biases and embeddings do not; the vision tower's lr is
+    scaled by vision_lr_scale."""
     groups = []
     for vision in (False, True):
-        params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.") == vision]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.") == vision]
+        decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
         scale = cfg.vision_lr_scale if vision else 1.0
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+        groups += [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
 
 
@@ -239,54 +250,35 @@ def micro_loss(model, batch, autocast):
     return loss_sum, int(mask.sum())
 
 
-def train(cfg: SFTConfig):
-    d = dist.init()
-    if d.device.type == "cpu" and cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    ckpt_dir = os.path.join(cfg.out, "checkpoints")
-    log_path = os.path.join(cfg.out, "log.jsonl")
-
-    # data source
-    if cfg.task:  # a task already built there (any config, e.g. by task.py) is used as it is
-        import task
-        if d.is_main and not os.path.exists(os.path.join(cfg.task, "manifest.json")):
-            task.make_task(cfg.task, task.TaskConfig())
-        dist.barrier()
-        cfg.data = os.path.join(cfg.task, "train.jsonl")
-    if not cfg.data:
-        raise SystemExit("sft.py: give --data FILE.jsonl or --task DIR")
-    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
-        raise SystemExit(f"sft.py: batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
-                         f"{cfg.micro_batch_size} x world_size {d.world_size}")
-
-    # tokenizer + model: from the newest training checkpoint (resume), a given checkpoint, or new
-    resume = latest_checkpoint(cfg.out)
-    if resume:
-        tokenizer_dir = resume
-        model = model_lib.from_pretrained(resume, device=d.device)
-    elif cfg.init == "tiny":
-        tokenizer_dir = os.path.join(cfg.out, "tokenizer")
-        if d.is_main:
-            data.train_tokenizer(tokenizer_texts(cfg.data), tokenizer_dir, vocab_size=cfg.vocab_size)
-        dist.barrier()
+def setup(cfg: SFTConfig, d):
+    """Inputs checked, out/ locked, tokenizer installed in out/tokenizer, model built: from
+    out/checkpoint (resume), a given checkpoint (--init PATH) or new (--init tiny)."""
+    checkpoint.require(PROG, cfg.data, "training data", "run `python pipeline.py --only task` first, or pass --data")
+    if cfg.tokenizer_corpus:
+        checkpoint.require(PROG, cfg.tokenizer_corpus, "--tokenizer_corpus", "run `python pipeline.py --only task` "
+                           "first, or pass --tokenizer_corpus ''")
+    if cfg.init != "tiny":
+        checkpoint.require(PROG, os.path.join(cfg.init, "tokenizer.json"), "the --init checkpoint",
+                           "run `python pipeline.py --only task base` first, or pass --init tiny / a checkpoint")
+    ckpt, resume = checkpoint.open_run(PROG, cfg.out, {"--init": "" if cfg.init == "tiny" else cfg.init}, d.is_main)
+    tok_dir = os.path.join(cfg.out, "tokenizer")
+    if d.is_main:   # the tokenizer every save copies from (never a checkpoint a later save deletes)
+        if resume or cfg.init != "tiny":
+            checkpoint.install_tokenizer(PROG, ckpt if resume else cfg.init, cfg.out)
+        else:
+            data.train_tokenizer(tokenizer_texts(cfg.data, cfg.tokenizer_corpus), tok_dir + ".new", vocab_size=cfg.vocab_size)
+            checkpoint.install_tokenizer(PROG, tok_dir + ".new", cfg.out)
+            shutil.rmtree(tok_dir + ".new")
+    dist.barrier()
+    tokenizer = data.Tokenizer.from_dir(tok_dir)
+    if resume or cfg.init != "tiny":
+        model = model_lib.from_pretrained(ckpt if resume else cfg.init, device=d.device)
+        checkpoint.check_special_tokens(PROG, ckpt if resume else cfg.init, tokenizer)
     else:
-        tokenizer_dir = cfg.init
-        model = model_lib.from_pretrained(cfg.init, device=d.device)
-    tokenizer = data.Tokenizer.from_dir(tokenizer_dir)
-    if not resume and cfg.init == "tiny":
         model = build_tiny(tokenizer, cfg).to(d.device)
-
-    prompts = {"keep": None, "single": data.SYSTEM_PROMPT_SINGLE, "reflect": data.SYSTEM_PROMPT_REFLECT}
-    if cfg.system_prompt not in prompts:
-        raise SystemExit(f"sft.py: --system_prompt must be one of {list(prompts)}, got {cfg.system_prompt!r}")
-    examples = load_examples(cfg.data, tokenizer, prompts[cfg.system_prompt], cfg.max_len)
-    steps_per_epoch = len(examples) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"sft.py: {cfg.data} has {len(examples)} examples < batch_size {cfg.batch_size}")
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
+    examples = load_examples(cfg.data, tokenizer, SYSTEM_PROMPTS[cfg.system_prompt], cfg.max_len)
+    if len(examples) < cfg.batch_size:
+        raise checkpoint.RunError(f"{PROG}: {cfg.data} has {len(examples)} examples < --batch_size {cfg.batch_size}")
     if cfg.freeze_vision:
         model.visual.requires_grad_(False)
     model.train()
@@ -294,41 +286,50 @@ def train(cfg: SFTConfig):
     optimizer = make_optimizer(model, cfg)
     step = 0
     if resume:
-        step, extra = dist.load_train_state(resume, model, optimizer)
-        saved = extra.get("config", {})
-        changed = [k for k in ("data", "batch_size", "seed", "bucket", "system_prompt", "freeze_vision")
-                   if k in saved and saved[k] != getattr(cfg, k)]
-        if changed:
-            raise SystemExit(f"sft.py: {resume} was trained with different {', '.join(f'--{k} {saved[k]!r}' for k in changed)}; "
-                             f"rerun with the same settings to resume, or use a new --out")
-        if d.is_main:
-            print(f"sft.py: resuming from {resume} at step {step}")
-            # drop log lines written after that checkpoint (the killed run's lost steps)
-            if os.path.exists(log_path):
-                rows = [r for r in data.read_jsonl(log_path, allow_torn_tail=True) if r.get("step", 0) <= step]
-                with open(log_path + ".tmp", "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-                os.replace(log_path + ".tmp", log_path)
-    elif d.is_main and os.path.exists(log_path):
-        os.remove(log_path)
+        step, extra = checkpoint.load(ckpt, model, optimizer)
+        checkpoint.check_resume_config(PROG, ckpt, extra.get("config", {}), asdict(cfg), free=(
+            "max_steps", "epochs", "save_every", "threads", "micro_batch_size", "out", "tokenizer_corpus", "max_len"))
+    if d.is_main:
+        checkpoint.start_log(cfg.out, resume, step, asdict(cfg))
+        if resume:
+            print(f"{PROG}: resuming from {ckpt} at step {step}")
+    return tokenizer, model, optimizer, examples, step, ckpt, tok_dir
 
+
+def train(cfg: SFTConfig):
+    d, ok = dist.init(), False
+    try:
+        check_config(cfg, d.world_size)
+        out = _train(cfg, d)
+        ok = True
+        return out
+    finally:
+        if d.is_main:
+            checkpoint.release_lock(cfg.out)
+        dist.close(ok)
+
+
+def _train(cfg: SFTConfig, d):
+    if d.device.type == "cpu" and cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, optimizer, examples, step, ckpt, tok_dir = setup(cfg, d)
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    steps_per_epoch = len(examples) // cfg.batch_size
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in model.parameters())
     if d.is_main:
-        print(f"sft.py: {len(examples)} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, "
-              f"world {d.world_size}, {n_params / 1e6:.2f}M params (full model)")
+        print(f"{PROG}: {len(examples)} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, "
+              f"world {d.world_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params (full model)")
 
     def save(step):
-        dist.save_train_state(os.path.join(ckpt_dir, f"step_{step:06d}"), model, optimizer, step,
-                              extra={"config": asdict(cfg), "epoch": step // steps_per_epoch},
-                              tokenizer_dir=tokenizer_dir)
-        if d.is_main:
-            prune_checkpoints(cfg.out, cfg.keep_last)
+        checkpoint.save(ckpt, model, optimizer, step, tokenizer_dir=tok_dir,
+                        extra={"config": asdict(cfg), "epoch": step // steps_per_epoch})
 
     bar = tqdm(total=max_steps, initial=step, disable=not d.is_main, desc="sft", dynamic_ncols=True)
-    cached_epoch, batches = -1, None
+    cached_epoch, batches, saved = -1, None, step
     t0 = time.time()
     while step < max_steps:
         epoch = step // steps_per_epoch
@@ -352,40 +353,39 @@ def train(cfg: SFTConfig):
             loss_sum += ls.detach()
         dist.all_reduce(loss_sum, "sum")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        loss = loss_sum.item() / n_global
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            checkpoint.stop_non_finite(PROG, step + 1, f"loss {loss} / grad norm {grad_norm}", ckpt, saved, d.is_main)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss = loss_sum.item() / n_global
         if d.is_main:
             tokens = sum(examples[i].length for i in batch)
-            dt = time.time() - t0
-            data.append_jsonl(log_path, {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                                         "loss_tokens": n_global, "tokens": tokens, "epoch": step / steps_per_epoch,
-                                         "elapsed_s": round(dt, 3)})
+            checkpoint.append_log(log_path, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                             "loss_tokens": n_global, "tokens": tokens, "epoch": step / steps_per_epoch,
+                                             "elapsed_s": round(time.time() - t0, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
         if step % cfg.save_every == 0 or step == max_steps:
             save(step)
+            saved = step
     bar.close()
-
-    final = latest_checkpoint(cfg.out)
-    if final is None or not final.endswith(f"step_{max_steps:06d}"):
-        save(max_steps)  # resumed at max_steps from an older layout: make sure the last state is saved
-        final = latest_checkpoint(cfg.out)
     if d.is_main:
-        export_final(final, cfg.out)
-        print(f"sft.py: done, {max_steps} steps in {time.time() - t0:.1f}s; final model in {cfg.out}")
+        checkpoint.export_final(ckpt, cfg.out)
+        print(f"{PROG}: done, {max_steps} steps in {time.time() - t0:.1f}s; final model in {cfg.out}")
     del model, optimizer, params  # free the sharded tensors before the process group goes
-    dist.close()
     return cfg.out
 
 
 def parse_args(argv=None) -> SFTConfig:
-    return parse_config(SFTConfig, argv, description=__doc__.strip().split("\n")[0])
+    cfg = parse_config(SFTConfig, argv, description=__doc__.strip().split("\n")[0],
+                       choices={"system_prompt": list(SYSTEM_PROMPTS)})
+    check_config(cfg)
+    return cfg
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    checkpoint.cli(lambda: train(parse_args()))
     dist.exit_worker()

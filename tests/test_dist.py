@@ -1,13 +1,10 @@
-"""dist.py: single-process fallbacks, training-state checkpoints (round trip, atomic replace, no
-pickle), and (slow) the same under torchrun x2 with FSDP2 sharding on gloo."""
-import json
+"""dist.py: single-process fallbacks, and (slow) torchrun x2 with FSDP2 sharding on gloo, including a
+checkpoint.save / load round trip of the sharded model (checkpoint tests: test_checkpoint.py)."""
 import os
-import random
 import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -50,71 +47,10 @@ def test_single_process_fallbacks(monkeypatch):
     assert dist.shard_model(m) is m and not any(type(p).__name__ == "DTensor" for p in m.parameters())
 
 
-def test_train_state_round_trip(tmp_path):
-    """save -> (new model from the checkpoint, new optimizer) -> load: same optimizer state, step,
-    extra and RNG streams, and the next optimizer step gives bitwise the same weights."""
-    model = tiny_model()
-    opt = make_opt(model)
-    train_steps(model, opt, 2)
-    path = str(tmp_path / "ck")
-    torch.manual_seed(123), np.random.seed(5), random.seed(9)
-    dist.save_train_state(path, model, opt, step=2, extra={"epoch": 0, "note": "x"})
-    expect_rng = (torch.rand(4), np.random.rand(3), random.random())
-
-    files = sorted(os.listdir(path))
-    assert {"config.json", "model.safetensors", "optimizer.safetensors", "train_state.json",
-            "rng_rank0.safetensors", "rng_rank0.json"} <= set(files)
-    assert all(f.endswith((".json", ".safetensors")) for f in files), files  # nothing pickled
-    assert not os.path.exists(path + ".tmp")
-
-    torch.manual_seed(0), np.random.seed(0), random.seed(0)  # scramble, load must restore
-    model2 = M.from_pretrained(path)
-    model2.train()
-    opt2 = make_opt(model2)
-    step, extra = dist.load_train_state(path, model2, opt2)
-    assert step == 2 and extra == {"epoch": 0, "note": "x"}
-    got_rng = (torch.rand(4), np.random.rand(3), random.random())
-    assert torch.equal(got_rng[0], expect_rng[0]) and np.array_equal(got_rng[1], expect_rng[1])
-    assert got_rng[2] == expect_rng[2]
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    names2 = {n: p for n, p in model2.named_parameters()}
-    for p, st in opt.state.items():
-        st2 = opt2.state[names2[names[id(p)]]]
-        for k in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(st[k], st2[k]), (names[id(p)], k)
-    assert opt2.param_groups[0]["betas"] == (0.9, 0.95) and opt2.param_groups[0]["weight_decay"] == 0.1
-
-    train_steps(model, opt, 1, seed=1)
-    train_steps(model2, opt2, 1, seed=1)
-    for (n, a), b in zip(model.named_parameters(), model2.parameters()):
-        assert torch.equal(a, b), n
-
-
-def test_save_is_atomic_and_replaces(tmp_path):
-    """A stale half-written .tmp dir is ignored and cleaned; saving over an existing checkpoint
-    replaces it completely."""
-    model = tiny_model()
-    opt = make_opt(model)
-    train_steps(model, opt, 1)
-    path = str(tmp_path / "ck")
-    os.makedirs(path + ".tmp")
-    with open(os.path.join(path + ".tmp", "junk.bin"), "w") as f:
-        f.write("half written")
-    dist.save_train_state(path, model, opt, step=1)
-    train_steps(model, opt, 1)
-    dist.save_train_state(path, model, opt, step=2, extra={"k": 1})
-    with open(os.path.join(path, "train_state.json")) as f:
-        assert json.load(f)["step"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["ck"] and "junk.bin" not in os.listdir(path)
-    with pytest.raises(FileNotFoundError, match="train_state.json"):
-        dist.load_train_state(str(tmp_path), model, opt)
-
-
 SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, os.environ["ROOT"]); sys.path.insert(0, os.environ["TESTS"])
-    import dist, model as M
+    import checkpoint, dist, model as M
     from test_dist import tiny_model, make_opt, train_steps
     d = dist.init()
     assert d.world_size == 2 and torch.distributed.get_backend() == "gloo"
@@ -128,11 +64,11 @@ SCRIPT = textwrap.dedent("""
     opt = make_opt(m)
     train_steps(m, opt, 2)
     path = os.environ["CKPT"]
-    dist.save_train_state(path, m, opt, step=2, extra={"rank_count": d.world_size})
+    checkpoint.save(path, m, opt, step=2, extra={"rank_count": d.world_size})
     m2 = M.from_pretrained(path); m2.train()
     dist.shard_model(m2)
     opt2 = make_opt(m2)
-    step, extra = dist.load_train_state(path, m2, opt2)
+    step, extra = checkpoint.load(path, m2, opt2)
     assert step == 2 and extra == {"rank_count": 2}
     for (n, a), b in zip(m.named_parameters(), m2.parameters()):
         assert torch.equal(a.full_tensor(), b.full_tensor()), n

@@ -207,7 +207,7 @@ def test_freeze_vision_and_init_from_checkpoint(dataset, tmp_path):
     assert vision and all(torch.equal(w0[k], w1[k]) for k in vision)
     emb = next(k for k in w0 if k.endswith("embed_tokens.weight"))
     assert not torch.equal(w0[emb], w1[emb])
-    opt = load_file(os.path.join(stage1, "checkpoints", "step_000004", "optimizer.safetensors"))
+    opt = load_file(os.path.join(stage1, "checkpoint", "optimizer.safetensors"))
     assert opt and not any(k.startswith("visual.") for k in opt)
     assert os.path.exists(os.path.join(stage1, "tokenizer.json"))
     losses = _losses(stage1)
@@ -232,6 +232,14 @@ def _run(cmd, threads=1, timeout=240):
     return r
 
 
+def _ckpt_step(out):
+    try:
+        with open(os.path.join(out, "checkpoint", "train_state.json")) as f:
+            return json.load(f)["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _losses(out):
     return [r["loss"] for r in data.read_jsonl(os.path.join(out, "log.jsonl"))]
 
@@ -252,8 +260,8 @@ def test_torchrun_two_processes_match_one(dataset, tmp_path):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
     # the distributed run's optimizer checkpoint holds the full (unsharded) state
-    o1 = load_file(os.path.join(one, "checkpoints", "step_000006", "optimizer.safetensors"))
-    o2 = load_file(os.path.join(two, "checkpoints", "step_000006", "optimizer.safetensors"))
+    o1 = load_file(os.path.join(one, "checkpoint", "optimizer.safetensors"))
+    o2 = load_file(os.path.join(two, "checkpoint", "optimizer.safetensors"))
     assert o1.keys() == o2.keys() and all(o1[k].shape == o2[k].shape for k in o1)
 
 
@@ -266,9 +274,8 @@ def test_kill9_then_rerun_gives_same_weights(dataset, tmp_path):
 
     cmd = [sys.executable, "sft.py"] + _args(dataset, killed, steps=8, save_every=2)
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = os.path.join(killed, "checkpoints", "step_000004", "train_state.json")
     t0 = time.time()
-    while not os.path.exists(ckpt) and p.poll() is None and time.time() - t0 < 180:
+    while _ckpt_step(killed) < 4 and p.poll() is None and time.time() - t0 < 180:
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
@@ -289,3 +296,114 @@ def test_kill9_then_rerun_gives_same_weights(dataset, tmp_path):
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(killed, dtype=torch.float32)
     assert torch.equal(hf.get_input_embeddings().weight, M.from_pretrained(killed).embed_tokens.weight)
     assert data.Tokenizer.from_dir(killed).vocab_size == hf.config.text_config.vocab_size
+
+
+# ----------------------------------------------------------------------------- reliability (issues 16, 17)
+
+def test_tokenizer_corpus_adds_texts_and_names_bad_lines(dataset, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps("a teacher reflection") + "\n\n" + json.dumps("<reflection>x</reflection>") + "\n")
+    texts = sft.tokenizer_texts(dataset, str(corpus))
+    assert texts[-2:] == ["a teacher reflection", "<reflection>x</reflection>"]
+    assert len(texts) == len(sft.tokenizer_texts(dataset)) + 2
+    corpus.write_text(json.dumps("ok") + "\n" + json.dumps({"text": "no"}) + "\n")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: expected a JSON string"):
+        sft.tokenizer_texts(dataset, str(corpus))
+
+
+def test_general_modules_do_not_import_task():
+    """task.py is the built-in task; sft.py, grpo.py, dist.py and checkpoint.py are general."""
+    import ast
+    for name in ("sft.py", "grpo.py", "dist.py", "checkpoint.py"):
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "task" not in mods, name
+
+
+def test_resume_keeps_the_tokenizer(dataset, tmp_path):
+    """Resumed runs used to copy the tokenizer from the checkpoint they resumed from, which a
+    later save deleted: the checkpoints after it (and the final export) had no tokenizer.json.
+    Now the run's tokenizer lives in out/tokenizer/ and every save copies it from there."""
+    out = str(tmp_path / "run")
+    sft.train(sft.parse_args(_args(dataset, out, steps=2, save_every=2)))
+    sft.train(sft.parse_args(_args(dataset, out, steps=8, save_every=2)))      # resumes at 2, saves 4, 6, 8
+    for d in (out, os.path.join(out, "checkpoint"), os.path.join(out, "tokenizer")):
+        assert os.path.exists(os.path.join(d, "tokenizer.json")), d
+    assert [r["step"] for r in data.read_jsonl(os.path.join(out, "log.jsonl"))] == list(range(1, 9))
+    assert not os.path.exists(os.path.join(out, "lock"))                      # released at the end
+
+
+def test_non_finite_loss_stops_with_an_error(dataset, tmp_path):
+    """NaN weights: the first loss is NaN. The run stops before the optimizer step with an error
+    (exit status 1 from the command line), and log.jsonl stays strict JSON. --lr inf is refused."""
+    with pytest.raises(ValueError, match="--lr inf: must be a finite number"):
+        sft.parse_args(_args(dataset, str(tmp_path / "x")) + ["--lr", "inf"])
+    base = str(tmp_path / "base")
+    sft.train(sft.parse_args(_args(dataset, base, steps=1, save_every=10)))
+    net = M.from_pretrained(base)
+    with torch.no_grad():
+        net.embed_tokens.weight[3] = float("nan")
+    M.save_pretrained(net, str(tmp_path / "nan"), tokenizer_dir=base)
+    argv = _args(dataset, str(tmp_path / "out"), steps=3)
+    argv[argv.index("--init") + 1] = str(tmp_path / "nan")
+    with pytest.raises(sft.checkpoint.NonFiniteLoss, match=r"step 1: non-finite loss nan"):
+        sft.train(sft.parse_args(argv))
+    strict = lambda c: (_ for _ in ()).throw(ValueError(c))
+    rows = [json.loads(line, parse_constant=strict) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert len(rows) == 1 and "error" in rows[0]
+    assert not os.path.exists(tmp_path / "out" / "checkpoint")
+    r = subprocess.run([sys.executable, "sft.py"] + argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 1 and "non-finite loss" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("batch_size", "0"), ("micro_batch_size", "0"), ("lr", "nan"),
+                                        ("min_lr", "-1"), ("grad_clip", "-1"), ("epochs", "0")])
+def test_bad_values_name_their_flag(flag, value):
+    with pytest.raises(ValueError, match=f"--{flag} "):
+        sft.parse_args([f"--{flag}", value])
+
+
+def test_no_arguments_says_what_to_run(tmp_path):
+    """`python sft.py` / `python grpo.py` in a directory without runs/demo: one line naming the
+    missing file and the pipeline command that makes it; no traceback, exit status 1."""
+    for script, want in (("sft.py", "python pipeline.py --only task`"),
+                         ("grpo.py", "python pipeline.py --only task base reflect sft`")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script)], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and want in lines[0] and "not found" in lines[0], r.stderr
+        assert os.listdir(tmp_path) == []                                     # nothing written
+
+
+def test_no_weight_decay_on_norms_biases_embeddings(tok):
+    cfg = sft.SFTConfig(weight_decay=0.1)
+    model = sft.build_tiny(tok, cfg)
+    opt = sft.make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_second_run_on_a_locked_out_fails_at_once(dataset, tmp_path):
+    """A live run holds out/lock: a second one -- here under torchrun x2, where only rank 0
+    takes the lock -- fails at once naming the holder's pid, and does not hang the other rank."""
+    import socket
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "lock").write_text(f"{holder.pid} {socket.gethostname()}")
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                            "sft.py"] + _args(dataset, str(out), steps=2), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and f"in use by pid {holder.pid}" in r.stderr, r.stderr[-2000:]
+        assert time.time() - t0 < 90
+        assert (out / "lock").read_text().split()[0] == str(holder.pid)     # the holder's lock is untouched
+        assert not (out / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
