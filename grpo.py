@@ -40,6 +40,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
+import answers
 import checkpoint
 import data
 import dist
@@ -146,7 +147,7 @@ class GRPOConfig:
     test: str = ""                          # unused while in-run evaluation is off (run eval.py on --out)
     out: str = "runs/demo/srpo"             # log.jsonl, checkpoint/ (resumed from), final HF model
     reward: str = "srpo"                    # srpo (two-pass prompt + SRPO reward) | grpo (baseline)
-    reward_preset: str = ""                 # paper | code: reward.RewardConfig(preset=...); "" = reward.py's default
+    reward_preset: str = "paper"            # paper (Eq. 4-8, METHOD.md) | code (the official srpo_reward_func.py)
     length_weight: float = -1.0             # weight of f_len (0 = the paper's "w/o f_len"); -1 = the preset's
     effectiveness: bool = True              # 0 = the paper's "w/o I_eff" (RewardConfig(effectiveness=False))
     # rollout
@@ -204,7 +205,7 @@ def parse_args(argv=None) -> GRPOConfig:
     cfg = parse_config(GRPOConfig, argv, description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)",
                        choices={"reward": ["srpo", "grpo"], "loss_agg": ["seq", "token"],
                                 "logp_old": ["auto", "sampler", "recompute"],
-                                "reward_preset": ["", "paper", "code"]})
+                                "reward_preset": ["paper", "code"]})
     check_config(cfg)
     return cfg
 
@@ -233,16 +234,15 @@ def check_config(cfg: GRPOConfig, world_size=1):
 
 
 def reward_config(cfg: GRPOConfig) -> reward.RewardConfig:
-    """--reward_preset / --length_weight / --effectiveness -> reward.RewardConfig (only the ones
-    set); a field this reward.py lacks is an error naming the flag, never silently another reward."""
-    want = {"preset": ("reward_preset", cfg.reward_preset or None), "effectiveness": ("effectiveness", None if cfg.effectiveness else False),
-            "length_weight": ("length_weight", None if cfg.length_weight == -1 else cfg.length_weight)}
-    want = {k: (flag, v) for k, (flag, v) in want.items() if v is not None}
-    for name, (flag, _) in want.items():
-        if name not in {f.name for f in fields(reward.RewardConfig)}:
-            raise checkpoint.RunError(f"{PROG}: --{flag} needs reward.RewardConfig.{name}, which this reward.py "
-                                      f"does not have (update reward.py)")
-    return reward.RewardConfig(**{k: v for k, (_, v) in want.items()})
+    """--reward_preset / --length_weight / --effectiveness -> reward.RewardConfig."""
+    try:
+        rcfg = reward.RewardConfig(preset=cfg.reward_preset, effectiveness=cfg.effectiveness)
+    except ValueError as e:   # e.g. --reward_preset code --effectiveness 0: the code's table has no I_eff
+        raise checkpoint.RunError(f"{PROG}: --reward_preset {cfg.reward_preset} --effectiveness "
+                                  f"{int(cfg.effectiveness)}: {e}") from None
+    if cfg.length_weight != -1:
+        rcfg.length_weight = cfg.length_weight
+    return rcfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,18 +264,13 @@ def load_records(path):
 
 
 def check_ground_truths(records):
-    """Every ground truth must be readable by the answer matcher (one call per distinct answer).
-    TODO(answers.py lands): answers.check_ground_truth(r["answer"], r.get("options"), r["_where"])."""
-    seen = set()
+    """Every ground truth must be readable by the answer matcher: checked when the file is loaded,
+    on every rank, so one bad record cannot stop a single rank mid-rollout while the others wait."""
     for r in records:
-        key = (repr(r["answer"]), repr(r.get("options")))
-        if key in seen:
-            continue
-        seen.add(key)
         try:
-            reward.score_batch(["<answer>x</answer>"], [r["answer"]], mode="grpo", options=[r.get("options")])
-        except reward.BadGroundTruth as e:
-            raise checkpoint.RunError(f"{r['_where']}: field 'answer': {e}") from None
+            answers.check_ground_truth(r["answer"], r.get("options"), where=f"{r['_where']}: field 'answer'")
+        except answers.BadGroundTruth as e:
+            raise checkpoint.RunError(str(e)) from None
 
 
 def encode_prompt(record, tok, system_prompt):
@@ -357,7 +352,7 @@ def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
     scores = reward.score_batch(gen.texts, gts, mode=cfg.reward, count_tokens=tok.count_tokens, cfg=rcfg,
                                 options=options)
     adv = group_advantages(torch.tensor([s.total for s in scores]), G, cfg.adv_eps)
-    acc = torch.tensor([s.accuracy + s.effectiveness for s in scores])   # filter_accuracy in the paper's code
+    acc = torch.tensor([s.filter_accuracy for s in scores])     # accuracy + effectiveness (METHOD.md)
     keep = (accuracy_band_keep(acc, G, cfg.acc_low, cfg.acc_high) if cfg.filter_groups
             else torch.ones(len(scores), dtype=torch.bool))
     return Rollout(records=records, prompts=prompts, tokens=gen.tokens, lengths=gen.lengths,

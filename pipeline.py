@@ -47,7 +47,9 @@ def stages(run, quick):
     task, train, test = f"{run}/task", f"{run}/task/train.jsonl", f"{run}/task/test.jsonl"
     return [
         ("task", f"{task}/manifest.json", [py, "task.py", "--out", task, *k["task"]]),
-        ("base", f"{run}/base/model.safetensors", [py, "sft.py", "--task", task, "--out", f"{run}/base", *k["base"]]),
+        ("base", f"{run}/base/model.safetensors",
+         [py, "sft.py", "--data", train, "--tokenizer_corpus", f"{task}/tokenizer_corpus.jsonl", "--out", f"{run}/base",
+          *k["base"]]),
         ("reflect", f"{run}/reflect/summary.json",
          [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{run}/reflect/train.jsonl",
           "--teacher", "rule", *k["reflect"]]),
@@ -55,20 +57,20 @@ def stages(run, quick):
          [py, "sft.py", "--data", f"{run}/reflect/train.jsonl", "--init", f"{run}/base", "--out", f"{run}/sft", *k["sft"]]),
         ("srpo", f"{run}/srpo/model.safetensors",
          [py, "grpo.py", "--model", f"{run}/sft", "--train", train, "--test", test, "--out", f"{run}/srpo",
-          "--reward", "srpo", *k["grpo"]]),
+          "--reward", "srpo", "--extra_metrics", "task:rollout_metrics", *k["grpo"]]),
         ("grpo", f"{run}/grpo/model.safetensors",
          [py, "grpo.py", "--model", f"{run}/base", "--train", train, "--test", test, "--out", f"{run}/grpo",
-          "--reward", "grpo", *k["grpo"]]),
+          "--reward", "grpo", "--extra_metrics", "task:rollout_metrics", *k["grpo"]]),
         ("eval-single", f"{run}/eval/single/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
-          "--out", f"{run}/eval/single", *k["eval"]]),
+          "--out", f"{run}/eval/single", "--metric", "task:scene_list_ok", *k["eval"]]),
         ("eval-reflect", f"{run}/eval/reflect/metrics.json",
          [py, "eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
-          "--out", f"{run}/eval/reflect", *k["eval"]]),
+          "--out", f"{run}/eval/reflect", "--metric", "task:scene_list_ok", *k["eval"]]),
         # blind control: the same questions, each with another question's image
         ("eval-blind", f"{run}/eval/blind/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", "--data", test, "--prompt", "single", "--shuffle-images",
-          "--out", f"{run}/eval/blind", *k["eval"]]),
+          "--out", f"{run}/eval/blind", "--metric", "task:scene_list_ok", *k["eval"]]),
     ]
 
 
@@ -86,7 +88,7 @@ def results_table(run, times):
                 label = "single, shuffled images" if prompt == "blind" else prompt
                 body += (f"| {r['checkpoint']} | {label} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
                          f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} "
-                         f"| {m.get('scene_acc', float('nan')):.3f} |\n")
+                         f"| {m.get('scene_list_ok', float('nan')):.3f} |\n")
     wall = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
     return head + body + f"\nwall time per stage: {wall}; total {sum(times.values()) / 60:.1f} min\n"
 

@@ -352,6 +352,36 @@ def teacher_reflection(record, attempt_think, attempt_answer):
 # -----------------------------------------------------------------------------
 # drawing
 
+# ----------------------------------------------------------------------------- hooks the general scripts take by name
+# eval.py --metric task:scene_list_ok, grpo.py --extra_metrics task:rollout_metrics, sft.py
+# --tokenizer_corpus TASK/tokenizer_corpus.jsonl: the general code never imports this file.
+
+def scene_list_ok(record, response_text):
+    """eval.py metric: is the response's first scene list exactly the image's scene? None for a
+    record that is not from this task."""
+    if not isinstance(record.get("scene"), dict):
+        return None
+    return first_scene_list(response_text) == scene_list(record["scene"])
+
+
+def rollout_metrics(texts, records):
+    """grpo.py extra metric: {name: (sum, count)} over a rollout batch (perception, which no
+    reward checks)."""
+    pairs = [(t, r["scene"]) for t, r in zip(texts, records) if isinstance(r.get("scene"), dict)]
+    return {"scene_acc": (sum(first_scene_list(t) == scene_list(s) for t, s in pairs), len(pairs))}
+
+
+def tokenizer_corpus(records):
+    """Extra texts for the tiny tokenizer: the rule teacher's reflections on an empty, the reference
+    and a miscounted attempt of each record, so stage-1 reflection text has whole-word tokens too."""
+    texts = []
+    for rec in records:
+        think = think_text(rec)
+        for attempt, answer in (("", ""), (think, rec["answer"]), (think.replace("1", "2"), "9")):
+            texts.append(teacher_reflection(rec, attempt, answer))
+    return texts
+
+
 def draw_scene(scene):
     """Render the scene: each object filled, centred in its 28x28 cell, white background."""
     size = scene["size"]
@@ -430,7 +460,7 @@ def make_task(out_dir, cfg=TaskConfig()):
         raise ValueError(f"TaskConfig.kinds has unknown kinds {sorted(unknown)}; known: {KINDS}")
     train_path, test_path = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
     manifest_path = os.path.join(out_dir, "manifest.json")
-    want = dict(config={**asdict(cfg), "kinds": list(cfg.kinds)}, files=["train.jsonl", "test.jsonl"])
+    want = dict(config={**asdict(cfg), "kinds": list(cfg.kinds)}, files=["train.jsonl", "test.jsonl", "tokenizer_corpus.jsonl"])
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             if json.load(f).get("config") == want["config"]:
@@ -442,6 +472,8 @@ def make_task(out_dir, cfg=TaskConfig()):
         draw_scene(r["scene"]).save(os.path.join(out_dir, r["image"]))
     for path, records in ((train_path, train), (test_path, test)):
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(os.path.join(out_dir, "tokenizer_corpus.jsonl"),
+                 "".join(json.dumps(t) + "\n" for t in tokenizer_corpus(train)))
     want.update(n_train=len(train), n_test=len(test))
     write_atomic(manifest_path, json.dumps(want, indent=1))
     return train_path, test_path
