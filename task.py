@@ -48,7 +48,11 @@ first answer. The second attempt is just the counts the check found (count_text)
 Why a walk: the base model lists the scene right 9 times in 10 but errs picking "the red ones"
 out of its list (a filtered copy); one item at a time, each step is a local yes/no.
 
-    python task.py --out runs/task --n-train 16000 --n-test 300 --difficulty 2
+    python task.py --out runs/task --n-train 16000 --n-test 300 --n-val 300 --difficulty 2
+
+Splits: train, test and val (validation: choose settings on it or on train, never on test).
+Test and val records come from their own seeds and skip any (scene, question) of an earlier
+split, so the three are disjoint; val is drawn last, so adding it changed neither train nor test.
 """
 import argparse
 import json
@@ -77,6 +81,7 @@ N_OBJECTS = {1: (2, 4), 2: (3, 7), 3: (5, 10), 4: (7, 13)}
 class TaskConfig:
     n_train: int = 16000
     n_test: int = 300
+    n_val: int = 300           # validation split (val.jsonl): choose settings on it, never on test
     difficulty: int = 2        # 1..4: number of objects per image, see N_OBJECTS
     seed: int = 0
     image_size: int = 112      # multiple of 28: data.preprocess_image keeps it as is
@@ -423,19 +428,31 @@ def record_key(r):
     return json.dumps([r["scene"]["objects"], r["question"]])
 
 
-def generate(cfg):
-    """All records of both splits, deterministic in cfg. Returns (train, test)."""
-    train = [make_record("train", i, cfg, random.Random(f"{cfg.seed}-train-{i}")) for i in range(cfg.n_train)]
-    seen, test, j = {record_key(r) for r in train}, [], 0
-    while len(test) < cfg.n_test:  # test seeds are disjoint from train's; skip repeats of a train item
-        r = make_record("test", len(test), cfg, random.Random(f"{cfg.seed}-test-{j}"))
+def held_out(cfg, split, n, seen):
+    """n records of a held-out split, drawn from the seeds (seed, split, j), skipping any
+    (scene, question) already in `seen` (which grows), so the splits are disjoint."""
+    out, j = [], 0
+    while len(out) < n:
+        r = make_record(split, len(out), cfg, random.Random(f"{cfg.seed}-{split}-{j}"))
         j += 1
         if record_key(r) not in seen:
-            test.append(r)
+            out.append(r)
             seen.add(record_key(r))
-        if j > 100 * (cfg.n_test + 10):
-            raise ValueError(f"cannot draw {cfg.n_test} test items disjoint from train at difficulty {cfg.difficulty}")
-    return train, test
+        if j > 100 * (n + 10):
+            raise ValueError(f"cannot draw {n} {split} items disjoint from the other splits at difficulty {cfg.difficulty}")
+    return out
+
+
+def generate(cfg):
+    """Train and test records, deterministic in cfg. Returns (train, test)."""
+    train = [make_record("train", i, cfg, random.Random(f"{cfg.seed}-train-{i}")) for i in range(cfg.n_train)]
+    return train, held_out(cfg, "test", cfg.n_test, {record_key(r) for r in train})
+
+
+def generate_val(cfg, train, test):
+    """The validation split: its own seeds, disjoint from train and test. Drawn after test, so
+    adding it left train and test exactly as they were."""
+    return held_out(cfg, "val", cfg.n_val, {record_key(r) for r in train + test})
 
 
 def write_atomic(path, text):
@@ -448,7 +465,7 @@ def write_atomic(path, text):
 
 
 def make_task(out_dir, cfg=TaskConfig()):
-    """Write out_dir/{train,test}.jsonl + images/. Idempotent: returns at once when
+    """Write out_dir/{train,test,val}.jsonl + images/ (val.jsonl only when cfg.n_val > 0). Idempotent: returns at once when
     out_dir/manifest.json records the same config. The manifest is removed first and written
     last, so a crash never leaves a half-written task looking complete."""
     if cfg.image_size % CELL or cfg.image_size < 2 * CELL:
@@ -460,7 +477,9 @@ def make_task(out_dir, cfg=TaskConfig()):
         raise ValueError(f"TaskConfig.kinds has unknown kinds {sorted(unknown)}; known: {KINDS}")
     train_path, test_path = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
     manifest_path = os.path.join(out_dir, "manifest.json")
-    want = dict(config={**asdict(cfg), "kinds": list(cfg.kinds)}, files=["train.jsonl", "test.jsonl", "tokenizer_corpus.jsonl"])
+    val_path = os.path.join(out_dir, "val.jsonl")
+    files = ["train.jsonl", "test.jsonl", "tokenizer_corpus.jsonl"] + (["val.jsonl"] if cfg.n_val > 0 else [])
+    want = dict(config={**asdict(cfg), "kinds": list(cfg.kinds)}, files=files)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             if json.load(f).get("config") == want["config"]:
@@ -468,13 +487,15 @@ def make_task(out_dir, cfg=TaskConfig()):
         os.remove(manifest_path)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     train, test = generate(cfg)
-    for r in tqdm(train + test, desc="task images", unit="img"):
+    val = generate_val(cfg, train, test)
+    for r in tqdm(train + test + val, desc="task images", unit="img"):
         draw_scene(r["scene"]).save(os.path.join(out_dir, r["image"]))
-    for path, records in ((train_path, train), (test_path, test)):
+    splits = [(train_path, train), (test_path, test)] + ([(val_path, val)] if cfg.n_val > 0 else [])
+    for path, records in splits:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     write_atomic(os.path.join(out_dir, "tokenizer_corpus.jsonl"),
                  "".join(json.dumps(t) + "\n" for t in tokenizer_corpus(train)))
-    want.update(n_train=len(train), n_test=len(test))
+    want.update(n_train=len(train), n_test=len(test), n_val=len(val))
     write_atomic(manifest_path, json.dumps(want, indent=1))
     return train_path, test_path
 
@@ -485,13 +506,14 @@ if __name__ == "__main__":
     d = TaskConfig()
     ap.add_argument("--n-train", type=int, default=d.n_train)
     ap.add_argument("--n-test", type=int, default=d.n_test)
+    ap.add_argument("--n-val", type=int, default=d.n_val, help="validation split size (0 = no val.jsonl)")
     ap.add_argument("--difficulty", type=int, default=d.difficulty)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--image-size", type=int, default=d.image_size)
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--walk", action="store_true", help="worked solutions check the scene list item by item")
     a = ap.parse_args()
-    cfg = TaskConfig(n_train=a.n_train, n_test=a.n_test, difficulty=a.difficulty, seed=a.seed,
+    cfg = TaskConfig(n_train=a.n_train, n_test=a.n_test, n_val=a.n_val, difficulty=a.difficulty, seed=a.seed,
                      image_size=a.image_size, kinds=tuple(a.kinds.split(",")), walk=a.walk)
     paths = make_task(a.out, cfg)
     print("wrote", *paths)

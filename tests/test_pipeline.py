@@ -1,7 +1,9 @@
-"""The whole pipeline, shortened (pipeline.py --quick): every stage runs, and every stage's
-output exists and loads (checkpoints in our model and in transformers, JSONL data, metrics)."""
+"""pipeline.py: seeds reach every stage, provenance is collected and written, and (slow) the
+whole pipeline, shortened (--quick): every stage runs, and every stage's output exists and loads
+(checkpoints in our model and in transformers, JSONL data, metrics)."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -10,9 +12,104 @@ import torch
 
 import data
 import model as model_lib
+import pipeline
 import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flag(argv, name):
+    """The value after --name in argv, or None."""
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_seed_reaches_every_training_stage_task_seed_only_the_task():
+    plan = {name: argv for name, _, argv in pipeline.stages("/r", quick=False, seed=3, task_seed=5)}
+    assert flag(plan["task"], "--seed") == "5"
+    for name in ("base", "reflect", "sft", "srpo", "grpo"):
+        assert flag(plan[name], "--seed") == "3", name
+        assert plan[name].count("--seed") == 1, name       # a stage flag list never overrides it
+    # greedy evaluation draws nothing: no seed, and the same test set for every --seed
+    assert all("--seed" not in plan[n] for n in ("eval-single", "eval-reflect", "eval-blind"))
+    assert all(flag(plan[n], "--data") == "/r/task/test.jsonl" for n in ("eval-single", "eval-reflect", "eval-blind"))
+    default = {name: argv for name, _, argv in pipeline.stages("/r", quick=True)}
+    assert flag(default["base"], "--seed") == "0" and flag(default["task"], "--seed") == "0"
+
+
+def test_cpu_model_and_commit(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000 @ 3.0GHz\nflags\t: a b\n"
+                    "processor\t: 1\nmodel name\t: Test CPU 9000 @ 3.0GHz\n")
+    assert pipeline.cpu_model(str(info)) == "Test CPU 9000 @ 3.0GHz"
+    assert pipeline.cpu_model(str(tmp_path / "absent")) == (platform.processor() or "unknown")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = pipeline.git_commit()
+    assert len(head) == 40 and commit.split()[0] == head
+    assert commit in (head, head + " + uncommitted changes")
+    assert pipeline.git_commit(str(tmp_path)) == "unknown"          # not a git checkout
+
+
+def test_provenance_markdown_by_hand():
+    p = pipeline.Provenance(commit="abc", seed=2, task_seed=0, torch="2.0", python="3.11.7", cpu="CPU X", cpus=2,
+                            threads="1", started="2026-12-01T04:00:00Z", finished="2026-12-01T04:07:00Z",
+                            stage_s={"task": 10.2, "base": 400.4})
+    assert p.total_s == pytest.approx(410.6)
+    md = pipeline.provenance_md(p)
+    assert "- commit: abc\n" in md
+    assert "--seed 2 (every training / sampling stage), --task-seed 0" in md
+    assert "torch 2.0, Python 3.11.7" in md and "CPU: CPU X (2 logical CPUs), OMP_NUM_THREADS=1" in md
+    assert "started 2026-12-01T04:00:00Z, finished 2026-12-01T04:07:00Z" in md
+    assert "wall time: task 10 s, base 400 s; total 411 s (6.8 min)" in md   # 410.6 s = 6.84 min
+
+
+REAL_STAGES = pipeline.stages
+
+
+def fake_stages(run, quick, seed=0, task_seed=0):
+    """The real plan with every command replaced by a tiny Python program that writes the
+    stage's 'done' file (eval stages: a metrics.json; base: also a log.jsonl)."""
+    out = []
+    for name, done, _ in REAL_STAGES(run, quick, seed, task_seed):
+        if name.startswith("eval-"):
+            ckpts = {"eval-single": ["base", "grpo"], "eval-reflect": ["sft", "srpo"], "eval-blind": ["base"]}[name]
+            m = dict(first_acc=0.5, final_acc=0.625, w2r=1, r2w=2, r2r=3, w2w=4, single=0, format=1.0, mean_len=40.0,
+                     scene_acc=0.875)
+            content = json.dumps(dict(results=[dict(checkpoint=c, metrics=m) for c in ckpts]))
+        else:
+            content = "x"
+        code = (f"import os, json; os.makedirs(os.path.dirname({done!r}), exist_ok=True); "
+                f"open({done!r}, 'w').write({content!r})")
+        if name == "base":
+            log = os.path.join(run, "base", "log.jsonl")
+            rows = "".join(json.dumps(dict(step=s, loss=1.0 / s, lr=1e-3, grad_norm=1.0, loss_tokens=9)) + "\n"
+                           for s in range(1, 21))
+            code += f"; open({log!r}, 'w').write({rows!r})"
+        out.append((name, done, [sys.executable, "-c", code]))
+    return out
+
+
+def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "stages", fake_stages)
+    run = tmp_path / "run"
+    pipeline.main(["--run", str(run), "--seed", "4"])
+    md = (run / "results.md").read_text()
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["seed"] == 4 and prov["task_seed"] == 0 and prov["torch"] == torch.__version__
+    assert prov["threads"] == os.environ.get("OMP_NUM_THREADS", "1") and prov["cpu"] == pipeline.cpu_model()
+    assert set(prov["stage_s"]) == {"task", "base", "reflect", "sft", "srpo", "grpo", "eval-single",
+                                    "eval-reflect", "eval-blind"}
+    assert prov["total_s"] == pytest.approx(sum(prov["stage_s"].values()))
+    assert prov["commit"].split()[0] == pipeline.git_commit().split()[0]
+    assert md.startswith("## provenance\n") and "--seed 4" in md and f"torch {torch.__version__}" in md
+    # one table row per (checkpoint, prompt), values as written by the fake eval stages
+    assert "| base | single | 0.500 | 0.625 | 1 | 2 | 3 | 4 | 0 | 1.000 | 40.0 | 0.875 |" in md
+    assert "| base | single, shuffled images |" in md and "| srpo | reflect |" in md
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the run remembers its seeds: resuming it with another seed is refused
+    with pytest.raises(SystemExit, match="made with"):
+        pipeline.main(["--run", str(run), "--seed", "5"])
+    pipeline.main(["--run", str(run), "--seed", "4"])              # same seeds: every stage skipped
+    assert json.loads((run / "provenance.json").read_text())["stage_s"] == prov["stage_s"]
 
 
 @pytest.mark.slow

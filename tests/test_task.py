@@ -18,7 +18,7 @@ from task import TaskConfig, make_task, solution, teacher_reflection
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 GREY = (123, 117, 104)  # background: Qwen's image mean (0.481, 0.458, 0.408) x 255, rounded
-SMALL = TaskConfig(n_train=200, n_test=50, difficulty=3, seed=7)
+SMALL = TaskConfig(n_train=200, n_test=50, n_val=40, difficulty=3, seed=7)
 
 
 def list_order(o):
@@ -129,6 +129,29 @@ def test_deterministic_and_disjoint(small, tmp_path):
     # disjoint even when collisions are likely (difficulty 1: 2..4 objects)
     tr, te = task.generate(TaskConfig(n_train=2000, n_test=300, difficulty=1, seed=0))
     assert not {key(r) for r in tr} & {key(r) for r in te} and len(te) == 300
+
+
+def test_val_split(small, tmp_path):
+    """val.jsonl: n_val records with their own ids and images, disjoint from train and test
+    (as (scene, question) pairs), and adding it leaves train and test byte for byte as they were."""
+    out, train, test = small
+    val = read(os.path.join(out, "val.jsonl"))
+    assert len(val) == SMALL.n_val == 40
+    assert [r["id"] for r in val] == [f"val-{i:06d}" for i in range(40)]
+    assert all(os.path.exists(os.path.join(out, r["image"])) for r in val)
+    key = lambda r: json.dumps([r["scene"]["objects"], r["question"]])
+    assert not {key(r) for r in val} & {key(r) for r in train + test} and len({key(r) for r in val}) == 40
+    assert all(int(r["answer"]) == recompute(r["question"], r["scene"]["objects"]) for r in val)
+    assert json.load(open(os.path.join(out, "manifest.json")))["n_val"] == 40
+    # without a val split: no val.jsonl, and train / test identical to the files above
+    bare = str(tmp_path / "bare")
+    make_task(bare, replace(SMALL, n_val=0))
+    assert not os.path.exists(os.path.join(bare, "val.jsonl"))
+    for split in ("train", "test"):
+        assert open(os.path.join(bare, f"{split}.jsonl")).read() == open(os.path.join(out, f"{split}.jsonl")).read()
+    # a different task seed gives a different val split
+    other = task.generate_val(replace(SMALL, seed=8), train, test)
+    assert [r["scene"] for r in other] != [r["scene"] for r in val]
 
 
 def test_solution_format_and_length(small):
@@ -273,8 +296,9 @@ def test_bad_config(tmp_path):
 def test_cli(tmp_path):
     out = str(tmp_path / "cli")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "task.py"), "--out", out, "--n-train", "12", "--n-test", "4",
-                        "--difficulty", "1", "--image-size", "168"], capture_output=True, text=True, cwd=ROOT)
+                        "--n-val", "3", "--difficulty", "1", "--image-size", "168"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     r = read(os.path.join(out, "train.jsonl"))
     assert len(r) == 12 and r[0]["scene"]["grid"] == 6
+    assert len(read(os.path.join(out, "val.jsonl"))) == 3
     assert Image.open(os.path.join(out, r[0]["image"])).size == (168, 168)
