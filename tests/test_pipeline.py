@@ -73,7 +73,7 @@ def fake_stages(run, quick, seed=0, task_seed=0):
         if name.startswith("eval-"):
             ckpts = {"eval-single": ["base", "grpo"], "eval-reflect": ["sft", "srpo"], "eval-blind": ["base"]}[name]
             m = dict(first_acc=0.5, final_acc=0.625, w2r=1, r2w=2, r2r=3, w2w=4, single=0, format=1.0, mean_len=40.0,
-                     scene_acc=0.875)
+                     scene_list_ok=0.875)
             content = json.dumps(dict(results=[dict(checkpoint=c, metrics=m) for c in ckpts]))
         else:
             content = "x"
