@@ -21,10 +21,10 @@ ids (t, h, w): text tokens have t = h = w = running index; the tokens of an imag
 coordinates of their merged patch, offset by the running index, and the text after the image
 continues at max + 1. The head dims are split by `mrope_section` (e.g. [16, 24, 24] of the 64
 frequencies) and each part is rotated by one of the three axes. `get_rope_index` computes the ids
-per row over the non-padded tokens. For decoding we keep `rope_deltas` = (max position + 1) - T
-per row (T = padded prompt length), so the token at sequence index s (s >= T) has position
-s + rope_deltas on all three axes: the decode step never recomputes the vision tower or the
-rope index. (transformers subtracts the un-padded length instead and then counts positions with
+per row over the non-padded tokens. For the tokens after a prompt (the sampler's decode steps,
+forward_shared_prefix's responses) we keep `rope_deltas` = (max position + 1) - T per row
+(T = padded prompt length), so the token at sequence index s (s >= T) has position
+s + rope_deltas on all three axes: they never recompute the vision tower or the rope index. (transformers subtracts the un-padded length instead and then counts positions with
 the attention mask's cumsum; both give the same positions.)
 
 KV cache. `KVCache` is preallocated (static): k, v of shape (layers, B, kv_heads, max_len,
