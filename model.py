@@ -21,16 +21,22 @@ ids (t, h, w): text tokens have t = h = w = running index; the tokens of an imag
 coordinates of their merged patch, offset by the running index, and the text after the image
 continues at max + 1. The head dims are split by `mrope_section` (e.g. [16, 24, 24] of the 64
 frequencies) and each part is rotated by one of the three axes. `get_rope_index` computes the ids
-per row over the non-padded tokens. For decoding we keep `rope_deltas` = (max position + 1) - T
-per row (T = padded prompt length), so the token at sequence index s (s >= T) has position
-s + rope_deltas on all three axes: the decode step never recomputes the vision tower or the
-rope index. (transformers subtracts the un-padded length instead and then counts positions with
+per row over the non-padded tokens. For the tokens after a prompt (the sampler's decode steps,
+forward_shared_prefix's responses) we keep `rope_deltas` = (max position + 1) - T per row
+(T = padded prompt length), so the token at sequence index s (s >= T) has position
+s + rope_deltas on all three axes: they never recompute the vision tower or the rope index. (transformers subtracts the un-padded length instead and then counts positions with
 the attention mask's cumsum; both give the same positions.)
 
 KV cache. `KVCache` is preallocated (static): k, v of shape (layers, B, kv_heads, max_len,
-head_dim). `forward(..., cache=c, cache_pos=p)` writes the keys/values of the T new tokens at
-[p, p+T) and attends causally to [0, p+T), masking keys where attention_mask == 0. (sampler.py
-decodes with its own one-token step, `sampler.decode_step`, over the same cache.)
+head_dim), in the model's dtype. `forward(..., cache=c)` (the sampler's prefill) writes the keys
+and values of the T prompt tokens at [0, T); sampler.py decodes with its own one-token step
+(`sampler.decode_step`) over that cache, one row per prompt shared by the prompt's samples.
+
+Shared prefix (GRPO). `forward_shared_prefix` computes the logits of G responses per prompt with
+each prompt (and its images) encoded once: the decoder runs the P prompts and the P*G responses
+side by side, one call per layer; a response attends to its prompt's keys/values, expanded to
+its G rows (so autograd sums their gradients into the one prompt forward), then causally to its
+own tokens, at positions that continue its prompt's M-RoPE positions.
 
 Checkpoints. `from_pretrained` reads config.json (transformers-5 nested layout or the older flat
 hub layout) and model.safetensors (or a sharded index), in either key layout (hub:
@@ -475,21 +481,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, cache_pos):  # x (B, T, C); mask (B|1, 1, T, S) bool or None
+    def project(self, x, cos, sin):
+        """x (B, T, C), cos/sin (B, T, hd) -> q (B, H, T, hd), k, v (B, Hkv, T, hd), q and k rotated."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            end = cache_pos + T
-            cache.k[self.layer_idx, :, :, cache_pos:end] = k
-            cache.v[self.layer_idx, :, :, cache_pos:end] = v
-            k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]  # (B, Hkv, S, hd)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q, k, v, mask):
+        """q (B, H, T, hd), k, v (B, Hkv, S, hd), mask (B|1, 1, T, S) bool or None (= causal, S == T)
+        -> (B, T, C) after o_proj."""
+        B, _, T, _ = q.shape
         if mask is not None and T > 1 and self.n_head != self.n_kv:
-            # a masked prefill: expand the kv heads so CUDA can use its memory-efficient kernel
-            # (its GQA support varies by version); decode steps (T == 1) stay copy-free
+            # a masked multi-token forward: expand the kv heads so CUDA can use its memory-efficient
+            # kernel (its GQA support varies by version)
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
@@ -499,49 +506,57 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, cache_pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, responses=None):
+        """x (B, T, C); cos, sin (B, T, hd); mask (B|1, 1, T, T) bool or None (causal).
+        cache: None, or an object with k, v (L, B, Hkv, >= T, hd): this layer's keys/values are
+        written at [0, T) (the sampler's prefill).
+        responses: None, or (xr, cos_r, sin_r, mask_r) of Qwen2_5_VL.forward_shared_prefix: the
+        P*G response rows (G per prompt row of x, prompt-major), xr (P*G, R, C), mask_r
+        (P*G, 1, R, T + R) over [the prompt's keys | their own]; then returns (x, xr).
+        Both streams go through ONE call per layer, so FSDP2 all-gathers (and activation
+        checkpointing recomputes) each layer once for prompts and responses together."""
+        a = self.self_attn
+        q, k, v = a.project(self.input_layernorm(x), cos, sin)
+        if cache is not None:
+            T = x.shape[1]
+            cache.k[self.layer_idx, :, :, :T] = k
+            cache.v[self.layer_idx, :, :, :T] = v
+        x = x + a.attend(q, k, v, mask)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if responses is None:
+            return x
+        xr, cos_r, sin_r, mask_r = responses
+        qr, kr, vr = a.project(self.input_layernorm(xr), cos_r, sin_r)  # (P*G, H|Hkv, R, hd)
+        G = xr.shape[0] // x.shape[0]
+        xr = xr + a.attend(qr, after_prompt(k, kr, G), after_prompt(v, vr, G), mask_r)
+        xr = xr + self.mlp(self.post_attention_layernorm(xr))
+        return x, xr
+
+
+def after_prompt(kp, kr, G):
+    """The keys (or values) a response attends to: its prompt's, then its own.
+    kp (P, Hkv, T, hd), kr (P*G, Hkv, R, hd) prompt-major -> (P*G, Hkv, T + R, hd).
+    The prompt's are expand()ed to its G rows (a view, no copy), so autograd sums the G rows'
+    gradients into the one prompt forward; torch.cat then writes them once into the result."""
+    P = kp.shape[0]
+    return torch.cat([kp[:, None].expand(P, G, *kp.shape[1:]), kr.unflatten(0, (P, G))], dim=3).flatten(0, 1)
 
 
 class KVCache:
-    """Static KV cache: k, v (num_layers, B, n_kv_heads, max_len, head_dim), plus rope_deltas (B, 1)
-    written by the prefill forward (decode position of sequence index s = s + rope_deltas)."""
+    """Static KV cache filled by a prefill forward: k, v (num_layers, B, n_kv_heads, max_len, head_dim)
+    in the model's dtype (bf16 on GPU: half the memory of fp32, and what the decode step computes in)."""
 
-    def __init__(self, config: ModelConfig, batch_size, max_len, device="cpu", dtype=torch.float32):
+    def __init__(self, config: ModelConfig, batch_size, max_len, device, dtype):
         t = config.text
         shape = (t.num_hidden_layers, batch_size, t.num_key_value_heads, max_len, t.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.rope_deltas = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-
-    @property
-    def batch_size(self):
-        return self.k.shape[1]
-
-    @property
-    def max_len(self):
-        return self.k.shape[3]
-
-    def select(self, rows):
-        """Keep only these batch rows (LongTensor / list / bool mask); returns self."""
-        rows = torch.as_tensor(rows, device=self.k.device)
-        if rows.dtype == torch.bool:
-            rows = rows.nonzero().flatten()
-        self.k, self.v, self.rope_deltas = self.k[:, rows], self.v[:, rows], self.rope_deltas[rows]
-        return self
-
-    def repeat_interleave(self, n):
-        """Each row repeated n times in place (prompt-major: r0, r0, .., r1, r1, ..); returns self."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
-        self.rope_deltas = self.rope_deltas.repeat_interleave(n, dim=0)
-        return self
 
 
 # -----------------------------------------------------------------------------------------------
@@ -558,7 +573,6 @@ class Qwen2_5_VL(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(t, i) for i in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
-        self.gradient_checkpointing = False  # recompute each decoder layer in backward (saves memory)
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -630,55 +644,100 @@ class Qwen2_5_VL(nn.Module):
             raise ValueError(f"image_grid_thw has {len(grids)} images but input_ids hold image tokens for {g}")
         return position_ids.to(input_ids.device), deltas.to(input_ids.device)
 
-    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
-                cache=None, cache_pos=0, logits_to_keep=0):
-        B, T = input_ids.shape
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """input_ids (B, T) -> (B, T, C): token embeddings, the images' written at the image tokens."""
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        if pixel_values is not None:
-            if cache is not None and cache_pos > 0:
-                raise ValueError("images are only supported in the prefill (cache_pos == 0)")
-            is_img = input_ids == self.config.image_token_id  # (B, T)
-            n, n_img = int(is_img.sum()), int(image_grid_thw.prod(-1).sum()) // self.config.vision.spatial_merge_size**2
-            if n != n_img:
-                raise ValueError(f"input_ids hold {n} image tokens (id {self.config.image_token_id}) "
-                                 f"but the images give {n_img} (image_grid_thw {image_grid_thw.tolist()})")
-            img = self.visual(pixel_values, image_grid_thw).to(x.dtype)  # (n_img, C)
-            x = x.masked_scatter(is_img[..., None], img)
+        if pixel_values is None:
+            return x
+        is_img = input_ids == self.config.image_token_id  # (B, T)
+        n, n_img = int(is_img.sum()), int(image_grid_thw.prod(-1).sum()) // self.config.vision.spatial_merge_size**2
+        if n != n_img:
+            raise ValueError(f"input_ids hold {n} image tokens (id {self.config.image_token_id}) "
+                             f"but the images give {n_img} (image_grid_thw {image_grid_thw.tolist()})")
+        img = self.visual(pixel_values, image_grid_thw).to(x.dtype)  # (n_img, C)
+        return x.masked_scatter(is_img[..., None], img)
 
-        # positions: prefill/full forward -> rope index; decode -> cache index + rope_deltas
+    @staticmethod
+    def padding_mask(attention_mask):
+        """attention_mask (B, T) 1 = real token -> (B, 1, T, T) bool: causal, and no attention to
+        padded keys (a padded query still sees itself, so its row stays finite)."""
+        T = attention_mask.shape[1]
+        i = torch.arange(T, device=attention_mask.device)
+        causal = i[None, :] <= i[:, None]  # (T, T): key <= query
+        return (causal & attention_mask[:, None, None, :].bool()) | (i[None, :] == i[:, None])
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
+                cache=None, logits_to_keep=0, response_ids=None, response_mask=None):
+        """input_ids (B, T) (left-padded when attention_mask has zeros) -> logits (B, T, V), or of the
+        last logits_to_keep positions. cache: see DecoderLayer.forward (the sampler's prefill).
+        response_ids / response_mask: see forward_shared_prefix, which passes them here so that
+        the call goes through nn.Module.__call__ (FSDP2's root hooks gather embed / lm_head)."""
+        if response_ids is not None:
+            return self._shared_prefix(input_ids, attention_mask, pixel_values, image_grid_thw, response_ids,
+                                       response_mask)
+        x = self.embed(input_ids, pixel_values, image_grid_thw)  # (B, T, C)
         if position_ids is None:
-            if cache is None or cache_pos == 0:
-                position_ids, deltas = self.get_rope_index(input_ids, image_grid_thw, attention_mask)
-                if cache is not None:
-                    cache.rope_deltas = deltas
-            else:
-                pos = torch.arange(cache_pos, cache_pos + T, device=x.device)[None, :] + cache.rope_deltas  # (B, T)
-                position_ids = pos[None].expand(3, B, T)
+            position_ids, _ = self.get_rope_index(input_ids, image_grid_thw, attention_mask)  # (3, B, T)
         cos, sin = mrope_cos_sin(position_ids, self.config.text, x.dtype)  # (B, T, hd)
-
-        # mask (B|1, 1, T, S): causal, and no attention to padded keys (a padded query still sees
-        # itself, so its row stays finite); None = plain causal
-        mask = None
-        if cache is not None or attention_mask is not None:
-            S = cache_pos + T if cache is not None else T
-            q_pos = torch.arange(cache_pos, cache_pos + T, device=x.device) if cache is not None else torch.arange(T, device=x.device)
-            k_pos = torch.arange(S, device=x.device)
-            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
-            if attention_mask is not None:
-                if attention_mask.shape[0] != B or attention_mask.shape[1] < S:
-                    raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
-                keys = attention_mask[:, None, None, :S].bool()
-                mask = (mask & keys) | (k_pos[None, :] == q_pos[:, None])[None, None]
-
+        mask = None if attention_mask is None else self.padding_mask(attention_mask)  # None: plain causal
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, cache_pos)
+            x = layer(x, cos, sin, mask, cache)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)  # (B, T or k, vocab)
+
+    def forward_shared_prefix(self, prompt_ids, prompt_mask, pixel_values, image_grid_thw, response_ids,
+                              response_mask):
+        """Logits of G responses per prompt, each prompt (and its images) encoded ONCE.
+
+        prompt_ids, prompt_mask (P, Tp): left-padded prompts, 1 = real token;
+        pixel_values, image_grid_thw: the images of the P prompts, in order (or None);
+        response_ids, response_mask (P*G, R): right-padded responses, prompt-major (row p*G + j is
+        response j of prompt p), 1 = real token
+        -> logits (P*G, R, V): logits[:, t] predicts response token t (t = 0 from the last prompt
+        position), equal to the forward over [prompt | response] concatenated.
+
+        A GRPO group's G samples share their prompt (system prompt + image tokens: ~200 of ~270
+        tokens on the built-in task), so the unshared forward spends most of its compute
+        re-encoding the same prompt G times. Here the decoder runs on the P prompts and the P*G
+        responses side by side, layer by layer; a response attends to its prompt's keys/values
+        (expanded, not recomputed, so their gradients sum into the one prompt forward) and then
+        causally to its own. Response positions continue the prompt's M-RoPE positions exactly as
+        in the concatenated sequence: Tp + t + rope_deltas on all three axes."""
+        return self(prompt_ids, pixel_values, image_grid_thw, attention_mask=prompt_mask,
+                    response_ids=response_ids, response_mask=response_mask)
+
+    def _shared_prefix(self, prompt_ids, prompt_mask, pixel_values, image_grid_thw, response_ids, response_mask):
+        P, Tp = prompt_ids.shape
+        N, R = response_ids.shape
+        if N % P or response_mask is None or response_mask.shape != response_ids.shape:
+            raise ValueError(f"forward_shared_prefix: response_ids {tuple(response_ids.shape)} must be (P*G, R) for "
+                             f"P = {P} prompts, with a response_mask of the same shape")
+        G = N // P
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        # the prompts: as forward()
+        x = self.embed(prompt_ids, pixel_values, image_grid_thw)  # (P, Tp, C)
+        pos, deltas = self.get_rope_index(prompt_ids, image_grid_thw, prompt_mask)  # (3, P, Tp), (P, 1)
+        cos, sin = mrope_cos_sin(pos, self.config.text, x.dtype)  # (P, Tp, hd)
+        mask = self.padding_mask(prompt_mask)  # (P, 1, Tp, Tp)
+        # the responses (text): sequence index Tp + t -> position Tp + t + rope_deltas, all 3 axes
+        xr = self.embed_tokens(response_ids)  # (N, R, C)
+        t = torch.arange(R, device=xr.device)
+        pos_r = Tp + t[None] + deltas.to(xr.device).repeat_interleave(G, dim=0)  # (N, R)
+        cos_r, sin_r = mrope_cos_sin(pos_r[None].expand(3, N, R), self.config.text, xr.dtype)  # (N, R, hd)
+        # response query t sees its prompt's real tokens and its own tokens <= t (no padded ones)
+        see_prompt = prompt_mask.bool().repeat_interleave(G, dim=0)[:, None, None, :].expand(N, 1, R, Tp)
+        see_own = (t[None, :] <= t[:, None]) & response_mask.bool()[:, None, None, :]  # (N, 1, R, R)
+        mask_r = torch.cat([see_prompt, see_own], dim=-1)  # (N, 1, R, Tp + R)
+        for layer in self.layers:
+            x, xr = layer(x, cos, sin, mask, responses=(xr, cos_r, sin_r, mask_r))
+        # position t predicts token t + 1: response token 0 comes from the prompt's last position
+        # (one per prompt, expanded to its G rows), token t from response position t - 1
+        last = x[:, -1:].expand(P, G, x.shape[-1]).reshape(N, 1, -1)  # (N, 1, C)
+        h = torch.cat([last, xr[:, :-1]], dim=1)  # (N, R, C)
+        return self.lm_head(self.norm(h))  # (N, R, V)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -728,10 +787,28 @@ def _checkpoint_files(path):
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def from_pretrained(path, device="cpu", dtype=torch.float32) -> Qwen2_5_VL:
-    """Build on the meta device, then load every tensor straight to device/dtype."""
+def _read_tensors(file, expected, tied, device, dtype):
+    """One safetensors file -> {our key: tensor on device, dtype}, checked against `expected` shapes."""
     from safetensors import safe_open
 
+    sd = {}
+    with safe_open(file, framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            ours = _key_to_ours(key)
+            if ours == "lm_head.weight" and tied:
+                continue  # tied to embed_tokens; some checkpoints store a copy
+            if ours not in expected:
+                raise ValueError(f"{file}: unexpected tensor {key!r} (not part of Qwen2.5-VL with this config.json)")
+            t = f.get_tensor(key)
+            if tuple(t.shape) != tuple(expected[ours]):
+                raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(expected[ours])} from config.json")
+            sd[ours] = t.to(dtype)
+    return sd
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32) -> Qwen2_5_VL:
+    """Build on the meta device, then load every tensor straight to device/dtype."""
     config = read_config(path)
     with torch.device("meta"):
         model = Qwen2_5_VL(config)
@@ -741,18 +818,13 @@ def from_pretrained(path, device="cpu", dtype=torch.float32) -> Qwen2_5_VL:
         expected.pop("lm_head.weight")
     sd = {}
     for file in _checkpoint_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                ours = _key_to_ours(key)
-                if ours == "lm_head.weight" and tied:
-                    continue  # tied to embed_tokens; some checkpoints store a copy
-                if ours not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {key!r} (not part of Qwen2.5-VL with this config.json)")
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[ours]):
-                    raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(expected[ours])} from config.json")
-                sd[ours] = t.to(dtype)
+        try:
+            sd.update(_read_tensors(file, expected, tied, device, dtype))
+        except (ValueError, OSError):  # ours (they name the file), a missing shard (names it too)
+            raise
+        except Exception as e:  # safetensors' own errors (a truncated or corrupt file) do not name the file
+            raise ValueError(f"{file}: cannot read the tensors ({type(e).__name__}: {e}); "
+                             f"the file is truncated or corrupt (an interrupted copy or download?)") from e
     missing = [k for k in expected if k not in sd]
     if missing:
         raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), first: {_key_to_hf(missing[0])!r} "

@@ -5,25 +5,29 @@ The idea (gpt-fast's generate.py, batched and multimodal):
 
 1. prefill: the left-padded prompts (with their images) go through the model once, a few prompts
    per forward (`prefill_chunk`: bounds activation memory), filling a static (preallocated)
-   KVCache and giving the logits of the last prompt position;
-2. n samples per prompt share that one prefill: the prompt's cache rows, last logits,
-   attention mask and M-RoPE positions are repeated n times (rows stay prompt-major:
-   prompt 0 sample 0..n-1, prompt 1 sample 0..n-1, ...);
-3. decode: one token per row per step against the cache (`decode_step`: the decoder layers
-   written out for a single token, attending to the filled cache slots and to itself; the loop
-   then stores the new keys/values). The new token's M-RoPE position is the last prompt
-   position + 1 + step on each of the 3 axes (what transformers does with its rope_deltas), so
-   no image bookkeeping is needed after the prefill; the rotary cos/sin of all steps and the
-   attention bias (-inf on prompt padding) are computed once before the loop. On CPU the decode
-   step is torch.compile'd (as in gpt-fast): the ~40 small ops per layer fuse into a few C++
-   loops and attention becomes one pass over the cache. One graph with dynamic shapes serves all
-   batch sizes >= 2 and key lengths (batch 1 gets its own); a cold compile takes ~25 s here.
-   SampleConfig(compile=False) or SRPO_COMPILE=0 decodes eagerly, as does an FSDP-sharded model;
-   a failing compile (e.g. no C++ compiler) warns and falls back to eager;
+   prompt KV cache, ONE row per prompt, and giving the logits of the last prompt position;
+2. the n samples of a prompt (a GRPO group) share that prefill AND that cache row: nothing is
+   repeated n times (rows stay prompt-major: prompt 0 sample 0..n-1, prompt 1 sample 0..n-1, ...);
+   each sample's generated tokens go to a second cache, one row per sample;
+3. decode: one token per row per step (`decode_step`: the decoder layers written out for a single
+   token; the loop then stores the new keys/values). Attention is cascade attention (Hydragen):
+   the queries of a group's n rows are stacked into one (n*g, hd) @ (hd, T) product against the
+   group's one prompt cache, each row attends to its own generated tokens and to itself, and the
+   two softmaxes are merged by their log-sum-exp (`attend_two_parts`). The prompt keys are read
+   once per group instead of once per sample, and stored once. The new token's M-RoPE position
+   is the last prompt position + 1 + step on each of the 3 axes (what transformers does with its
+   rope_deltas), so no image bookkeeping is needed after the prefill; the rotary cos/sin of all
+   steps and the attention bias (-inf on prompt padding) are computed once before the loop. On
+   CPU the decode step is torch.compile'd (as in gpt-fast): the ~40 small ops per layer fuse into
+   a few C++ loops and attention becomes one pass over the caches. One graph with dynamic shapes
+   serves all batch sizes >= 2, group sizes n >= 2 and key lengths (batch 1 and n = 1 get their
+   own); a cold compile takes ~25-75 s here. SampleConfig(compile=False) or SRPO_COMPILE=0
+   decodes eagerly, as does an FSDP-sharded model; a failing compile (e.g. no C++ compiler) warns
+   and falls back to eager;
 4. a row stops at its first eos id (its eos token is kept: it is part of the response GRPO
-   trains on) or at max_new_tokens. Finished rows are dropped from the batch (their cache rows
-   are gathered out) once they are at least `compact_frac` of the rows still decoding, so they
-   stop costing compute.
+   trains on) or at max_new_tokens. Finished rows are dropped from the batch (their generated
+   cache rows are gathered out; a group's prompt cache row when all its rows are done) once they
+   are at least `compact_frac` of the rows still decoding, so they stop costing compute.
 
 Log-probs: for every generated token we return log_softmax(logits / temperature)[token] over
 the FULL vocabulary -- the distribution the policy defines at temperature T, which is what the
@@ -104,25 +108,21 @@ def is_fsdp(model):
 def unsharded(model):
     """All-gather the parameters of an FSDP2-sharded model once, keep them gathered through every
     forward of the block (no reshard after each layer's forward), reshard at the end. No-op for
-    a plain model."""
+    a plain model. Public FSDP2 API only (FSDPModule.unshard / set_reshard_after_forward / reshard).
+    On exit the modules get fully_shard's defaults back (dist.shard_model shards with them):
+    every module reshards after forward except the root, whose parameters backward needs first."""
     mods = fsdp_modules(model)
     if not mods:
         yield
         return
-    # fully_shard's reshard_after_forward lives in each param group's post_forward_mesh_info
-    # (None = keep unsharded after forward); save it, turn it off, restore it exactly afterwards.
-    groups = [g for m in mods for g in m._get_fsdp_state()._fsdp_param_groups]
-    saved = [g.post_forward_mesh_info for g in groups]
     for m in mods:
         m.unshard()
-    for g in groups:
-        g.post_forward_mesh_info = None
+        m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
-        for g, info in zip(groups, saved):
-            g.post_forward_mesh_info = info
         for m in mods:
+            m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
 
 
@@ -150,21 +150,6 @@ def sample_next(logits, cfg: SampleConfig, uniform, suppress=None):
     tokens = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)[:, 0]
     tokens = tokens.clamp_(max=logits.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
-
-
-# ----------------------------------------------------------------------------- cache rows
-
-def expand_cache(cache, small, n):
-    """cache.k/v[:, b*n + j, :, :T] = small.k/v[:, b, :, :T] for j < n (prompt-major repeat)."""
-    L, B, H, T, D = small.k.shape
-    cache.k.view(L, B, n, H, -1, D)[:, :, :, :, :T] = small.k[:, :, None]
-    cache.v.view(L, B, n, H, -1, D)[:, :, :, :, :T] = small.v[:, :, None]
-
-
-def select_cache_rows(cache, keep):
-    """Keep only the cache rows `keep` (K,) long (a gather: the old cache is freed)."""
-    cache.k = cache.k.index_select(1, keep)
-    cache.v = cache.v.index_select(1, keep)
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -195,7 +180,7 @@ def image_spans(config, input_ids, grid):
 
 def prefill(model, input_ids, attn, pos_ids, pixel_values, grid, cache, chunk):
     """Run the prompts through the model `chunk` rows at a time (bounds the activation memory),
-    writing the cache rows.
+    writing their keys/values into the cache rows.
     Returns the logits of the last prompt position (B, V) float32."""
     B = input_ids.shape[0]
     img, patch = image_spans(model.config, input_ids, grid)
@@ -206,25 +191,73 @@ def prefill(model, input_ids, attn, pos_ids, pixel_values, grid, cache, chunk):
         if img[b] > img[a]:
             pv, g = pixel_values[patch[a]:patch[b]], grid[img[a]:img[b]]
         out = model(input_ids[a:b], pixel_values=pv, image_grid_thw=g, attention_mask=attn[a:b],
-                    position_ids=pos_ids[:, a:b], cache=CacheRows(cache, a, b), cache_pos=0, logits_to_keep=1)
+                    position_ids=pos_ids[:, a:b], cache=CacheRows(cache, a, b), logits_to_keep=1)
         logits.append(out[:, -1].float())
     return torch.cat(logits)  # (B, V)
 
 
 # ----------------------------------------------------------------------------- decode step
 
-def decode_step(model, tok, cos, sin, cache_k, cache_v, bias, p, fused=False):
-    """One new token per row through the decoder, reading cache slots [0, p) and writing nothing
-    (the caller stores the returned k, v at slot p: a compiled graph then never copies the cache).
-    tok (K,) long; cos, sin (K, hd) rotary of this step's position; cache_k/v (L, K, Hkv, S_max, hd);
-    bias (K, S_max) 0 / -inf (padded prompt slots)
-    -> logits (K, V) float32, k, v (L, K, Hkv, hd) of the new token.
-    The token attends to the p cached keys and to its own key, one softmax over both. fused=True
-    writes the two cache products as multiply-and-sum, which torch.compile turns into one loop
-    over the cache; eagerly that would materialize (K, Hkv, g, p, hd), so eager uses matmuls."""
+def grouped(x, slot, P, n):
+    """Rows -> groups: x (K, Hkv, g, d) of the K live rows, slot (K,) each row's place p*n + j among
+    the P live groups of n -> (P, Hkv, n*g, d), the queries of a group stacked (zeros for rows
+    already finished) so that one matmul per group and kv head reads the group's prompt once."""
+    K, H, g, d = x.shape
+    x = x.new_zeros(P * n, H, g, d).index_copy(0, slot, x)
+    return x.view(P, n, H, g, d).transpose(1, 2).reshape(P, H, n * g, d)
+
+
+def ungrouped(x, slot, n):
+    """The inverse of grouped: (P, Hkv, n*g, d) -> (K, Hkv, g, d) of the live rows."""
+    P, H, ng, d = x.shape
+    return x.view(P, H, n, ng // n, d).transpose(1, 2).reshape(P * n, H, ng // n, d).index_select(0, slot)
+
+
+def attend_two_parts(q, k, v, pk, pv, p_bias, gk, gv, g_bias, slot, n, scale, fused):
+    """Cascade (Hydragen) attention of one new token per row: to its group's prompt and to the
+    row's own generated tokens, the two softmaxes merged by their log-sum-exp.
+    q (K, Hkv, g, hd); k, v (K, Hkv, 1, hd) of the new token; pk, pv (P, Hkv, T, hd) the prompt cache,
+    ONE copy per group; p_bias (P, 1, 1, T) 0 / -inf (prompt padding); gk, gv (K, Hkv, S, hd) the
+    generated tokens; g_bias (S,) 0 / -inf (slots not written yet) -> (K, Hkv, g, hd).
+    With n samples per prompt the prompt keys are read once per group instead of once per row
+    (the rows of a group stacked: (n*g, hd) @ (hd, T)), and stored once."""
+    # scores and products in the cache's dtype (bf16 on GPU), softmax sums in fp32
+    dt = pk.dtype
+    # prompt: softmax numerator and denominator per group, then back to rows
+    qg = grouped(q, slot, pk.shape[0], n)  # (P, Hkv, n*g, hd)
+    sp = (qg[:, :, :, None] * pk[:, :, None]).sum(-1) if fused else qg @ pk.transpose(-1, -2)  # (P, Hkv, n*g, T)
+    sp = sp.float() * scale + p_bias
+    mp = sp.amax(-1, keepdim=True)  # (P, Hkv, n*g, 1)
+    ep = (sp - mp).exp()
+    op = (ep.to(dt)[..., None] * pv[:, :, None]).sum(-2) if fused else ep.to(dt) @ pv  # (P, Hkv, n*g, hd)
+    op, mp, lp = (ungrouped(t, slot, n) for t in (op.float(), mp, ep.sum(-1, keepdim=True)))  # (K, Hkv, g, .)
+    # own tokens: the S generated ones and the new one
+    S = gk.shape[2]
+    sg = (q[:, :, :, None] * gk[:, :, None]).sum(-1) if fused else q @ gk.transpose(-1, -2)  # (K, Hkv, g, S)
+    sg = torch.cat([sg.float() * scale + g_bias, (q * k).sum(-1, keepdim=True).float() * scale], dim=-1)
+    mg = sg.amax(-1, keepdim=True)  # (K, Hkv, g, 1)
+    eg = (sg - mg).exp()  # (K, Hkv, g, S + 1)
+    og = (eg[..., :S, None].to(dt) * gv[:, :, None]).sum(-2) if fused else eg[..., :S].to(dt) @ gv
+    og = og.float() + eg[..., S:] * v.float()  # (K, Hkv, g, hd)
+    # merge: the softmax over [prompt | own] = the two partial sums rescaled to a common maximum
+    m = torch.maximum(mp, mg)
+    wp, wg = (mp - m).exp(), (mg - m).exp()
+    return ((op * wp + og * wg) / (lp * wp + eg.sum(-1, keepdim=True) * wg)).to(dt)
+
+
+def decode_step(model, tok, cos, sin, pk, pv, p_bias, gk, gv, g_bias, slot, n, fused=False):
+    """One new token per live row through the decoder, reading the caches and writing nothing (the
+    caller stores the returned k, v: a compiled graph then never copies a cache).
+    tok (K,) long; cos, sin (K, hd) rotary of this step's position; pk, pv (L, P, Hkv, T, hd) the
+    prompt cache of the P live groups; p_bias (P, T); gk, gv (L, K, Hkv, S_max, hd) the generated
+    tokens' cache; g_bias (S,) 0 for the S slots to read, -inf for those not written yet;
+    slot (K,) row -> place in its group (see grouped); n samples per prompt
+    -> logits (K, V) float32, k, v (L, K, Hkv, hd) of the new token."""
     K = tok.shape[0]
     x = model.embed_tokens(tok)  # (K, C)
     cos, sin = cos[:, None, None], sin[:, None, None]  # (K, 1, 1, hd)
+    p_bias = p_bias[:, None, None, :].float()  # (P, 1, 1, T)
+    S = g_bias.shape[0]
     new_k, new_v = [], []
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
@@ -233,12 +266,8 @@ def decode_step(model, tok, cos, sin, cache_k, cache_v, bias, p, fused=False):
         k = a.k_proj(h).view(K, a.n_kv, 1, a.hd)   # (K, Hkv, 1, hd)
         v = a.v_proj(h).view(K, a.n_kv, 1, a.hd)
         q, k = M.apply_rotary(q, cos, sin), M.apply_rotary(k, cos, sin)
-        ck, cv = cache_k[i, :, :, :p], cache_v[i, :, :, :p]  # (K, Hkv, p, hd)
-        s = (q[:, :, :, None] * ck[:, :, None]).sum(-1) if fused else q @ ck.transpose(-1, -2)  # (K, Hkv, g, p)
-        s = torch.cat([s + bias[:, None, None, :p], (q * k).sum(-1, keepdim=True)], dim=-1)  # (K, Hkv, g, p + 1)
-        w = (s.float() * a.hd ** -0.5).softmax(dim=-1).to(q.dtype)  # softmax in fp32 (bf16 on GPU)
-        y = (w[..., :p, None] * cv[:, :, None]).sum(-2) if fused else w[..., :p] @ cv  # (K, Hkv, g, hd)
-        y = y + w[..., p:] * v
+        y = attend_two_parts(q, k, v, pk[i], pv[i], p_bias, gk[i, :, :, :S], gv[i, :, :, :S], g_bias,
+                             slot, n, a.hd ** -0.5, fused)  # (K, Hkv, g, hd)
         x = x + a.o_proj(y.reshape(K, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         new_k.append(k[:, :, 0])
@@ -304,15 +333,12 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
         raise ValueError("sampler.py: batch['attention_mask'] has padding at the last position: "
                          "prompts must be LEFT-padded (data.collate(..., left_pad=True))")
     params = next(model.parameters())
-    device, dtype = params.device, params.dtype
+    device, dtype = params.device, params.dtype  # the caches and the decode step: the model's dtype
     input_ids, attn = input_ids.to(device), attn.to(device).long()
     pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
     if pixel_values is not None:
         pixel_values, grid = pixel_values.to(device, dtype), grid.to(device)
     B, T = input_ids.shape
-    n, max_new = cfg.n, cfg.max_new_tokens
-    R = B * n  # output rows
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     suppress = cfg.suppress_ids
@@ -322,60 +348,69 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
     suppress = torch.tensor(list(suppress), dtype=torch.long, device=device) if len(suppress) else None
 
     with unsharded(model):
-        # ---- prefill: the B prompts once, cfg.prefill_chunk prompts per forward
+        # prefill: each prompt once (cfg.prefill_chunk per forward); its cache serves its n samples
         pos_ids, _ = model.get_rope_index(input_ids, grid, attn)  # (3, B, T)
-        pos_ids = pos_ids.to(device)
-        prefill_cache = M.KVCache(model.config, B, T if n > 1 else T + max_new, device, dtype)
-        logits = prefill(model, input_ids, attn, pos_ids, pixel_values, grid, prefill_cache, cfg.prefill_chunk)
-        next_pos = pos_ids[:, :, -1] + 1  # (3, B) M-RoPE position of the first new token
-        # ---- n samples per prompt: repeat everything prompt-major
-        if n > 1:
-            cache = M.KVCache(model.config, R, T + max_new, device, dtype)
-            expand_cache(cache, prefill_cache, n)
-            del prefill_cache
-            logits = logits.repeat_interleave(n, dim=0)
-            next_pos = next_pos.repeat_interleave(n, dim=1)
-            attn = attn.repeat_interleave(n, dim=0)
-        else:
-            cache = prefill_cache
-        # decode inputs, computed once: additive attention bias over the cache slots (-inf on the
-        # prompt's padding) and the rotary cos/sin of every step's position
-        bias = torch.zeros(R, T + max_new, dtype=dtype, device=device)
-        bias[:, :T].masked_fill_(attn == 0, float("-inf"))  # (R, T + max_new)
-        steps = torch.arange(max_new, device=device)
-        cos, sin = M.mrope_cos_sin(next_pos[:, :, None] + steps, model.config.text, dtype)  # (R, max_new, hd)
-        step_fn = decode_fn(model, cfg)
+        prompt = M.KVCache(model.config, B, T, device, dtype)  # (L, B, Hkv, T, hd)
+        logits = prefill(model, input_ids, attn, pos_ids.to(device), pixel_values, grid, prompt, cfg.prefill_chunk)
+        next_pos = pos_ids[:, :, -1].to(device) + 1  # (3, B) M-RoPE position of the first new token
+        return decode(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, stream)
 
-        tokens_out = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
-        logp_out = torch.zeros(R, max_new, dtype=torch.float32, device=device)
-        lengths = torch.full((R,), max_new, dtype=torch.long, device=device)
-        stopped = torch.zeros(R, dtype=torch.bool, device=device)  # stopped on eos, per output row
-        rows = torch.arange(R, device=device)  # output row of each batch row still in the cache
-        done = torch.zeros(R, dtype=torch.bool, device=device)  # per batch row
-        for step in range(max_new):
-            uniform = torch.rand(R, generator=generator, device=device)[rows]  # (K,) one draw per output row
-            tok, lp = sample_next(logits, cfg, uniform, suppress)  # (K,), (K,)
-            tok = tok.masked_fill(done, pad_id)
-            tokens_out[rows, step] = tok
-            logp_out[rows, step] = lp.masked_fill(done, 0.0)
-            if stream is not None:
-                stream(step, rows[~done], tok[~done])
-            hit = ~done & torch.isin(tok, eos)
-            lengths[rows[hit]] = step + 1
-            stopped[rows[hit]] = True
-            done = done | hit
-            n_done = int(done.sum())
-            if n_done == len(rows) or step == max_new - 1:
-                break
-            if n_done > 0 and n_done >= cfg.compact_frac * len(rows):
-                keep = (~done).nonzero()[:, 0]
-                select_cache_rows(cache, keep)
-                rows, done, tok = rows[keep], done[keep], tok[keep]
-                bias, cos, sin = bias[keep], cos[keep], sin[keep]
-            p = T + step  # cache slot of this step's token
-            logits, k, v = step_fn(model, tok, cos[:, step], sin[:, step], cache.k, cache.v, bias, p)
-            cache.k[:, :, :, p], cache.v[:, :, :, p] = k, v  # (L, K, Hkv, hd)
-        del cache
+
+def decode(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, stream):
+    """The sampling loop after the prefill: prompt cache (L, B, Hkv, T, hd) and attn (B, T) of the B
+    prompts, logits (B, V) of their last position, next_pos (3, B). Returns generate's dict."""
+    n, max_new = cfg.n, cfg.max_new_tokens
+    B, T = attn.shape
+    R, device, dtype = B * n, attn.device, prompt.k.dtype  # output rows, prompt-major
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    p_bias = torch.zeros(B, T, dtype=dtype, device=device).masked_fill_(attn == 0, float("-inf"))  # (B, T)
+    gen = M.KVCache(model.config, R, max_new, device, dtype)  # (L, R, Hkv, max_new, hd): generated tokens
+    g_bias = torch.full((max(max_new, 2),), float("-inf"), device=device)  # 0 on the slots written so far
+    steps = torch.arange(max_new, device=device)
+    cos, sin = M.mrope_cos_sin(next_pos.repeat_interleave(n, 1)[:, :, None] + steps, model.config.text,
+                               dtype)  # (R, max_new, hd) rotary of every step
+    logits = logits.repeat_interleave(n, dim=0)  # (R, V): the n samples of a prompt draw from its logits
+    step_fn = decode_fn(model, cfg)
+
+    tokens_out = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
+    logp_out = torch.zeros(R, max_new, dtype=torch.float32, device=device)
+    lengths = torch.full((R,), max_new, dtype=torch.long, device=device)
+    stopped = torch.zeros(R, dtype=torch.bool, device=device)  # stopped on eos, per output row
+    rows = torch.arange(R, device=device)  # output row of each live row
+    slot = rows.clone()  # its place (group g, sample j) -> g*n + j among the live groups
+    groups = torch.arange(B, device=device)  # the prompts in the prompt cache
+    done = torch.zeros(R, dtype=torch.bool, device=device)  # per live row
+    for step in range(max_new):
+        uniform = torch.rand(R, generator=generator, device=device)[rows]  # (K,) one draw per output row
+        tok, lp = sample_next(logits, cfg, uniform, suppress)  # (K,), (K,)
+        tok = tok.masked_fill(done, pad_id)
+        tokens_out[rows, step] = tok
+        logp_out[rows, step] = lp.masked_fill(done, 0.0)
+        if stream is not None:
+            stream(step, rows[~done], tok[~done])
+        hit = ~done & torch.isin(tok, eos)
+        lengths[rows[hit]] = step + 1
+        stopped[rows[hit]] = True
+        done = done | hit
+        n_done = int(done.sum())
+        if n_done == len(rows) or step == max_new - 1:
+            break
+        if n_done > 0 and n_done >= cfg.compact_frac * len(rows):  # drop finished rows (and groups)
+            keep = (~done).nonzero()[:, 0]
+            rows, done, tok, cos, sin = rows[keep], done[keep], tok[keep], cos[keep], sin[keep]
+            gen.k, gen.v = gen.k.index_select(1, keep), gen.v.index_select(1, keep)
+            live, place = torch.unique(rows // n, return_inverse=True)  # prompts still sampling, sorted
+            if len(live) < len(groups):  # a whole group finished: drop its prompt cache too
+                idx = torch.searchsorted(groups, live)
+                prompt.k, prompt.v, p_bias = prompt.k[:, idx], prompt.v[:, idx], p_bias[idx]
+                groups = live
+            slot = place * n + rows % n
+        if step > 0:
+            g_bias[step - 1] = 0.0  # the previous step's token is in the cache now
+        S = max(step, 2)  # slots to read; >= 2 so that one compiled graph serves all steps (no 0/1 specialization)
+        logits, k, v = step_fn(model, tok, cos[:, step], sin[:, step], prompt.k, prompt.v, p_bias,
+                               gen.k, gen.v, g_bias[:S], slot, n)
+        gen.k[:, :, :, step], gen.v[:, :, :, step] = k, v  # (L, K, Hkv, hd)
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
     return dict(tokens=tokens_out, logprobs=logp_out, lengths=lengths, finish_reasons=reasons)
 
@@ -434,6 +469,9 @@ def main():
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", type=int, default=0, help="1: torch.compile the decode step. Off by default: "
+                    "for one prompt the compile (8-75 s here, cold or warm cache, loaded machine) costs more than "
+                    "it saves (eager: ~1.5 ms per token on the tiny model)")
     args = ap.parse_args()
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -448,7 +486,7 @@ def main():
     enc = data.encode_messages(messages, tok, image_root="/", add_generation_prompt=True, where="--prompt")
     batch = data.collate([enc], tok.pad_id, left_pad=True)
     cfg = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, greedy=args.greedy, seed=args.seed)
+                       top_k=args.top_k, greedy=args.greedy, seed=args.seed, compile=args.compile == 1)
 
     tty = sys.stdout.isatty()
     ids, shown = [], ""

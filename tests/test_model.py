@@ -143,40 +143,6 @@ def test_left_padded_batch_matches_transformers(pair):
         assert T + deltas[b_, 0] == pos[:, b_].max() + 1
 
 
-def test_kv_cache_decode_equals_full_forward(pair):
-    _, _, ours = pair
-    gen = torch.Generator().manual_seed(5)
-    grids = [[1, 12, 20], [1, 4, 6]]
-    rows = [seq_with_images(grids[:1], gen), seq_with_images(grids[1:], gen, text=(2, 1))]
-    prompt, pmask = left_pad(rows)
-    pv, grid = pixels(grids, gen)
-    B, P, n_new, n = 2, prompt.shape[1], 5, 2  # n continuations per prompt
-    cont = torch.randint(0, 240, (B * n, n_new), generator=gen)
-    full_ids = torch.cat([prompt.repeat_interleave(n, 0), cont], dim=1)
-    full_mask = torch.cat([pmask.repeat_interleave(n, 0), torch.ones(B * n, n_new, dtype=torch.long)], dim=1)
-    full_grid = grid[[0, 0, 1, 1]]
-    pv_full = torch.cat([pv[:240], pv[:240], pv[240:], pv[240:]])
-    with torch.no_grad():
-        ref = ours(full_ids, pv_full, full_grid, attention_mask=full_mask)  # (B*n, P+n_new, V)
-        cache = M.KVCache(ours.config, B, P + n_new + 3, dtype=torch.float32)
-        last = ours(prompt, pv, grid, attention_mask=pmask, cache=cache, cache_pos=0, logits_to_keep=1)
-        assert (last[:, 0] - ref[::n, P - 1]).abs().max() < TOL
-        cache.repeat_interleave(n)
-        for i in range(n_new):
-            step = ours(cont[:, i:i + 1], attention_mask=full_mask[:, :P + i + 1], cache=cache, cache_pos=P + i)
-            assert (step[:, 0] - ref[:, P + i]).abs().max() < TOL, f"decode step {i}"
-        # drop rows (per-row stop): the remaining rows decode on unchanged
-        keep = torch.tensor([0, 3])
-        cache.select(keep)
-        extra = torch.randint(0, 240, (2, 1), generator=gen)
-        ids2 = torch.cat([full_ids[keep], extra], 1)
-        mask2 = torch.ones_like(ids2)
-        mask2[:, :P + n_new] = full_mask[keep]
-        ref2 = ours(ids2, torch.cat([pv[:240], pv[240:]]), grid, attention_mask=mask2)
-        step = ours(extra, attention_mask=mask2, cache=cache, cache_pos=P + n_new)
-        assert (step[:, 0] - ref2[:, -1]).abs().max() < TOL
-
-
 def test_our_checkpoint_loads_in_transformers(tmp_path):
     cfg = M.tiny_config(vocab_size=VOCAB, image_token_id=IMG, vision_start_token_id=VS, vision_end_token_id=VE,
                         eos_token_id=254, tie_word_embeddings=False, num_hidden_layers=2, vision_depth=2)
@@ -334,19 +300,30 @@ def test_broken_checkpoints_fail_with_clear_errors(pair, tmp_path):
         M.from_pretrained(bad)
     with pytest.raises(FileNotFoundError, match="config.json"):
         M.from_pretrained(str(tmp_path))
+    # a truncated model.safetensors (an interrupted copy): the error names the file
+    bad = _copy_ckpt(src, str(tmp_path / "truncated"))
+    file = os.path.join(bad, "model.safetensors")
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    with pytest.raises(ValueError, match=f"{file}: cannot read the tensors.*truncated or corrupt"):
+        M.from_pretrained(bad)
 
 
 def test_backward_gradient_checkpointing_and_bf16_load(pair):
+    """Activation checkpointing as grpo.py applies it (torch.distributed._composable.checkpoint on
+    each decoder layer, the model's code unchanged) gives the gradients of the plain backward."""
+    from torch.distributed._composable import checkpoint as recompute_in_backward
     _, path, ours = pair
     gen = torch.Generator().manual_seed(10)
     grids = [[1, 8, 12]]
     ids, mask = left_pad([seq_with_images(grids, gen), torch.randint(0, 240, (7,), generator=gen).tolist()])
     pv, grid = pixels(grids, gen)
-    m = M.from_pretrained(path).train()
     grads = []
     for ckpt in (False, True):
-        m.zero_grad()
-        m.gradient_checkpointing = ckpt
+        m = M.from_pretrained(path).train()
+        if ckpt:
+            for layer in m.layers:
+                recompute_in_backward(layer)
         logits = m(ids, pv, grid, attention_mask=mask)
         (logits.float().logsumexp(-1) * mask).sum().backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
@@ -376,3 +353,152 @@ def test_mismatched_images_and_tokens_fail_clearly(pair):
         ours(ids, torch.cat([pv, pv]), torch.tensor([[1, 4, 6]]))
     with pytest.raises(ValueError, match="more image tokens than images"):
         ours(ids)
+
+
+# ----------------------------------------------------------------------------- shared-prefix forward
+
+def shared_prefix_case(seed, P=3, G=4, R=9):
+    """P (2 or 3) left-padded prompts (two with images, one text only) and G right-padded responses each,
+    of ragged lengths 1..R (one of full length). Returns the inputs of forward_shared_prefix and
+    the per-row inputs of the unshared forward over [prompt | response] (images repeated per row)."""
+    gen = torch.Generator().manual_seed(seed)
+    g0, g2 = [[1, 8, 8]], [[1, 4, 6], [1, 4, 4]]
+    rows = [seq_with_images(g0, gen), torch.randint(0, 240, (9,), generator=gen).tolist(),
+            seq_with_images(g2, gen, text=(1, 2))][:P]
+    pids, pmask = left_pad(rows)
+    pv0, _ = pixels(g0, gen)
+    pv2, _ = pixels(g2, gen)
+    pv, grid = (torch.cat([pv0, pv2]), torch.tensor(g0 + g2)) if P == 3 else (pv0, torch.tensor(g0))
+    lengths = torch.randint(1, R + 1, (P * G,), generator=gen)
+    lengths[1] = R
+    rmask = (torch.arange(R)[None] < lengths[:, None]).long()  # (P*G, R)
+    rids = torch.randint(0, 240, (P * G, R), generator=gen) * rmask  # pad id 0 after the length
+    shared = dict(prompt_ids=pids, prompt_mask=pmask, pixel_values=pv, image_grid_thw=grid,
+                  response_ids=rids, response_mask=rmask)
+    per_prompt = [(pv0, torch.tensor(g0)), (None, None), (pv2, torch.tensor(g2))]  # each prompt's images
+    pv_rows = [per_prompt[p][0] for p in range(P) for _ in range(G) if per_prompt[p][0] is not None]
+    grid_rows = [per_prompt[p][1] for p in range(P) for _ in range(G) if per_prompt[p][1] is not None]
+    unshared = dict(input_ids=torch.cat([pids.repeat_interleave(G, 0), rids], 1),
+                    attention_mask=torch.cat([pmask.repeat_interleave(G, 0), rmask], 1),
+                    pixel_values=torch.cat(pv_rows), image_grid_thw=torch.cat(grid_rows))
+    return shared, unshared
+
+
+def response_logprobs(logits, rids, rmask):
+    return torch.log_softmax(logits.float(), -1).gather(-1, rids[..., None])[..., 0] * rmask  # (N, R)
+
+
+def unshared_logprobs(net, shared, unshared):
+    R = shared["response_ids"].shape[1]
+    logits = net(unshared["input_ids"], unshared["pixel_values"], unshared["image_grid_thw"],
+                 attention_mask=unshared["attention_mask"], logits_to_keep=R + 1)[:, :-1]  # t predicts t + 1
+    return response_logprobs(logits, shared["response_ids"], shared["response_mask"])
+
+
+def shared_logprobs(net, shared):
+    return response_logprobs(net.forward_shared_prefix(**shared), shared["response_ids"], shared["response_mask"])
+
+
+def grads_of(net, logprobs_fn):
+    """Gradients of a GRPO-like loss (a weighted sum of response log-probs) -> (logprobs, {name: grad})."""
+    net.zero_grad()
+    lp = logprobs_fn()
+    w = torch.linspace(-1.0, 1.0, lp.numel()).view_as(lp)  # advantages of both signs
+    (lp * w).sum().backward()
+    return lp.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(a, b, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for n in a:  # relative to the tensor's gradient norm (tiny entries carry only rounding noise)
+        err = (a[n] - b[n]).norm() / a[n].norm().clamp_min(1e-12)
+        assert err < rtol, (n, float(err))
+
+
+def test_shared_prefix_equals_unshared_forward(pair):
+    """Each prompt encoded once (vision tower on its own images only, decoder batch P), G responses
+    attending to its keys/values: the same log-probs and gradients as the forward over every
+    [prompt | response] row, with images, left-padded prompts and ragged responses."""
+    _, path, _ = pair
+    net = M.from_pretrained(path).train()
+    shared, unshared = shared_prefix_case(seed=12)
+    P, G = 3, 4
+    seen = []  # (vision patches, decoder batch) of every call
+    hooks = [net.visual.register_forward_hook(lambda m, a, o: seen.append(("visual", a[0].shape[0]))),
+             net.layers[0].register_forward_hook(lambda m, a, o: seen.append(("layer", a[0].shape[0])))]
+    lp_s, g_s = grads_of(net, lambda: shared_logprobs(net, shared))
+    for h in hooks:
+        h.remove()
+    assert seen == [("visual", shared["pixel_values"].shape[0]), ("layer", P)]
+    lp_u, g_u = grads_of(net, lambda: unshared_logprobs(net, shared, unshared))
+    real = shared["response_mask"].bool()
+    assert (lp_s - lp_u)[real].abs().max() < 1e-5
+    assert torch.isfinite(lp_s).all() and lp_s[real].std() > 0.1  # not a degenerate comparison
+    assert g_u["visual.blocks.0.attn.qkv.weight"].abs().sum() > 0  # images and prompt tokens get gradients
+    assert_grads_close(g_u, g_s)
+    # the prompt's positions matter: one response token's log-prob changes when its prompt changes
+    other = dict(shared, prompt_ids=shared["prompt_ids"].roll(1, dims=1))
+    with torch.no_grad():
+        assert (shared_logprobs(net, other) - lp_s)[real].abs().max() > 1e-3
+
+
+def test_shared_prefix_with_activation_checkpointing(pair):
+    """grpo.py's activation checkpointing (composable checkpoint per layer) recomputes the
+    two-stream layer call: same gradients."""
+    from torch.distributed._composable import checkpoint as recompute_in_backward
+    _, path, _ = pair
+    shared, _ = shared_prefix_case(seed=13, P=2, G=3)
+    plain = M.from_pretrained(path).train()
+    ckpt = M.from_pretrained(path).train()
+    for layer in ckpt.layers:
+        recompute_in_backward(layer)
+    lp_a, g_a = grads_of(plain, lambda: shared_logprobs(plain, shared))
+    lp_b, g_b = grads_of(ckpt, lambda: shared_logprobs(ckpt, shared))
+    assert torch.equal(lp_a, lp_b)
+    assert_grads_close(g_a, g_b, rtol=1e-6)
+
+
+def _fsdp_shared_prefix_worker(rank, port, path, q):
+    """Rank r trains on its own case; the FSDP2-sharded shared-prefix gradients must equal the mean
+    of the two ranks' unshared single-process gradients (what FSDP's reduce-scatter averages)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cases = [shared_prefix_case(seed=20 + r, P=2, G=3) for r in range(2)]
+    net = M.from_pretrained(path).train()
+    ref = [grads_of(net, lambda: unshared_logprobs(net, *case)) for case in cases]
+    want = {n: (ref[0][1][n] + ref[1][1][n]) / 2 for n in ref[0][1]}
+    for blk in net.visual.blocks:  # as dist.shard_model
+        fully_shard(blk)
+    for layer in net.layers:
+        fully_shard(layer)
+    fully_shard(net)
+    lp, got = grads_of(net, lambda: shared_logprobs(net, cases[rank][0]))
+    got = {n: g.full_tensor() for n, g in got.items()}
+    real = cases[rank][0]["response_mask"].bool()
+    lp_err = float((lp - ref[rank][0])[real].abs().max())
+    errs = {n: float((want[n] - got[n]).norm() / want[n].norm().clamp_min(1e-12)) for n in want}
+    q.put((rank, lp_err, errs, sorted(got) == sorted(want)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_shared_prefix_under_fsdp2_two_processes(pair):
+    import torch.multiprocessing as mp
+    _, path, _ = pair
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + (os.getpid() + 500) % 1000
+    procs = [ctx.Process(target=_fsdp_shared_prefix_worker, args=(r, port, path, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    for rank, lp_err, errs, same_names in results:
+        assert same_names
+        assert lp_err < 1e-5, (rank, lp_err)
+        worst = max(errs, key=errs.get)
+        assert errs[worst] < 1e-4, (rank, worst, errs[worst])

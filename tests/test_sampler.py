@@ -279,7 +279,10 @@ def _fsdp_worker(rank, port, q):
     cfg = net.config
     batch = make_batch(cfg)
     sc = S.SampleConfig(max_new_tokens=12, temperature=0.9, n=2, seed=4)
-    ref = S.generate(net, batch, [40, 41], sc)
+    # the reference decodes eagerly, as the sharded model does (compiled == eager is tested above;
+    # compiling in two fresh processes at once took > 300 s on the loaded 2-core machine)
+    ref = S.generate(net, batch, [40, 41], S.SampleConfig(max_new_tokens=12, temperature=0.9, n=2, seed=4,
+                                                          compile=False))
     for blk in net.visual.blocks:
         fully_shard(blk)
     for layer in net.layers:
@@ -350,3 +353,75 @@ def test_cli_prints_the_greedy_completion(tmp_path):
     want = tok.decode(out["tokens"][0, :n].tolist())
     assert res.stdout == want + "\n"
     assert "tok/s" in res.stderr
+
+
+# ----------------------------------------------------------------------------- the decode step
+
+@pytest.mark.parametrize("fused", [False, True])  # the matmul form (eager) / multiply-and-sum (compiled)
+def test_decode_step_equals_full_forward(models, fused):
+    """Prefill (model.forward writing the prompt cache once per prompt), then decode_step fed given
+    tokens (teacher forcing), n rows per prompt reading their group's one prompt cache: the logits
+    of the model's full forward over [prompt | tokens], also after rows and a whole group are dropped."""
+    net, _ = models
+    cfg = net.config
+    batch = make_batch(cfg, prompts=[PROMPTS[0], PROMPTS[2]])
+    prompt_ids, pmask = batch["input_ids"], batch["attention_mask"]
+    B, T, n, n_new = 2, prompt_ids.shape[1], 2, 5
+    gen = torch.Generator().manual_seed(5)
+    cont = torch.randint(1, 200, (B * n, n_new + 1), generator=gen)
+    full_ids = torch.cat([prompt_ids.repeat_interleave(n, 0), cont], 1)  # (B*n, T + n_new + 1)
+    full_mask = torch.cat([pmask.repeat_interleave(n, 0), torch.ones(B * n, n_new + 1, dtype=torch.long)], 1)
+    img = [batch["pixel_values"][:16], batch["pixel_values"][16:]]  # prompt 0: 16 patches, prompt 1: 24 + 4
+    grid = batch["image_grid_thw"]
+    with torch.no_grad():
+        ref = net(full_ids, torch.cat([img[0], img[0], img[1], img[1]]),
+                  torch.cat([grid[:1], grid[:1], grid[1:], grid[1:]]), attention_mask=full_mask)  # (B*n, T+n_new+1, V)
+        pos, _ = net.get_rope_index(prompt_ids, grid, pmask)
+        prompt = M.KVCache(cfg, B, T, "cpu", torch.float32)  # ONE cache row per prompt
+        last = net(prompt_ids, batch["pixel_values"], grid, attention_mask=pmask, cache=prompt, logits_to_keep=1)
+        assert (last[:, 0] - ref[::n, T - 1]).abs().max() < 1e-4
+        p_bias = torch.zeros(B, T).masked_fill(pmask == 0, float("-inf"))
+        gk = torch.zeros(cfg.text.num_hidden_layers, B * n, cfg.text.num_key_value_heads, n_new + 1, cfg.text.head_dim)
+        gv = torch.zeros_like(gk)
+        cos, sin = M.mrope_cos_sin((pos[:, :, -1:] + 1).repeat_interleave(n, 1) + torch.arange(n_new + 1), cfg.text,
+                                   torch.float32)  # (B*n, n_new + 1, hd)
+        rows, slot, pk, pv = torch.arange(B * n), torch.arange(B * n), prompt.k, prompt.v
+
+        def step(i):
+            g_bias = torch.tensor([0.0] * i + [float("-inf")] * max(0, 2 - i))  # >= 2 slots read, as decode()
+            logits, k, v = S.decode_step(net, cont[rows, i], cos[rows, i], sin[rows, i], pk, pv, p_bias, gk, gv,
+                                         g_bias, slot, n, fused=fused)
+            gk[:, :, :, i], gv[:, :, :, i] = k, v
+            return logits
+
+        for i in range(n_new - 1):
+            assert (step(i) - ref[:, T + i]).abs().max() < 1e-4, f"decode step {i}"
+        # drop rows (per-row stop): row 1 of prompt 0 and row 0 of prompt 1; both groups live on
+        keep = torch.tensor([0, 3])
+        rows, slot, gk, gv = rows[keep], torch.tensor([0, 3]), gk[:, keep], gv[:, keep]
+        assert (step(n_new - 1) - ref[keep, T + n_new - 1]).abs().max() < 1e-4
+        # a whole group finished: prompt 0's cache row goes, the live row is sample 1 of group 0 now
+        keep = torch.tensor([1])
+        rows, slot, gk, gv = rows[keep], torch.tensor([1]), gk[:, keep], gv[:, keep]
+        pk, pv, p_bias = pk[:, 1:], pv[:, 1:], p_bias[1:]
+        assert (step(n_new) - ref[3:4, T + n_new]).abs().max() < 1e-4
+
+
+def test_prompt_cache_stored_once_per_group(models, monkeypatch):
+    """generate allocates one prompt cache row per prompt (not per sample) and one generated-token
+    row per sample, both in the model's dtype."""
+    net, _ = models
+    t = net.config.text
+    shapes = []
+
+    class Recording(M.KVCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            shapes.append((tuple(self.k.shape), self.k.dtype))
+
+    monkeypatch.setattr(M, "KVCache", Recording)
+    batch = make_batch(net.config)
+    T = batch["input_ids"].shape[1]
+    S.generate(net, batch, [], S.SampleConfig(max_new_tokens=6, n=3, compile=False))
+    L, H, hd = t.num_hidden_layers, t.num_key_value_heads, t.head_dim
+    assert shapes == [((L, 4, H, T, hd), torch.float32), ((L, 12, H, 6, hd), torch.float32)]

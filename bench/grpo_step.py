@@ -1,0 +1,230 @@
+"""
+Benchmark: one GRPO step, split into its four parts, with and without prompt sharing.
+
+    generation  sampler.generate_texts: P prompts x G samples, max_new tokens (no eos: every row
+                runs to the end), temperature 1
+    reward      reward.score_batch on the decoded texts (random weights: the texts do not parse,
+                so this is a lower bound of the real reward time)
+    reference   log-probs of every response under the frozen reference model (no grad)
+    training    forward + backward of the policy on the same rows, micro-batches of whole groups,
+                a clipped-ratio loss (random advantages: the random model's rewards are all equal)
+
+"shared" runs the reference and training forwards through model.forward_shared_prefix (each
+prompt, with its image, encoded once per micro-batch; its G responses attend to its keys/values);
+"unshared" through model.forward over [prompt | response] rows, the prompt repeated G times (what
+grpo.py did before). Generation and reward are the same code in both.
+
+The shape is the built-in task's: the reflect system prompt + one 280x224 image (80 image tokens)
++ a question -> ~200-token prompts; the model is model.tiny_config() on a tokenizer trained here
+(vocab 1024), random weights, fp32, 1 torch thread by default. Times are medians over --reps
+runs, shared and unshared interleaved (the machine is shared: read the ratios).
+
+When `trl` is importable (bench/requirements-bench.txt; never a project requirement) the same
+step is also timed with TRL's GRPOTrainer on the same weights (saved with model.save_pretrained,
+loaded by transformers). transformers 5.24 cannot build Qwen2_5_VLProcessor without torchvision,
+so it is built with video_processor=None. THIS PART HAS NOT BEEN RUN (trl is not installed on the
+machine this was written on).
+
+    python bench/grpo_step.py                     # 8 prompts x 8 samples, 128 new tokens
+    python bench/grpo_step.py --new 32 --reps 1   # a quick look
+
+Run of 05:46 UTC, 1 Dec (2 cores shared with 4 other developers' jobs, load average ~4: the
+absolute times are ~3x those of a quiet machine; medians of 3, shared/unshared interleaved):
+
+    model: tiny_config(), 1.12M params, vocab 564; 8 prompts x 8 samples, prompt 272 tokens
+    (80 image tokens), 128 new tokens, micro-batch 2 prompts (16 rows), torch threads 1
+    generation            2.98 s
+    reward                0.00 s   (random-weight texts do not parse: a lower bound)
+    reference shared      1.38 s   | unshared  3.89 s
+    training shared       4.05 s   | unshared 11.09 s
+    GRPO step: shared 8.42 s | unshared 17.96 s
+    speedup of prompt sharing: reference 2.81x, training forward+backward 2.74x, whole step 2.13x
+
+(A first run at 4 prompts x 4 samples, 16 new tokens: training 3.70x, reference 1.95x: the
+shorter the responses next to the prompt, the more sharing saves.) TRL: not run (no trl here).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import model as M  # noqa: E402
+import reward  # noqa: E402
+import sampler as S  # noqa: E402
+
+QUESTION = "How many red shapes are to the left of the blue circle? Count each one."
+
+
+def make_world(tmp, P, seed=0):
+    """A tokenizer trained on the prompts' text, P encoded prompts (reflect system prompt, one image,
+    a question), their ground truths, and a tiny model sized to the tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    corpus = [data.SYSTEM_PROMPT_REFLECT, QUESTION, "<think>there are 3 red squares</think><answer>3</answer>"] * 50
+    tok = data.train_tokenizer(corpus, os.path.join(tmp, "tok"), vocab_size=1024)
+    prompts, images = [], []
+    for p in range(P):
+        img = Image.new("RGB", (280, 224), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y = (int(v) for v in torch.randint(0, 200, (2,), generator=g))
+            draw.rectangle([x, y, x + 30, y + 30], fill=tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g)))
+        messages = [{"role": "system", "content": data.SYSTEM_PROMPT_REFLECT},
+                    {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": QUESTION}]}]
+        prompts.append(data.encode_messages(messages, tok, image_root="", add_generation_prompt=True))
+        images.append((img, messages))
+    cfg = M.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
+                        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
+                        eos_token_id=tok.eos_ids)
+    torch.manual_seed(seed)
+    return tok, prompts, images, M.Qwen2_5_VL(cfg).eval()
+
+
+def micro_batches(prompts, gen, G, per_micro):
+    """Whole groups per micro-batch: (prompt batch (left-padded), responses (rows, R), mask, rows)."""
+    for a in range(0, len(prompts), per_micro):
+        b = min(a + per_micro, len(prompts))
+        rows = torch.arange(a * G, b * G)
+        L = gen.lengths[rows]
+        R = int(L.max())
+        mask = (torch.arange(R)[None] < L[:, None]).long()  # (rows, R)
+        yield data.collate(prompts[a:b], 0, left_pad=True), gen.tokens[rows, :R] * mask, mask, rows
+
+
+def response_logits(net, pb, resp, mask, G, shared):
+    """(rows, R, V): logits[:, t] predicts response token t, shared or unshared forward."""
+    if shared:
+        return net.forward_shared_prefix(pb["input_ids"], pb["attention_mask"], pb["pixel_values"],
+                                         pb["image_grid_thw"], resp, mask)
+    ids = torch.cat([pb["input_ids"].repeat_interleave(G, 0), resp], 1)  # every row: [prompt | response]
+    att = torch.cat([pb["attention_mask"].repeat_interleave(G, 0), mask], 1)
+    n_pv = pb["image_grid_thw"].prod(-1)  # patches per image; one image per prompt here
+    pv = torch.cat([p for p in pb["pixel_values"].split(n_pv.tolist()) for _ in range(G)])
+    grid = pb["image_grid_thw"].repeat_interleave(G, 0)
+    return net(ids, pv, grid, attention_mask=att, logits_to_keep=resp.shape[1] + 1)[:, :-1]
+
+
+def logprobs(logits, resp, temperature=1.0):
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, resp[..., None])[..., 0]  # (rows, R)
+
+
+def reference_pass(ref, prompts, gen, G, per_micro, shared):
+    with torch.no_grad():
+        for pb, resp, mask, rows in micro_batches(prompts, gen, G, per_micro):
+            logprobs(response_logits(ref, pb, resp, mask, G, shared), resp)
+
+
+def training_pass(policy, prompts, gen, adv, G, per_micro, shared, eps=0.2):
+    """Forward + backward of the PPO-clipped loss (token mean over the step), gradients accumulated."""
+    n_tokens = float(gen.lengths.sum())
+    for pb, resp, mask, rows in micro_batches(prompts, gen, G, per_micro):
+        lp = logprobs(response_logits(policy, pb, resp, mask, G, shared), resp)
+        ratio = torch.exp(lp - gen.logprobs[rows, :resp.shape[1]])
+        a = adv[rows, None]
+        pg = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+        ((pg * mask).sum() / n_tokens).backward()
+    policy.zero_grad(set_to_none=True)
+
+
+def trl_step(model_dir, tok_dir, images, P, G, new):
+    """One TRL GRPOTrainer step on the same weights and prompts: wall time of trainer.train()
+    (max_steps=1), generation included. Not run where this was written (no trl)."""
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from trl import GRPOConfig, GRPOTrainer
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                    video_processor=None, chat_template=tokenizer.chat_template)
+    rows = [{"prompt": [{"role": "system", "content": [{"type": "text", "text": data.SYSTEM_PROMPT_REFLECT}]},
+                        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+             "image": img} for img, _ in images[:P]]
+    args = GRPOConfig(output_dir=os.path.join(tok_dir, "trl"), per_device_train_batch_size=P * G,
+                      num_generations=G, max_completion_length=new, max_steps=1, temperature=1.0, beta=0.04,
+                      use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no")
+    trainer = GRPOTrainer(model=Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir), args=args,
+                          processing_class=processor, train_dataset=Dataset.from_list(rows),
+                          reward_funcs=lambda completions, **kw: [float(len(str(c)) % 3) for c in completions])
+    t0 = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--micro", type=int, default=2, help="prompts (whole groups) per forward/backward")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    P, G = args.prompts, args.group
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, prompts, images, policy = make_world(tmp, P)
+        ref = M.Qwen2_5_VL(policy.config).eval().requires_grad_(False)
+        ref.load_state_dict(policy.state_dict())
+        policy.train()
+        lens = [len(p["input_ids"]) for p in prompts]
+        n_img = int((prompts[0]["input_ids"] == tok.image_pad_id).sum())
+        print(f"model: tiny_config(), {M.count_params(policy) / 1e6:.2f}M params, vocab {tok.vocab_size}; "
+              f"{P} prompts x {G} samples, prompt {min(lens)}-{max(lens)} tokens ({n_img} image tokens), "
+              f"{args.new} new tokens, micro-batch {args.micro} prompts ({args.micro * G} rows), "
+              f"torch threads {torch.get_num_threads()}", flush=True)
+
+        sc = S.SampleConfig(max_new_tokens=args.new, temperature=1.0, n=G, seed=0)
+        tok_no_eos = type("NoEos", (), {})()  # the tokenizer, with no eos: every row runs to max_new
+        tok_no_eos.__dict__.update(pad_id=tok.pad_id, eos_ids=[], decode=tok.decode)
+        S.generate_texts(policy, tok_no_eos, prompts[:2], S.SampleConfig(max_new_tokens=4, n=2))  # compile
+        gts = ["3"] * (P * G)
+        adv = torch.randn(P * G, generator=torch.Generator().manual_seed(0))
+        times = {k: [] for k in ("generation", "reward", "reference shared", "reference unshared",
+                                 "training shared", "training unshared")}
+        for rep in range(args.reps + 1):  # the first rep warms up (untimed)
+            t = {}
+            t0 = time.perf_counter()
+            gen = S.generate_texts(policy, tok_no_eos, prompts, sc, batch_size=P)
+            t["generation"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            reward.score_batch(gen.texts, gts, mode="srpo", count_tokens=tok.count_tokens)
+            t["reward"] = time.perf_counter() - t0
+            for shared in ((True, False) if rep % 2 else (False, True)):  # interleaved
+                name = "shared" if shared else "unshared"
+                t0 = time.perf_counter()
+                reference_pass(ref, prompts, gen, G, args.micro, shared)
+                t[f"reference {name}"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                training_pass(policy, prompts, gen, adv, G, args.micro, shared)
+                t[f"training {name}"] = time.perf_counter() - t0
+            if rep:
+                for k, v in t.items():
+                    times[k].append(v)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, v in med.items():
+            print(f"{k:20s} {v:6.2f} s   (runs: {' '.join(f'{x:.2f}' for x in times[k])})")
+        step = {name: med["generation"] + med["reward"] + med[f"reference {name}"] + med[f"training {name}"]
+                for name in ("shared", "unshared")}
+        print(f"GRPO step: shared {step['shared']:.2f} s | unshared {step['unshared']:.2f} s")
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("TRL GRPOTrainer: not timed (trl is not installed; pip install -r bench/requirements-bench.txt)")
+        else:
+            model_dir = os.path.join(tmp, "model")
+            M.save_pretrained(policy, model_dir, tokenizer_dir=os.path.join(tmp, "tok"))
+            print(f"TRL GRPOTrainer, one step (generation included): {trl_step(model_dir, os.path.join(tmp, 'tok'), images, P, G, args.new):.2f} s")
+        print(f"speedup of prompt sharing: reference {med['reference unshared'] / med['reference shared']:.2f}x, "
+              f"training forward+backward {med['training unshared'] / med['training shared']:.2f}x, "
+              f"whole step {step['unshared'] / step['shared']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
