@@ -36,7 +36,7 @@ def test_state_terms_equal_the_tensors_of_a_real_optimizer_step():
 def test_kv_cache_term_equals_the_sampler_cache():
     mcfg = tiny()
     run = memory.RunShape(rollout_batch=3, group_size=4, prompt_len=20, max_new_tokens=7, shared_prefix_cache=False)
-    cache = model_lib.KVCache(mcfg, 3 * 4, 20 + 7, dtype=torch.bfloat16)
+    cache = model_lib.KVCache(mcfg, 3 * 4, 20 + 7, "cpu", torch.bfloat16)
     measured = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
     assert memory.memory_plan(mcfg, run).kv_cache == measured
     shared = memory.memory_plan(mcfg, memory.RunShape(**{**run.__dict__, "shared_prefix_cache": True})).kv_cache
