@@ -100,6 +100,57 @@ def stages(run, quick, seed=0, task_seed=0):
     ]
 
 
+# What each stage reads: a stage starts once these are done, so with --jobs 2 the plain-GRPO
+# branch (grpo, eval-single, eval-blind) runs beside the SRPO branch (reflect, sft, srpo, eval-reflect).
+NEEDS = {"task": [], "base": ["task"], "reflect": ["base"], "sft": ["reflect"], "srpo": ["sft"], "grpo": ["base"],
+         "eval-single": ["grpo"], "eval-reflect": ["srpo"], "eval-blind": ["base"]}
+
+
+def run_plan(plan, jobs, env, log_dir, on_done):
+    """Run the plan's stages, at most `jobs` at once, each as soon as the stages it needs are done.
+    A stage whose output exists is skipped. With jobs > 1 each stage's output goes to
+    log_dir/NAME.log (interleaved progress bars are unreadable). on_done(name, seconds) is called
+    when a stage succeeds; the first failure stops new starts and exits after the running ones end."""
+    done = {name for name, marker, _ in plan if os.path.exists(marker)}
+    for name in sorted(done, key=[n for n, _, _ in plan].index):
+        print(f"[pipeline] {name}: done, skipping", flush=True)
+    todo = [(name, cmd) for name, marker, cmd in plan if name not in done]
+    names = {name for name, _, _ in plan}
+    running, failed = {}, None          # name -> (process, start time, log file)
+    os.makedirs(log_dir, exist_ok=True)
+    while todo or running:
+        ready = [(n, c) for n, c in todo if all(d in done or d not in names for d in NEEDS[n])]
+        while ready and len(running) < jobs and failed is None:
+            name, cmd = ready.pop(0)
+            todo.remove((name, cmd))
+            log = open(f"{log_dir}/{name}.log", "w") if jobs > 1 else None
+            print(f"[pipeline] {name}: {' '.join(cmd[1:])}" + (f"  (log: {log.name})" if log else ""), flush=True)
+            running[name] = (subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT if log else None),
+                             time.time(), log)
+        if failed is not None and not running:
+            break
+        if not running:     # nothing runnable: a stage's input is missing and not in this plan
+            sys.exit(f"[pipeline] cannot start {[n for n, _ in todo]}: they need {[NEEDS[n] for n, _ in todo]}")
+        time.sleep(0.5)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if log:
+                log.close()
+            if proc.returncode != 0:
+                failed = failed or (name, proc.returncode, log.name if log else None)
+                continue
+            done.add(name)
+            on_done(name, time.time() - t0)
+            print(f"[pipeline] {name}: finished in {time.time() - t0:.0f} s", flush=True)
+    if failed is not None:
+        name, rc, log = failed
+        tail = "".join(open(log).readlines()[-15:]) if log else ""
+        sys.exit(f"{tail}[pipeline] stage {name} failed (exit {rc}){'; log: ' + log if log else ''}; "
+                 f"fix and rerun the same command to resume")
+
+
 @dataclass
 class Provenance:
     """What produced a run's numbers (written at the top of results.md)."""
@@ -199,13 +250,17 @@ def check_seeds(run, seed, task_seed, quick):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Run the whole SRPO pipeline on the built-in task")
+    ap = argparse.ArgumentParser(description="Run the whole SRPO pipeline on the built-in task", allow_abbrev=False)
     ap.add_argument("--run", default=None, help="output directory (default runs/demo, or runs/demo-seedN with --seed N)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every training and sampling stage")
     ap.add_argument("--task-seed", type=int, default=0, help="seed of the task (images, questions, splits)")
     ap.add_argument("--quick", action="store_true", help="shortened pipeline (end-to-end test)")
-    ap.add_argument("--only", nargs="*", default=None, help="run only these stages")
+    ap.add_argument("--only", nargs="*", default=None, choices=list(NEEDS), help="run only these stages")
+    ap.add_argument("--jobs", type=int, default=2, help="stages run at once (independent ones only), one torch "
+                                                          "thread each; 1 = one after the other, output on the terminal")
     a = ap.parse_args(argv)
+    if a.jobs < 1:
+        ap.error(f"--jobs {a.jobs}: must be >= 1")
     run = os.path.abspath(a.run or ("runs/demo" if a.seed == 0 else f"runs/demo-seed{a.seed}"))
     os.makedirs(run, exist_ok=True)
     check_seeds(run, a.seed, a.task_seed, a.quick)
@@ -216,20 +271,12 @@ def main(argv=None):
     times_path = f"{run}/times.json"
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     started = now_utc()
-    for i, (name, done, cmd) in enumerate(plan):
-        if a.only is not None and name not in a.only:
-            continue
-        if os.path.exists(done):
-            print(f"[pipeline] {i + 1}/{len(plan)} {name}: done ({os.path.relpath(done)}), skipping", flush=True)
-            continue
-        print(f"[pipeline] {i + 1}/{len(plan)} {name}: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.time()
-        rc = subprocess.call(cmd, cwd=HERE, env=env)
-        if rc != 0:
-            sys.exit(f"[pipeline] stage {name} failed (exit {rc}); fix and rerun the same command to resume")
-        times[name] = times.get(name, 0.0) + time.time() - t0
+
+    def on_done(name, seconds):
+        times[name] = times.get(name, 0.0) + seconds
         with open(times_path, "w") as f:
             json.dump(times, f, indent=1)
+    run_plan([p for p in plan if a.only is None or p[0] in a.only], a.jobs, env, f"{run}/logs", on_done)
     if not all(os.path.exists(f"{run}/eval/{p}/metrics.json") for p in ("single", "reflect")):
         return  # --only without the eval stages: no table yet
     prov = collect_provenance(a.seed, a.task_seed, env["OMP_NUM_THREADS"], started, times)

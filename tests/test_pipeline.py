@@ -159,3 +159,42 @@ def test_quick_pipeline_end_to_end(tmp_path):
     table = (run / "results.md").read_text()
     assert all(n in table for n in ("base", "sft", "srpo", "grpo", "shuffled images", "scene list"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_plan_starts_each_stage_after_what_it_needs_two_at_a_time(tmp_path):
+    """Fake stages append 'start NAME' / 'end NAME' to one file: no stage starts before the stages
+    it needs have ended, at most two run at once, and both branches overlap."""
+    events = tmp_path / "events.txt"
+    def fake(name, seconds):
+        code = (f"import time; f = open({str(events)!r}, 'a'); f.write('start {name}\\n'); f.flush(); "
+                f"time.sleep({seconds}); open({str(tmp_path / name)!r}, 'w').write('x'); f.write('end {name}\\n')")
+        return (name, str(tmp_path / name), [sys.executable, "-c", code])
+    plan = [fake(n, 0.6 if n in ("grpo", "reflect") else 0.1) for n in pipeline.NEEDS]
+    finished = []
+    pipeline.run_plan(plan, 2, dict(os.environ), str(tmp_path / "logs"), lambda n, s: finished.append(n))
+    ev = events.read_text().split("\n")[:-1]
+    when = {e: i for i, e in enumerate(ev)}
+    for name, needs in pipeline.NEEDS.items():
+        for d in needs:
+            assert when[f"end {d}"] < when[f"start {name}"], (d, name)
+    live, most = 0, 0
+    for e in ev:
+        live += 1 if e.startswith("start") else -1
+        most = max(most, live)
+    assert most == 2 and sorted(finished) == sorted(pipeline.NEEDS)
+    assert when["start reflect"] < when["end grpo"] and when["start grpo"] < when["end reflect"]   # in parallel
+
+
+def test_run_plan_failure_stops_new_stages_and_exits_nonzero(tmp_path):
+    ok = lambda n: (n, str(tmp_path / n), [sys.executable, "-c", f"open({str(tmp_path / n)!r}, 'w').write('x')"])
+    plan = [ok("task"), ("base", str(tmp_path / "base"), [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]),
+            ok("reflect")]
+    with pytest.raises(SystemExit, match=r"(?s)boom.*stage base failed \(exit 3\)"):
+        pipeline.run_plan(plan, 2, dict(os.environ), str(tmp_path / "logs"), lambda n, s: None)
+    assert not os.path.exists(tmp_path / "reflect")             # never started: it needs base
+
+
+def test_only_rejects_unknown_stage_names(capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--only", "tsak", "--run", "/nonexistent/x"])
+    assert "invalid choice: 'tsak'" in capsys.readouterr().err
