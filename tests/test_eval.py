@@ -6,28 +6,11 @@ import math
 import os
 
 import pytest
-from PIL import Image
 
 import eval as ev
+from test_benchmarks import png, user_parts
 import reward
 from config import load_function
-
-
-def png(path, size=(56, 56), color=(200, 30, 30)):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-
-
-def png_bytes(color=(10, 200, 10)):
-    buf = io.BytesIO()
-    Image.new("RGB", (60, 40), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def user_parts(rec):
-    (msg,) = rec["messages"]
-    assert msg["role"] == "user"
-    return [p["image"] for p in msg["content"] if p["type"] == "image"], msg["content"][-1]["text"]
 
 
 # -----------------------------------------------------------------------------
