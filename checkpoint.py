@@ -66,31 +66,9 @@ def cli(fn, *args):
 
 # ----------------------------------------------------------------------------- JSON files
 
-def finite_json(obj):
-    """obj with every non-finite float replaced by None: json.dumps would write NaN / Infinity,
-    which is not JSON (jq, JavaScript and strict parsers reject the whole line)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path, obj):
-    """Write obj as strict JSON to path + '.tmp', fsync, rename over path."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(finite_json(obj), f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def append_log(path, record):
     """One strict-JSON line (data.append_jsonl: a single write + fsync)."""
-    data.append_jsonl(path, finite_json(record))
+    data.append_jsonl(path, data.finite_json(record))
 
 
 def truncate_log(path, step):
@@ -98,7 +76,7 @@ def truncate_log(path, step):
     if os.path.exists(path):
         keep = [r for r in data.read_jsonl(path, allow_torn_tail=True) if r.get("step", 0) <= step]
         with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(finite_json(r), allow_nan=False) + "\n" for r in keep)
+            f.writelines(json.dumps(data.finite_json(r), allow_nan=False) + "\n" for r in keep)
         os.replace(path + ".tmp", path)
 
 
@@ -332,7 +310,7 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
     if rank == 0:
         state = {"step": int(step), "world_size": tdist.get_world_size() if dist.is_distributed() else 1,
                  "param_groups": groups, "extra": extra or {}}
-        write_json_atomic(os.path.join(tmp, "train_state.json"), state)
+        data.write_json_atomic(os.path.join(tmp, "train_state.json"), state)
         fix_modes(tmp)
         old = path + ".old"
         if os.path.exists(path):
@@ -411,5 +389,5 @@ def start_log(out, resume: bool, step: int, config: dict):
     else:
         if os.path.exists(log_path):
             os.remove(log_path)
-        write_json_atomic(os.path.join(out, "run_config.json"), config)
+        data.write_json_atomic(os.path.join(out, "run_config.json"), config)
     return log_path

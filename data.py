@@ -146,12 +146,24 @@ def read_jsonl(path, allow_torn_tail=False):
     return [rec for _, rec in read_jsonl_numbered(path, allow_torn_tail)]
 
 
+def finite_json(obj):
+    """obj with every non-finite float replaced by None: json.dumps would write NaN / Infinity,
+    which is not JSON (jq, JavaScript and strict parsers reject the whole line)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path, obj):
-    """Write obj as JSON to a temporary file, fsync, then rename over path: a reader (or a run
-    killed mid-write) sees the old file or the new one, never half of one."""
+    """Write obj as strict JSON (non-finite floats as null) to a temporary file, fsync, then rename
+    over path: a reader (or a run killed mid-write) sees the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
+        json.dump(finite_json(obj), f, indent=1, ensure_ascii=False, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -29,7 +29,6 @@ Run directory (log.jsonl, checkpoint/, the final HF model in --out): see checkpo
     python grpo.py --model runs/demo/base --reward grpo ... --out runs/demo/grpo   # plain GRPO
     torchrun --nproc_per_node=8 grpo.py ...                                        # 7B: see below
 """
-import importlib
 import math
 import os
 import time
@@ -47,7 +46,7 @@ import dist
 import model as model_lib
 import reward
 import sampler
-from config import parse_config
+from config import load_function, parse_config
 
 PROG = "grpo.py"
 
@@ -300,13 +299,7 @@ def rollout_seed(cfg, step, rank, world_size):
 def load_metric_fn(spec):
     """--extra_metrics "module:function" -> the function (None for ""): task-specific metrics are
     passed in, never imported here."""
-    if not spec:
-        return None
-    mod, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise checkpoint.RunError(f"{PROG}: --extra_metrics {spec!r}: {e} (expected module:function)") from None
+    return load_function(spec, "--extra_metrics") if spec else None
 
 
 def autocast(device):

@@ -397,7 +397,7 @@ def judge_attempts(items, attempts):
         texts = [texts] if isinstance(texts, str) else list(texts)
         it.attempt = texts[0] if texts else ""
         try:
-            answers.check_ground_truth(it.gt, where=it.where)
+            answers.check_ground_truth(it.gt, it.record.get("options"), where=it.where)
         except ValueError as e:
             bad[it.id] = f"bad_ground_truth: {e}"
             continue
@@ -410,7 +410,8 @@ def judge_attempts(items, attempts):
                 flat.append((i, text, p.thinks[0].strip(), p.answers[0].strip()))
         if not any(f[0] == i for f in flat):
             bad[it.id] = f"attempt_control_token: {control!r} in the policy's attempt" if control else "attempt_format"
-    scores = reward.score_batch([f[1] for f in flat], [items[f[0]].gt for f in flat], mode="grpo")
+    scores = reward.score_batch([f[1] for f in flat], [items[f[0]].gt for f in flat], mode="grpo",
+                                options=[items[f[0]].record.get("options") for f in flat])
     for (i, text, think, answer), sc in zip(flat, scores):
         cands[i].append((text, think, answer, bool(sc.final_correct)))
     return cands, bad
@@ -694,7 +695,8 @@ def sample_text(it, reply, target="two-pass"):
 def check_samples(items, replies, target="two-pass"):
     """(response text, rejection reason or '') per item with a teacher reply (reply.error == '')."""
     texts = [sample_text(it, r, target) for it, r in zip(items, replies)]
-    scores = reward.score_batch(texts, [it.gt for it in items], mode="srpo")  # format + final answer
+    scores = reward.score_batch(texts, [it.gt for it in items], mode="srpo",  # format + final answer
+                                options=[it.record.get("options") for it in items])
     out = []
     for it, r, text, s in zip(items, replies, texts, scores):
         control = data.find_control_token(" ".join((r.reflection, r.think, r.answer)))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import model as M
 from test_dist import make_opt, tiny_model, train_steps
 
@@ -136,7 +137,7 @@ def test_log_lines_are_strict_json(tmp_path):
     assert rows[0] == {"step": 1, "loss": None, "x": [None, 1.0], "d": {"y": None}}
     checkpoint.truncate_log(path, 1)
     assert [json.loads(line, parse_constant=strict)["step"] for line in open(path)] == [1]
-    checkpoint.write_json_atomic(str(tmp_path / "a.json"), {"v": float("nan")})
+    data.write_json_atomic(str(tmp_path / "a.json"), {"v": float("nan")})
     assert json.load(open(tmp_path / "a.json")) == {"v": None}
 
 
