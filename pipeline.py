@@ -17,6 +17,11 @@ output is complete is skipped, and every script resumes where it stopped, so rer
 command after a crash or Ctrl-C continues the pipeline. `--quick` runs a shortened version
 (tiny data, few steps) that the slow test uses to check that every stage's output exists and loads.
 
+`--ablation` adds the paper's ablations in miniature to the same run (SRPO with the official code's
+reward, without f_len, without I_eff, from the base model without reflection SFT; stage 1 with the
+paper's SFT target) and their rows to results.md. `--summarize RUN RUN ...` prints runs of different
+seeds side by side with mean +- standard error, and runs nothing.
+
 Seeds: `--seed N` (default 0) is passed to every training and sampling stage (base, reflect,
 sft, srpo, grpo); the task keeps its own `--task-seed` (default 0), so runs with different
 `--seed` are scored on the same test questions and their numbers can be averaged into
@@ -103,10 +108,46 @@ def stages(run, quick, seed=0, task_seed=0):
     ]
 
 
+# The paper's ablations (Table 4 of arXiv 2506.01713) in miniature, added by --ablation to the same
+# run directory (they reuse its base and stage-1 models). Each row changes one thing of the SRPO
+# stage, or of stage 1 for the SFT target; everything else is the default run's.
+#   name           what changes                                    the paper's row (7B: SRPO 53.5)
+ABLATIONS = {
+    "srpo-code":   (["--reward_preset", "code"], "sft"),      # the official code's reward     (not in the paper)
+    "srpo-nolen":  (["--length_weight", "0"], "sft"),         # alpha = 0                        w/o f_len 53.1
+    "srpo-noeff":  (["--effectiveness", "0"], "sft"),         # I_eff = 0                        w/o I_eff 52.0
+    "srpo-nosft":  ([], "base"),                              # RL from the base model           w/o SFT 51.2
+}                                                             # stage 1 alone (the main run's sft) w/o RL 46.6
+
+
+def ablation_stages(run, quick, seed=0):
+    """-> the --ablation stages, in stages()' format: four SRPO variants, stage 1 with the paper's
+    SFT target (Eq. 1: first attempt, reflection, ground-truth answer; no second reasoning), and
+    one evaluation of all five with the reflection prompt."""
+    py, k = sys.executable, (QUICK if quick else FULL)
+    train, test, sd, ab = f"{run}/task/train.jsonl", f"{run}/task/test.jsonl", ["--seed", str(seed)], f"{run}/ablation"
+    out = [(name, f"{ab}/{name}/model.safetensors",
+            [py, "grpo.py", "--model", f"{run}/{init}", "--train", train, "--out", f"{ab}/{name}", "--reward", "srpo",
+             "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"], *flags])
+           for name, (flags, init) in ABLATIONS.items()]
+    out += [("reflect-paper", f"{ab}/reflect-paper/summary.json",
+             [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{ab}/reflect-paper/train.jsonl",
+              "--teacher", "rule", "--target", "paper", *sd, *k["reflect"]]),
+            ("sft-paper", f"{ab}/sft-paper/model.safetensors",
+             [py, "sft.py", "--data", f"{ab}/reflect-paper/train.jsonl", "--init", f"{run}/base", "--out", f"{ab}/sft-paper",
+              *sd, *k["sft"]]),
+            ("eval-ablation", f"{run}/eval/ablation/metrics.json",
+             [py, "eval.py", "--model", *[f"{ab}/{n}" for n in (*ABLATIONS, "sft-paper")], "--data", test,
+              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "task:scene_list_ok", *k["eval"]])]
+    return out
+
+
 # What each stage reads: a stage starts once these are done, so with --jobs 2 the plain-GRPO
 # branch (grpo, eval-single, eval-blind) runs beside the SRPO branch (reflect, sft, srpo, eval-reflect).
 NEEDS = {"task": [], "base": ["task"], "reflect": ["base"], "sft": ["reflect"], "srpo": ["sft"], "grpo": ["base"],
-         "eval-single": ["grpo"], "eval-reflect": ["srpo"], "eval-blind": ["base"]}
+         "eval-single": ["grpo"], "eval-reflect": ["srpo"], "eval-blind": ["base"],
+         **{name: [init] for name, (_, init) in ABLATIONS.items()}, "reflect-paper": ["base"],
+         "sft-paper": ["reflect-paper"], "eval-ablation": [*ABLATIONS, "sft-paper"]}
 
 
 def run_plan(plan, jobs, env, log_dir, on_done):
@@ -225,17 +266,55 @@ def results_table(run):
     head = "| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len | scene list |\n" \
            "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     body = ""
-    for prompt in ("single", "reflect", "blind"):
+    for prompt in ("single", "reflect", "blind", "ablation"):
         if not os.path.exists(f"{run}/eval/{prompt}/metrics.json"):
             continue
         with open(f"{run}/eval/{prompt}/metrics.json") as f:
             for r in json.load(f)["results"]:
                 m = r["metrics"]
-                label = "single, shuffled images" if prompt == "blind" else prompt
+                label = {"blind": "single, shuffled images", "ablation": "reflect"}.get(prompt, prompt)
                 body += (f"| {r['checkpoint']} | {label} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
                          f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} "
                          f"| {m.get('scene_list_ok', float('nan')):.3f} |\n")
     return head + body
+
+
+def eval_rows(run):
+    """-> {(model, prompt label): metrics} from every finished evaluation of a run."""
+    rows = {}
+    for prompt, label in (("single", "single"), ("reflect", "reflect"), ("ablation", "reflect"),
+                          ("blind", "single, shuffled images")):
+        if os.path.exists(f"{run}/eval/{prompt}/metrics.json"):
+            with open(f"{run}/eval/{prompt}/metrics.json") as f:
+                rows.update({(r["checkpoint"], label): r["metrics"] for r in json.load(f)["results"]})
+    return rows
+
+
+def mean_se(values):
+    """-> (mean, standard error of the mean); the SE is nan for fewer than 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
+    return mean, (var / n) ** 0.5
+
+
+def summary_table(runs):
+    """Runs of different seeds side by side: for each (model, prompt) evaluated in all of them, the
+    final answer's accuracy per run, then mean +- standard error over the runs of the first answer's
+    accuracy, the final answer's, the second pass's net corrections (w2r - r2w) and the scene list."""
+    per_run = [eval_rows(r) for r in runs]
+    keys = [k for k in per_run[0] if all(k in rows for rows in per_run)]
+    head = (f"| model | prompt | final acc per run ({', '.join(os.path.basename(r.rstrip('/')) for r in runs)}) "
+            f"| first acc | final acc | w2r - r2w | scene list |\n|---|---|---|---|---|---|---|\n")
+    body = ""
+    for k in keys:
+        ms = [rows[k] for rows in per_run]
+        cell = lambda vals, fmt: "{:{f}} ± {:{f}}".format(*mean_se(vals), f=fmt)
+        body += (f"| {k[0]} | {k[1]} | {', '.join(format(m['final_acc'], '.3f') for m in ms)} "
+                 f"| {cell([m['first_acc'] for m in ms], '.3f')} | {cell([m['final_acc'] for m in ms], '.3f')} "
+                 f"| {cell([m['w2r'] - m['r2w'] for m in ms], '.1f')} "
+                 f"| {cell([m.get('scene_list_ok', float('nan')) for m in ms], '.3f')} |\n")
+    return head + body + f"\nmean ± standard error over n = {len(runs)} runs\n"
 
 
 def check_seeds(run, seed, task_seed, quick):
@@ -261,13 +340,24 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=None, choices=list(NEEDS), help="run only these stages")
     ap.add_argument("--jobs", type=int, default=2, help="stages run at once (independent ones only), one torch "
                                                           "thread each; 1 = one after the other, output on the terminal")
+    ap.add_argument("--ablation", action="store_true", help="also run the paper's ablations in miniature "
+                    "(SRPO with the code's reward, without f_len, without I_eff, from the base model; stage 1 "
+                    "with the paper's SFT target) in the same run directory")
+    ap.add_argument("--summarize", nargs="+", metavar="RUN", help="print the runs' results side by side with "
+                    "mean +- standard error (runs of different --seed), and run nothing")
     a = ap.parse_args(argv)
+    if a.summarize:
+        missing = [r for r in a.summarize if not os.path.exists(f"{r}/eval")]
+        if missing:
+            sys.exit(f"[pipeline] --summarize: no evaluations in {missing}")
+        print(summary_table(a.summarize))
+        return
     if a.jobs < 1:
         ap.error(f"--jobs {a.jobs}: must be >= 1")
     run = os.path.abspath(a.run or ("runs/demo" if a.seed == 0 else f"runs/demo-seed{a.seed}"))
     os.makedirs(run, exist_ok=True)
     check_seeds(run, a.seed, a.task_seed, a.quick)
-    plan = stages(run, a.quick, a.seed, a.task_seed)
+    plan = stages(run, a.quick, a.seed, a.task_seed) + (ablation_stages(run, a.quick, a.seed) if a.ablation else [])
     # One torch thread per process unless told otherwise: these models are tiny, and on a busy
     # 2-core machine a second spinning OpenMP thread costs far more than it gives (up to 10x).
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -198,3 +198,45 @@ def test_only_rejects_unknown_stage_names(capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--only", "tsak", "--run", "/nonexistent/x"])
     assert "invalid choice: 'tsak'" in capsys.readouterr().err
+
+
+def test_ablation_rows_change_one_thing_of_the_srpo_stage():
+    """Each ablation's command is the main SRPO stage's (minus the unused --test) plus its flags,
+    from the model the paper's row names; the SFT-target row is stage 1 with --target paper."""
+    main = {name: argv for name, _, argv in pipeline.stages("/r", quick=False, seed=2)}
+    abl = {name: argv for name, _, argv in pipeline.ablation_stages("/r", quick=False, seed=2)}
+    srpo = [a for a in main["srpo"] if a not in ("--test", "/r/task/test.jsonl")]
+    expect = {"srpo-code": (["--reward_preset", "code"], "/r/sft"), "srpo-nolen": (["--length_weight", "0"], "/r/sft"),
+              "srpo-noeff": (["--effectiveness", "0"], "/r/sft"), "srpo-nosft": ([], "/r/base")}
+    for name, (flags, init) in expect.items():
+        want = [init if a == "/r/sft" else f"/r/ablation/{name}" if a == "/r/srpo" else a for a in srpo] + flags
+        assert abl[name] == want, name
+        assert pipeline.NEEDS[name] == [init.split("/")[-1]]
+    assert abl["reflect-paper"][abl["reflect-paper"].index("--target") + 1] == "paper"
+    assert [a for a in abl["reflect-paper"] if a not in ("--target", "paper")] == \
+        [a.replace("/r/reflect/", "/r/ablation/reflect-paper/") for a in main["reflect"]]
+    assert flag(abl["sft-paper"], "--data") == "/r/ablation/reflect-paper/train.jsonl"
+    assert flag(abl["sft-paper"], "--init") == "/r/base" and flag(abl["sft-paper"], "--epochs") == "8"
+    ev = abl["eval-ablation"]
+    assert ev[ev.index("--model") + 1:ev.index("--data")] == [f"/r/ablation/{n}" for n in (*expect, "sft-paper")]
+    assert set(pipeline.NEEDS["eval-ablation"]) == {*expect, "sft-paper"}
+
+
+def test_summary_table_mean_and_standard_error_by_hand(tmp_path, capsys):
+    def write(run, first, final, w2r, r2w, scene):
+        os.makedirs(run / "eval" / "reflect")
+        m = dict(first_acc=first, final_acc=final, w2r=w2r, r2w=r2w, r2r=0, w2w=0, single=0, format=1.0,
+                 mean_len=1.0, scene_list_ok=scene)
+        (run / "eval" / "reflect" / "metrics.json").write_text(json.dumps(dict(results=[dict(checkpoint="srpo", metrics=m)])))
+    write(tmp_path / "s0", 0.4, 0.5, 10, 4, 0.9)
+    write(tmp_path / "s1", 0.5, 0.6, 20, 2, 0.8)
+    write(tmp_path / "s2", 0.6, 0.7, 30, 6, 0.7)
+    pipeline.main(["--summarize", str(tmp_path / "s0"), str(tmp_path / "s1"), str(tmp_path / "s2")])
+    out = capsys.readouterr().out
+    # final 0.5, 0.6, 0.7: mean 0.6, sd 0.1, SE 0.1 / sqrt(3) = 0.0577; w2r - r2w = 6, 18, 24: mean 16,
+    # sd sqrt(((-10)^2 + 2^2 + 8^2) / 2) = sqrt(84) = 9.165, SE 5.29
+    assert "| srpo | reflect | 0.500, 0.600, 0.700 | 0.500 ± 0.058 | 0.600 ± 0.058 | 16.0 ± 5.3 | 0.800 ± 0.058 |" in out
+    assert "n = 3 runs" in out
+    assert pipeline.mean_se([2.0])[0] == 2.0 and pipeline.mean_se([2.0])[1] != pipeline.mean_se([2.0])[1]  # nan
+    with pytest.raises(SystemExit, match="no evaluations"):
+        pipeline.main(["--summarize", str(tmp_path / "absent")])
