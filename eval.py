@@ -234,7 +234,7 @@ def evaluate_model(model, tok, dataset, cfg, reward_cfg=None, metrics=(), rank=0
     all-gathers an FSDP-sharded model (sampler.unsharded)."""
     records, per = dataset.records, -(-len(dataset.records) // world_size)
     mine = records[rank * per:(rank + 1) * per]
-    padded = mine + [records[0]] * (per - len(mine))                   # the padding rows are dropped below
+    padded = mine + records[:1] * (per - len(mine))                     # the padding rows are dropped below
     gens = generate_responses(model, tok, padded, dataset.image_root, cfg)[:len(mine) * cfg.n]
     preds = score_predictions(mine, gens, cfg, tok.count_tokens, reward_cfg, metrics)
     if world_size > 1:
