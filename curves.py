@@ -161,7 +161,7 @@ def grpo_panels(rows):
             panel("entropy (nats/token)", train, [("entropy", "entropy")]),
             panel("gradient norm", train, [("grad_norm", "grad norm")]),
             panel("greedy test accuracy (evaluations)", evals,
-                  [("test_acc_first", "first answer"), ("test_acc_final", "final answer")], smooth=False)]
+                  [("test_first_acc", "first answer"), ("test_final_acc", "final answer")], smooth=False)]
     return out
 
 

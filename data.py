@@ -566,3 +566,41 @@ def collate(encoded, pad_id, left_pad):
         pixel_values=torch.cat(pv) if pv else None,        # (sum N, 1176)
         image_grid_thw=torch.cat(thw) if thw else None,    # (n_images, 3)
     )
+
+
+# -----------------------------------------------------------------------------
+# RL prompts (grpo.py): records with a ground truth, their encoded prompts, the order of the steps
+
+def load_records(path):
+    """Records of a JSONL file, each with 'messages' and 'answer', plus '_where' ("file:LINE", for
+    errors) and '_root' (the directory their image paths are relative to). Every ground truth is
+    checked here (answers.check_ground_truth), on every rank: one bad record fails at load, naming
+    file:line, instead of stopping a single rank mid-rollout while the others wait."""
+    import answers
+    records = []
+    for where, r in read_jsonl_numbered(path):
+        for key in ("messages", "answer"):
+            if key not in r:
+                raise ValueError(f"{where}: record {r.get('id', '?')} has no field '{key}'")
+        answers.check_ground_truth(r["answer"], r.get("options"), where=f"{where}: field 'answer'")
+        records.append(dict(r, _where=where, _root=os.path.dirname(os.path.abspath(path))))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def encode_prompt(record, tokenizer, system_prompt):
+    """A load_records record -> its encoded prompt (encode_messages with the generation prompt)."""
+    msgs = prompt_messages(record, system_prompt)
+    return encode_messages(msgs, tokenizer, record["_root"], add_generation_prompt=True, where=record["_where"])
+
+
+def step_prompts(n_records, step, P, seed):
+    """Global record indices of a step: consecutive slices of per-epoch permutations."""
+    out, i = [], step * P
+    while len(out) < P:
+        epoch, j = divmod(i, n_records)
+        perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[j]))
+        i += 1
+    return out

@@ -226,6 +226,25 @@ def run_metric(metric, record, text):
     return value
 
 
+def evaluate_model(model, tok, dataset, cfg, reward_cfg=None, metrics=(), rank=0, world_size=1) -> list[Prediction]:
+    """One model in memory on one Dataset -> its scored predictions (prompt-major, cfg.n per record).
+    With world_size > 1 (grpo.py's in-run evaluation under torchrun, called on every rank) each rank
+    generates for its block of records and every rank gets all the predictions. The blocks are
+    padded to one size: every rank must make the same number of sampler calls, because each call
+    all-gathers an FSDP-sharded model (sampler.unsharded)."""
+    records, per = dataset.records, -(-len(dataset.records) // world_size)
+    mine = records[rank * per:(rank + 1) * per]
+    padded = mine + records[:1] * (per - len(mine))                     # the padding rows are dropped below
+    gens = generate_responses(model, tok, padded, dataset.image_root, cfg)[:len(mine) * cfg.n]
+    preds = score_predictions(mine, gens, cfg, tok.count_tokens, reward_cfg, metrics)
+    if world_size > 1:
+        import torch.distributed as tdist
+        every = [None] * world_size
+        tdist.all_gather_object(every, preds)
+        preds = [p for part in every for p in part]
+    return preds
+
+
 def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
     if n - c < k:
@@ -327,14 +346,12 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu", metrics=(), reward_cfg
             m = qwen.from_pretrained(ckpt, device=device, dtype=dtype).eval()
         except Exception as e:
             raise SystemExit(f"eval.py: --model {ckpt}: cannot load: {type(e).__name__}: {e}") from None
-        count_tokens = lambda s: len(tok.encode(s))
         for d in datasets:
             if not d.records:
                 print(f"[eval] {d.name}: no records to evaluate", file=sys.stderr)
                 continue
             t0 = time.time()
-            gens = generate_responses(m, tok, d.records, d.image_root, cfg)
-            preds = score_predictions(d.records, gens, cfg, count_tokens, reward_cfg, metrics)
+            preds = evaluate_model(m, tok, d, cfg, reward_cfg, metrics)
             result = dict(aggregate(preds, cfg.n), skipped_bad_answer=d.skipped, seconds=round(time.time() - t0, 1))
             safe = f"{cname}__{d.name}".replace("/", "_").replace(":", "_")
             tmp = os.path.join(out_dir, "predictions", safe + ".jsonl.tmp")

@@ -18,37 +18,38 @@ Stage 2 of SRPO: reflection-aware GRPO (see ../shared/SRPO.md, "GRPO (stage 2)")
                                --loss_agg token: sum over all tokens / tokens            (DAPO)
                    of pg + beta * kl, normalised by the GLOBAL mini-batch, so one process and N
                    processes holding the same global batch take the same step.
+      6. every --eval_every steps: greedy evaluation on --test (eval.py's), logged as {"eval": true, "test_*"}
 
 Log-probs are computed on logits / temperature, in float32, chunked over time so a 152k
 vocabulary never needs a full float32 (B, T, V) copy. The vision tower is frozen by default.
 Distributed: one process without torchrun; under torchrun FSDP2 (dist.shard_model) over gloo
 (CPU) or nccl (GPU). Every rank runs the same number of forwards (weight-0 padding forwards).
-Run directory (log.jsonl, checkpoint/, the final HF model in --out): see checkpoint.py.
+Run directory (log.jsonl, checkpoint/, the final HF model in --out): see checkpoint.py. The flags
+and the start of a run: grpo_setup.py; records, prompts, step order: data.py; optimizer, lr
+schedule, gradient clipping: training.py.
 
     python grpo.py --model runs/demo/sft --train runs/demo/task/train.jsonl --out runs/demo/srpo
     python grpo.py --model runs/demo/base --reward grpo ... --out runs/demo/grpo   # plain GRPO
-    torchrun --nproc_per_node=8 grpo.py ...                                        # 7B: see below
+    torchrun --nproc_per_node=8 grpo.py ...                                        # 7B: API.md
 """
 import math
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
-import answers
 import checkpoint
 import data
 import dist
-import model as model_lib
+import eval as eval_lib
 import reward
 import sampler
-from config import load_function, parse_config
-
-PROG = "grpo.py"
+import training
+from config import load_function
+from grpo_setup import PROG, GRPOConfig, check_config, lr_at, parse_args, setup
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,184 +137,13 @@ def grpo_loss(logp, logp_old, adv, mask, n_global, agg="seq", eps_low=0.2, eps_h
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. config
-
-@dataclass
-class GRPOConfig:
-    # io (defaults: the files `python pipeline.py` makes in runs/demo)
-    model: str = "runs/demo/sft"            # stage-1 (reflection SFT) checkpoint, HF format + tokenizer.json
-    train: str = "runs/demo/task/train.jsonl"   # records with messages + answer (task.py / reflect_data.py)
-    test: str = ""                          # unused while in-run evaluation is off (run eval.py on --out)
-    out: str = "runs/demo/srpo"             # log.jsonl, checkpoint/ (resumed from), final HF model
-    reward: str = "srpo"                    # srpo (two-pass prompt + SRPO reward) | grpo (baseline)
-    reward_preset: str = "paper"            # paper (Eq. 4-8, METHOD.md) | code (the official srpo_reward_func.py)
-    length_weight: float = -1.0             # weight of f_len (0 = the paper's "w/o f_len"); -1 = the preset's
-    effectiveness: bool = True              # 0 = the paper's "w/o I_eff" (RewardConfig(effectiveness=False))
-    # rollout
-    prompts_per_step: int = 16              # P, global over all ranks
-    group_size: int = 8                     # G responses per prompt
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    rollout_batch: int = 8                  # prompts per sampler call (per rank)
-    # update
-    loss_agg: str = "seq"                   # seq: the paper's Eq. 2 (per-response token mean, then mean) | token (DAPO)
-    lr: float = 3e-5                        # tiny model (1e-4 erodes the scene list; README); the paper's 7B uses 1e-6
-    warmup_frac: float = 0.0                # linear lr warmup over this fraction of the steps (paper code: 0.03)
-    min_lr_frac: float = 1.0                # then cosine from lr to lr x this at the end; 1 = constant (paper code: 0.1)
-    weight_decay: float = 0.0               # AdamW, on weight matrices only (not norms, biases, embeddings)
-    mu: int = 1                             # passes over each rollout batch
-    n_minibatches: int = 2                  # optimizer steps per pass
-    micro_batch: int = 16                   # rows per forward/backward (per rank), rounded down to whole groups (>= 1)
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    beta: float = 0.04                      # k3 KL to the frozen initial model; 0 = no reference kept (paper: 0)
-    adv_eps: float = 1e-6
-    filter_groups: bool = True              # drop groups with mean accuracy outside [acc_low, acc_high]
-    acc_low: float = 0.1
-    acc_high: float = 0.9
-    grad_clip: float = 1.0                  # max grad norm; 0 = off
-    freeze_vision: bool = True
-    grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
-    logprob_chunk: int = 256                # time chunk of the float32 log-softmax
-    logp_old: str = "auto"                  # sampler | recompute (training forward) | auto: recompute unless the
-                                            # policy runs in float32 (CPU), where both agree to ~1e-6
-    # run
-    steps: int = 200
-    save_every: int = 20
-    eval_every: int = 0                     # in-run evaluation is off for now (must be 0): run eval.py on the output
-    extra_metrics: str = ""                 # "module:function", fn(texts, records) -> {name: (sum, count)}, logged as
-                                            # sum / count per step (same names every call), e.g. a task's perception metric
-    seed: int = 0
-    device: str = ""                        # "" = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
-    threads: int = 0                        # CPU: torch threads per process (0 = torch's default)
-
-
-# Qwen2.5-VL-7B on 8 GPUs (one node; multi-node: torchrun --nnodes/--node_rank/--master_addr):
-#   torchrun --nproc_per_node=8 grpo.py --model ckpt/qwen2.5-vl-7b-reflection-sft \
-#       --train data/srpo_rl.jsonl --out runs/grpo-7b --prompts_per_step 128 --group_size 8 \
-#       --max_new_tokens 2048 --rollout_batch 4 --lr 1e-6 --weight_decay 1e-2 --mu 1 \
-#       --n_minibatches 4 --micro_batch 8 --grad_checkpoint 1 --beta 0.0 --steps 300
-# i.e. the paper-code defaults with 128 prompts x 8 = 1024 rollouts per step, 4 optimizer steps
-# of 256 rollouts. Memory per H100-80GB: fp32 master weights + AdamW state sharded 8 ways
-# (~14 GB), bf16 autocast compute, each decoder layer recomputed in backward; the rollout
-# all-gathers the model (~30 GB fp32) and keeps a KV cache of rollout_batch x G rows.
-
-
-def parse_args(argv=None) -> GRPOConfig:
-    cfg = parse_config(GRPOConfig, argv, description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)",
-                       choices={"reward": ["srpo", "grpo"], "loss_agg": ["seq", "token"],
-                                "logp_old": ["auto", "sampler", "recompute"],
-                                "reward_preset": ["paper", "code"]})
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg: GRPOConfig, world_size=1):
-    """Every bad value is refused before anything runs, naming its flag."""
-    W, nm, c = world_size, max(cfg.n_minibatches, 1), cfg
-    rules = [(n, getattr(c, n) >= 1, "must be >= 1") for n in ("prompts_per_step", "mu", "n_minibatches", "micro_batch",
-                                                               "rollout_batch", "max_new_tokens", "steps", "save_every",
-                                                               "logprob_chunk")] + [
-        ("group_size", c.group_size >= 2, "GRPO needs at least 2 responses per prompt"),
-        ("prompts_per_step", c.prompts_per_step % (W * nm) == 0, f"must be a multiple of world_size x n_minibatches = {W} x {nm}"),
-        ("eps_low", 0 <= c.eps_low < 1, "need 0 <= eps_low < 1"), ("eps_high", c.eps_high >= 0, "must be >= 0"),
-        ("beta", c.beta >= 0, "must be >= 0"), ("temperature", c.temperature > 0, "must be > 0"),
-        ("top_p", 0 < c.top_p <= 1, "must be in (0, 1]"), ("weight_decay", c.weight_decay >= 0, "must be >= 0"),
-        ("adv_eps", c.adv_eps > 0, "must be > 0 (a group of equal rewards would give 0 / 0 = NaN)"),
-        ("lr", math.isfinite(c.lr) and c.lr > 0, "must be a finite number > 0"),
-        ("warmup_frac", 0 <= c.warmup_frac < 1, "must be in [0, 1)"), ("min_lr_frac", 0 <= c.min_lr_frac <= 1, "must be in [0, 1]"),
-        ("grad_clip", c.grad_clip >= 0, "must be >= 0 (0 = off)"),
-        ("acc_low", 0 <= c.acc_low <= c.acc_high, f"need 0 <= acc_low <= acc_high ({c.acc_high})"),
-        ("eval_every", c.eval_every == 0, "in-run evaluation is off for now: use 0 and run eval.py on --out"),
-        ("length_weight", c.length_weight >= 0 or c.length_weight == -1, "must be >= 0, or -1 (the preset's)")]
-    for name, ok, why in rules:
-        if not ok:
-            raise checkpoint.RunError(f"{PROG}: --{name} {getattr(c, name)!r}: {why}")
-
-
-def reward_config(cfg: GRPOConfig) -> reward.RewardConfig:
-    """--reward_preset / --length_weight / --effectiveness -> reward.RewardConfig."""
-    try:
-        rcfg = reward.RewardConfig(preset=cfg.reward_preset, effectiveness=cfg.effectiveness)
-    except ValueError as e:   # e.g. --reward_preset code --effectiveness 0: the code's table has no I_eff
-        raise checkpoint.RunError(f"{PROG}: --reward_preset {cfg.reward_preset} --effectiveness "
-                                  f"{int(cfg.effectiveness)}: {e}") from None
-    if cfg.length_weight != -1:
-        rcfg.length_weight = cfg.length_weight
-    return rcfg
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. data
-
-def load_records(path):
-    """Records of a JSONL file, each with 'messages' and 'answer' (checked here, on every rank,
-    so a bad record fails before training, naming file:line)."""
-    records = data.read_jsonl(path)
-    if not records:
-        raise checkpoint.RunError(f"{PROG}: {path}: no records")
-    for i, r in enumerate(records):
-        r["_where"], r["_root"] = f"{path}:{i + 1}", os.path.dirname(os.path.abspath(path))
-        for key in ("messages", "answer"):
-            if key not in r:
-                raise checkpoint.RunError(f"{r['_where']}: record {r.get('id', '?')} has no field '{key}'")
-    check_ground_truths(records)
-    return records
-
-
-def check_ground_truths(records):
-    """Every ground truth must be readable by the answer matcher: checked when the file is loaded,
-    on every rank, so one bad record cannot stop a single rank mid-rollout while the others wait."""
-    for r in records:
-        try:
-            answers.check_ground_truth(r["answer"], r.get("options"), where=f"{r['_where']}: field 'answer'")
-        except answers.BadGroundTruth as e:
-            raise checkpoint.RunError(str(e)) from None
-
-
-def encode_prompt(record, tok, system_prompt):
-    msgs = data.prompt_messages(record, system_prompt)
-    return data.encode_messages(msgs, tok, record["_root"], add_generation_prompt=True, where=record["_where"])
-
-
-def step_prompts(n_records, step, P, seed):
-    """Global record indices of a step: consecutive slices of per-epoch permutations."""
-    out, i = [], step * P
-    while len(out) < P:
-        epoch, j = divmod(i, n_records)
-        perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[j]))
-        i += 1
-    return out
-
-
-def rollout_seed(cfg, step, rank, world_size):
-    """Seed of this rank's first sampler call of a step (generate_texts uses seed + k for call k).
-    A step's calls get seeds in [base, base + P): rank r's start at base + r * P_local and number
-    at most P_local, so no two calls of a run share a seed (`rank * 101 + c` did, beyond 101
-    prompts per rank), for any step < 1_000_003."""
-    return (cfg.seed * 1_000_003 + step) * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world_size)
-
-
-def load_metric_fn(spec):
-    """--extra_metrics "module:function" -> the function (None for ""): task-specific metrics are
-    passed in, never imported here."""
-    return load_function(spec, "--extra_metrics") if spec else None
-
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. rollout: G responses per prompt, rewards, advantages, filter
+# 2. rollout: G responses per prompt, rewards, advantages, filter
 
 @dataclass
 class Rollout:
     """One rank's share of a step: P prompts x G responses, rows prompt-major (row i: prompt i // G)."""
     records: list              # P records
-    prompts: list              # P encoded prompts (data.encode_messages, generation prompt added)
+    prompts: list              # P encoded prompts (data.encode_prompt)
     tokens: torch.Tensor       # (P*G, R) long, pad_id after each row's length
     lengths: torch.Tensor      # (P*G,) long, response tokens incl. the final eos
     logp_old: torch.Tensor     # (P*G, R) float32, the sampler's log-probs of the drawn tokens
@@ -331,14 +161,22 @@ class Rollout:
         return (groups[:, None] * G + torch.arange(G)).reshape(-1)
 
 
+def rollout_seed(cfg, step, rank, world_size):
+    """Seed of this rank's first sampler call of a step (generate_texts uses seed + k for call k).
+    A step's calls get seeds in [base, base + P): rank r's start at base + r * P_local and number
+    at most P_local, so no two calls of a run share a seed (`rank * 101 + c` did, beyond 101
+    prompts per rank), for any step < 1_000_003."""
+    return (cfg.seed * 1_000_003 + step) * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world_size)
+
+
 @torch.no_grad()
 def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
     """This rank's P records -> G sampled responses each, their rewards, advantages and filter."""
     G = cfg.group_size
-    prompts = [encode_prompt(r, tok, system_prompt) for r in records]
+    prompts = [data.encode_prompt(r, tok, system_prompt) for r in records]
     scfg = sampler.SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p, n=G, seed=seed)
-    with autocast(d.device):
+    with training.autocast(d.device):
         gen = sampler.generate_texts(policy, tok, prompts, scfg, batch_size=cfg.rollout_batch)
     gts = [r["answer"] for r in records for _ in range(G)]
     options = [r.get("options") for r in records for _ in range(G)]
@@ -377,7 +215,7 @@ def group_logprobs(net, roll: Rollout, groups, cfg, device):
     resp = roll.tokens[rows, :R].masked_fill(~mask, roll.pad_id)       # (g*G, R)
     p = data.collate([roll.prompts[int(j)] for j in groups], roll.pad_id, left_pad=True)   # (g, Tp), left-padded
     pv, grid = p["pixel_values"], p["image_grid_thw"]
-    with autocast(device):
+    with training.autocast(device):
         logits = net.forward_shared_prefix(
             p["input_ids"].to(device), p["attention_mask"].to(device),
             None if pv is None else pv.to(device, next(net.parameters()).dtype),
@@ -406,10 +244,7 @@ def rows_logprobs(net, roll: Rollout, cfg, d):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. the update
-
-NonFiniteLoss = checkpoint.NonFiniteLoss
-
+# 3. the update
 
 @dataclass
 class UpdateStats:
@@ -424,26 +259,6 @@ class UpdateStats:
     kl_ref: float = 0.0
     entropy: float = 0.0
     forward_tokens: float = 0.0  # prompt + response tokens through the training forward
-
-
-def lr_at(step, cfg):
-    """lr of GRPO step `step` (0-based): linear warmup over warmup_frac of the steps, then cosine
-    from lr down to min_lr_frac x lr at the last step. Defaults: constant lr."""
-    warm = round(cfg.warmup_frac * cfg.steps)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - 1 - warm)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def make_optimizer(policy, cfg):
-    """AdamW; weight decay only on weight matrices: decaying norm gains, biases or token embedding
-    rows pulls them towards 0, which is not a prior anyone wants for them."""
-    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
-    decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
-    decay, rest = [p for n, p in named if decays(n, p)], [p for n, p in named if not decays(n, p)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.999))
 
 
 def update(policy, optimizer, roll: Rollout, cfg, d, logp_ref=None) -> UpdateStats:
@@ -489,12 +304,8 @@ def minibatch_step(policy, optimizer, roll, groups, cfg, d, logp_ref, st: Update
             st.kl_ref += float(s.get("kl_ref", 0.0))
             st.entropy += float((ent * mask).sum())
             st.forward_tokens += float(mask.sum()) + sum(len(roll.prompts[int(j)]["input_ids"]) for j in r // roll.group_size)
-    # clip_grad_norm_(params, 0) would zero every gradient: 0 means off
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss_global = float(dist.all_reduce(torch.tensor([loss_sum / d.world_size], device=d.device)).item())
-    if not (math.isfinite(loss_global) and math.isfinite(grad_norm)):
-        raise NonFiniteLoss(f"loss {loss_global}, grad norm {grad_norm} (optimizer step {st.opt_steps + 1})")
+    grad_norm = training.clip_grad_norm(params, cfg.grad_clip, loss_global)   # raises NonFiniteLoss
     optimizer.step()
     st.loss += loss_global
     st.grad_norm += grad_norm
@@ -502,7 +313,7 @@ def minibatch_step(policy, optimizer, roll, groups, cfg, d, logp_ref, st: Update
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. metrics: the one place that builds a step's log record
+# 4. metrics: the one place that builds a step's log record
 
 CASES = ("w2r", "r2r", "r2w", "w2w", "single", "none")
 
@@ -537,65 +348,18 @@ def log_record(step, roll: Rollout, us: UpdateStats, t_roll, t_train, cfg, d, me
     return rec
 
 
+def evaluate(policy, tok, test: eval_lib.Dataset, cfg, d, rcfg, metrics) -> dict:
+    """Greedy evaluation of the policy on --test with eval.py's code, on every rank (each generates
+    for its block of records): the log record {"step", "eval": true, "test_<eval.py metric>": ...}."""
+    ecfg = eval_lib.EvalConfig(prompt="reflect" if cfg.reward == "srpo" else "single",
+                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch, seed=cfg.seed)
+    with training.autocast(d.device):
+        preds = eval_lib.evaluate_model(policy, tok, test, ecfg, rcfg, metrics, d.rank, d.world_size)
+    return {"eval": True, **{f"test_{k}": v for k, v in eval_lib.aggregate(preds, ecfg.n).items()}}
+
+
 # ----------------------------------------------------------------------------------------------
-# 7. the run
-
-def main(cfg: GRPOConfig):
-    d, ok = dist.init(), False
-    try:
-        check_config(cfg, d.world_size)
-        out = train(cfg, d)
-        ok = True
-        return out
-    finally:
-        if d.is_main:
-            checkpoint.release_lock(cfg.out)
-        dist.close(ok)
-
-
-def build_models(cfg: GRPOConfig, d, path):
-    """The policy from `path` (fp32 master weights; bf16 autocast on GPU), its AdamW, and the
-    frozen reference (the initial model --model, sharded fp32) when beta > 0."""
-    policy = model_lib.from_pretrained(path, device=d.device, dtype=torch.float32)
-    policy.visual.requires_grad_(not cfg.freeze_vision)
-    if cfg.grad_checkpoint:
-        from torch.distributed._composable import checkpoint as recompute_in_backward
-        for layer in policy.layers:                                    # state-dict keys unchanged
-            recompute_in_backward(layer)
-    dist.shard_model(policy)
-    ref = None
-    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same autocast): KL starts at 0
-        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False))
-    return policy, ref, make_optimizer(policy, cfg)
-
-
-RESUME_FREE = ("steps", "save_every", "eval_every", "threads", "device", "test",  # may change on resume
-               "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk")
-
-
-def setup(cfg: GRPOConfig, d):
-    """Inputs checked (before anything is written), out/ opened, models built or resumed."""
-    how = "run `python pipeline.py --only task base reflect sft` first, or pass --model / --train"
-    checkpoint.require(PROG, os.path.join(cfg.model, "tokenizer.json"), "the model to train", how)
-    checkpoint.require(PROG, cfg.train, "training prompts", how)
-    tok = data.Tokenizer.from_dir(cfg.model)
-    checkpoint.check_special_tokens(PROG, cfg.model, tok)
-    rcfg, records = reward_config(cfg), load_records(cfg.train)
-    ckpt, resume = checkpoint.open_run(PROG, cfg.out, {"--model": cfg.model}, d.is_main)
-    policy, ref, optimizer = build_models(cfg, d, ckpt if resume else cfg.model)
-    start = 0
-    if resume:
-        start, extra = checkpoint.load(ckpt, policy, optimizer)
-        checkpoint.check_resume_config(PROG, ckpt, extra.get("config", {}), asdict(cfg), RESUME_FREE)
-    if d.is_main:
-        checkpoint.install_tokenizer(PROG, cfg.model, cfg.out)
-        checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg)})
-        print(f"{PROG}: {'resuming at step ' + str(start) if resume else 'starting'}: {len(records)} train "
-              f"prompts, world size {d.world_size}, {model_lib.count_params(policy, trainable_only=True):,} "
-              f"trainable parameters, device {d.device}", flush=True)
-    dist.barrier()
-    return tok, rcfg, records, policy, ref, optimizer, start
-
+# 5. the training loop
 
 def train(cfg: GRPOConfig, d):
     if cfg.device and d.world_size == 1:
@@ -603,15 +367,16 @@ def train(cfg: GRPOConfig, d):
     if d.device.type == "cpu" and cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    metric_fn = load_metric_fn(cfg.extra_metrics)
-    tok, rcfg, records, policy, ref, optimizer, start = setup(cfg, d)
+    metric_fn = load_function(cfg.extra_metrics, "--extra_metrics") if cfg.extra_metrics else None
+    eval_metrics = [eval_lib.Metric(s.partition(":")[2], load_function(s, "--eval_metric")) for s in cfg.eval_metric]
+    tok, rcfg, records, test, policy, ref, optimizer, start = setup(cfg, d)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     ckpt, log_path, saved = os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "log.jsonl"), start
     P_local = cfg.prompts_per_step // d.world_size
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.is_main, desc="grpo")
     for step in pbar:
         # 1-4. rollout, rewards, advantages, filter (this rank's contiguous block of the step's prompts)
-        idx = step_prompts(len(records), step, cfg.prompts_per_step, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
+        idx = data.step_prompts(len(records), step, cfg.prompts_per_step, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
         t0 = time.time()
         roll = rollout(policy, tok, [records[i] for i in idx], cfg, d, rollout_seed(cfg, step, d.rank, d.world_size),
                        rcfg, system_prompt)
@@ -619,22 +384,25 @@ def train(cfg: GRPOConfig, d):
         recompute = cfg.logp_old == "recompute" or (cfg.logp_old == "auto" and d.device.type == "cuda")
         mismatch = recompute_logp_old(policy, roll, cfg, d) if recompute else None
         t_roll, t0 = time.time() - t0, time.time()
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
+        lr = lr_at(step, cfg)
+        training.set_lr(optimizer, lr)
         # 5. update
         try:
             us = update(policy, optimizer, roll, cfg, d, logp_ref)
-        except NonFiniteLoss as e:
+        except checkpoint.NonFiniteLoss as e:
             checkpoint.stop_non_finite(PROG, step + 1, str(e), ckpt, saved, d.is_main)
-        # 6. log
+        # log, evaluate (before the save: a run killed in between redoes the step and its evaluation), save
         rec = log_record(step + 1, roll, us, t_roll, time.time() - t0, cfg, d, metric_fn)
-        rec.update(lr=lr_at(step, cfg), **({} if mismatch is None else {"logp_old_mismatch": mismatch}))
+        rec.update(lr=lr, **({} if mismatch is None else {"logp_old_mismatch": mismatch}))
         if d.is_main:
             checkpoint.append_log(log_path, rec)
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['acc_final']:.2f}", len=f"{rec['resp_len']:.0f}",
                          kept=f"{rec['groups_kept']:.2f}", clip=f"{rec['clip_frac']:.3f}")
-        # 7. (in-run evaluation goes here, calling eval.py's functions, once eval.py's rewrite lands)
         done = step + 1
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            ev = evaluate(policy, tok, test, cfg, d, rcfg, eval_metrics)
+            if d.is_main:
+                checkpoint.append_log(log_path, {"step": done, **ev})
         if done % cfg.save_every == 0 or done == cfg.steps:
             checkpoint.save(ckpt, policy, optimizer, done, extra={"config": asdict(cfg)},
                             tokenizer_dir=os.path.join(cfg.out, "tokenizer"))
@@ -643,6 +411,10 @@ def train(cfg: GRPOConfig, d):
         checkpoint.export_final(ckpt, cfg.out)
         print(f"{PROG}: done, {cfg.steps} steps; final model in {cfg.out} (training state in {ckpt})", flush=True)
     return ckpt
+
+
+def main(cfg: GRPOConfig):
+    return training.run(cfg, check_config, train)
 
 
 if __name__ == "__main__":

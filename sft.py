@@ -19,7 +19,7 @@ The idea:
   windows of `bucket` global batches sorted by length (length bucketing: little padding), the
   batches are then shuffled. Step s always sees the same examples, so resuming needs only s;
 - global batch = batch_size examples = world_size x grad_accum x micro_batch_size;
-- AdamW, linear warmup then cosine decay to min_lr, gradient clipping;
+- AdamW, linear warmup then cosine decay to min_lr, gradient clipping (training.py, shared with grpo.py);
 - every save_every steps and at the end an atomic training checkpoint (checkpoint.save: HF
   weights + optimizer + step + RNG, no pickle) goes to out/checkpoint/ (layout: checkpoint.py); a
   rerun of the same command resumes from it (also after kill -9) and ends with the same weights
@@ -43,8 +43,9 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dist
-from config import parse_config
 import model as model_lib
+import training
+from config import parse_config
 
 PROG = "sft.py"
 
@@ -118,13 +119,9 @@ class Example:
 def load_examples(path, tokenizer, system_prompt, max_len=0) -> list[Example]:
     """Read and encode every record once: checks each one (errors name file:line) and records
     its length and number of loss tokens. Pixels are not kept."""
-    records = data.read_jsonl(path)
-    with open(path, encoding="utf-8") as f:  # line numbers of the non-blank lines, as read_jsonl skips blanks
-        lines = [i for i, line in enumerate(f.read().split("\n"), start=1) if line.strip()]
     root = os.path.dirname(os.path.abspath(path))
     examples = []
-    for rec, line in zip(records, lines):
-        where = f"{path}:{line}"
+    for where, rec in data.read_jsonl_numbered(path):
         messages = rec.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where}: field 'messages' missing or not a non-empty list")
@@ -218,24 +215,7 @@ def build_tiny(tokenizer, cfg) -> "model_lib.Qwen2_5_VL":
 
 def lr_at(step, max_steps, cfg):
     """Linear warmup to lr (at most half the run), then cosine to min_lr at max_steps."""
-    warmup = min(cfg.warmup_steps, max_steps // 2)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, max_steps - warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def make_optimizer(model, cfg):
-    """AdamW; weight matrices decay, norms, biases and embeddings do not; the vision tower's lr is
-    scaled by vision_lr_scale."""
-    groups = []
-    for vision in (False, True):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.") == vision]
-        decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
-        scale = cfg.vision_lr_scale if vision else 1.0
-        groups += [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "lr_scale": scale}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+    return training.lr_at(step, cfg.lr, cfg.min_lr, min(cfg.warmup_steps, max_steps // 2), max_steps)
 
 
 def micro_loss(model, batch, autocast):
@@ -283,12 +263,9 @@ def setup(cfg: SFTConfig, d):
         model.visual.requires_grad_(False)
     model.train()
     dist.shard_model(model)
-    optimizer = make_optimizer(model, cfg)
-    step = 0
-    if resume:
-        step, extra = checkpoint.load(ckpt, model, optimizer)
-        checkpoint.check_resume_config(PROG, ckpt, extra.get("config", {}), asdict(cfg), free=(
-            "max_steps", "epochs", "save_every", "threads", "micro_batch_size", "out", "tokenizer_corpus", "max_len"))
+    optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), cfg.vision_lr_scale)
+    step = training.resume(PROG, ckpt, model, optimizer, asdict(cfg), free=(
+        "max_steps", "epochs", "save_every", "threads", "micro_batch_size", "out", "tokenizer_corpus", "max_len")) if resume else 0
     if d.is_main:
         checkpoint.start_log(cfg.out, resume, step, asdict(cfg))
         if resume:
@@ -297,16 +274,7 @@ def setup(cfg: SFTConfig, d):
 
 
 def train(cfg: SFTConfig):
-    d, ok = dist.init(), False
-    try:
-        check_config(cfg, d.world_size)
-        out = _train(cfg, d)
-        ok = True
-        return out
-    finally:
-        if d.is_main:
-            checkpoint.release_lock(cfg.out)
-        dist.close(ok)
+    return training.run(cfg, check_config, _train)
 
 
 def _train(cfg: SFTConfig, d):
@@ -317,8 +285,6 @@ def _train(cfg: SFTConfig, d):
     log_path = os.path.join(cfg.out, "log.jsonl")
     steps_per_epoch = len(examples) // cfg.batch_size
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
     params = [p for p in model.parameters() if p.requires_grad]
     if d.is_main:
         print(f"{PROG}: {len(examples)} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, "
@@ -338,8 +304,7 @@ def _train(cfg: SFTConfig, d):
         batch = batches[step % steps_per_epoch]
         n_global = sum(examples[i].n_loss for i in batch)  # loss tokens of the whole global batch
         lr = lr_at(step, max_steps, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+        training.set_lr(optimizer, lr)
 
         micro = rank_micro_batches(batch, examples, cfg.micro_batch_size, d.rank, d.world_size)
         loss_sum = torch.zeros((), device=d.device)
@@ -347,16 +312,16 @@ def _train(cfg: SFTConfig, d):
             if d.world_size > 1:  # reduce-scatter gradients only after the last micro-batch
                 model.set_requires_gradient_sync(k == len(micro) - 1)
             mb = encode_batch(idx, examples, tokenizer, d.device)
-            ls, _ = micro_loss(model, mb, autocast)
+            ls, _ = micro_loss(model, mb, training.autocast(d.device))
             # FSDP averages gradients over processes: x world_size makes it the global-batch sum / N
             (ls * d.world_size / n_global).backward()
             loss_sum += ls.detach()
         dist.all_reduce(loss_sum, "sum")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         loss = loss_sum.item() / n_global
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            checkpoint.stop_non_finite(PROG, step + 1, f"loss {loss} / grad norm {grad_norm}", ckpt, saved, d.is_main)
+        try:
+            grad_norm = training.clip_grad_norm(params, cfg.grad_clip, loss)
+        except checkpoint.NonFiniteLoss as e:
+            checkpoint.stop_non_finite(PROG, step + 1, str(e), ckpt, saved, d.is_main)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

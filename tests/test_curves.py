@@ -50,7 +50,7 @@ def grpo_rows(n=30):
                          acc_first=0.4, acc_final=0.5, resp_len=100.0, loss=0.01, kl_old=0.0, clip_frac=0.0,
                          entropy=0.3, grad_norm=1.0, lr=3e-5, sample="<think>x</think>"))
         if s % 10 == 0:
-            rows.append(dict(step=s, eval=True, test_acc_first=0.4, test_acc_final=0.5, test_reward=1.0))
+            rows.append(dict(step=s, eval=True, test_first_acc=0.4, test_final_acc=0.5, test_mean_reward=1.0))
     return rows
 
 

@@ -485,3 +485,38 @@ def test_write_json_atomic(tmp_path):
     data.write_json_atomic(p, {"a": 1})
     data.write_json_atomic(p, {"b": "é"})
     assert json.load(open(p, encoding="utf-8")) == {"b": "é"} and os.listdir(tmp_path) == ["m.json"]
+
+
+def _rl_record(answer="3"):
+    return {"id": "q", "answer": answer, "messages": [{"role": "user", "content": "How many?"}]}
+
+
+def test_load_records_checks_fields_and_ground_truths(tmp_path):
+    """data.load_records (grpo.py's training prompts): every record has messages and a readable
+    answer, checked at load, errors naming file:line; records know where they came from."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no records"):
+        data.load_records(str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [_rl_record(), _rl_record(), _rl_record(""), _rl_record()]))
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: field 'answer'"):     # the reward could never score it
+        data.load_records(str(bad))
+    no_msgs = tmp_path / "no_msgs.jsonl"
+    no_msgs.write_text(json.dumps(_rl_record()) + "\n\n" + json.dumps({"id": "x", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"no_msgs\.jsonl:3: record x has no field 'messages'"):   # real line
+        data.load_records(str(no_msgs))
+    good = tmp_path / "sub" / "good.jsonl"
+    good.parent.mkdir()
+    good.write_text(json.dumps(_rl_record()) + "\n")
+    (r,) = data.load_records(str(good))
+    assert r["_where"] == f"{good}:1" and r["_root"] == str(good.parent) and r["answer"] == "3"
+
+
+def test_step_prompts_are_epoch_permutations():
+    """Consecutive steps cut per-epoch permutations: each epoch visits every record once."""
+    n, P = 10, 4
+    order = [i for step in range(5) for i in data.step_prompts(n, step, P, seed=1)]     # 2 epochs
+    assert sorted(order[:n]) == list(range(n)) and sorted(order[n:2 * n]) == list(range(n))
+    assert order[:n] != order[n:2 * n]                                   # a new permutation per epoch
+    assert data.step_prompts(n, 3, P, seed=1) == order[12:16]            # a pure function of (seed, step)

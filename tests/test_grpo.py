@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import grpo
+import grpo_setup
 import reward
+import training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,8 +212,8 @@ def world(tmp_path_factory):
 def _synthetic_roll(world, tok, P, G, R, seed=0):
     """A Rollout of P task prompts x G made-up responses of random lengths (right-padded (N, R))."""
     import data
-    recs = grpo.load_records(world["train"])[:P]
-    prompts = [grpo.encode_prompt(r, tok, data.SYSTEM_PROMPT_REFLECT) for r in recs]
+    recs = data.load_records(world["train"])[:P]
+    prompts = [data.encode_prompt(r, tok, data.SYSTEM_PROMPT_REFLECT) for r in recs]
     g = torch.Generator().manual_seed(seed)
     N = P * G
     lengths = torch.randint(2, R + 1, (N,), generator=g)
@@ -286,7 +289,7 @@ UPDATE_SCRIPT = r'''
 import dataclasses, json, os, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import data, dist, grpo, model as M
+import data, dist, grpo, training, model as M
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
@@ -305,7 +308,7 @@ for agg in ("seq", "token"):                # both aggregations, each from the i
     if cfg.beta > 0:
         ref = M.from_pretrained(world["model"]).requires_grad_(False)
         dist.shard_model(ref)
-    opt = grpo.make_optimizer(policy, cfg)
+    opt = training.make_optimizer(policy, cfg.lr, cfg.weight_decay)
 
     # the GLOBAL batch: 4 prompts x 4 responses; prompt 1's group filtered out; logp_old = the
     # model's own log-probs + noise, so that the clip is active on some tokens
@@ -520,7 +523,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(world, tmp_
     monkeypatch.setattr(grpo, "grpo_loss", nan_at_step_3)
     out = str(tmp_path / "nan")
     cfg = grpo.parse_args(_loop_args(world, out, 4, max_new_tokens=8))
-    with pytest.raises(grpo.NonFiniteLoss) as e:
+    with pytest.raises(checkpoint.NonFiniteLoss) as e:
         grpo.main(cfg)
     msg = str(e.value)
     assert "step 3" in msg and "nan" in msg.lower() and "Last good checkpoint" in msg and "(step 2)" in msg
@@ -550,11 +553,14 @@ def test_torchrun_two_processes_full_loop(world, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(30500 + os.getpid() % 1000), str(script), ROOT] + _loop_args(
         world, out, 2, beta=0.05, max_new_tokens=10, grad_checkpoint=1, logp_old="recompute",
-        extra_metrics="test_grpo:chars_metric")
+        extra_metrics="test_grpo:chars_metric", eval_every=2, test=world["test"], eval_limit=7)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    log = _steps_logged(out)
-    assert [r["step"] for r in log] == [1, 2]                                     # in-run eval is off
+    log, evals = [r for r in _steps_logged(out) if "eval" not in r], [r for r in _steps_logged(out) if "eval" in r]
+    assert [r["step"] for r in log] == [1, 2]
+    # in-run evaluation: 7 questions split 4 + 3 over the ranks (padded to 4), every answer gathered once
+    assert [r["step"] for r in evals] == [2] and evals[0]["test_n_questions"] == 7
+    assert sum(evals[0][f"test_{c}"] for c in grpo.CASES) == 7
     for r in log:
         assert sum(v for k, v in r.items() if k.startswith("case_")) == 16          # 4 prompts x 4, both ranks
         assert r["kl_ref"] >= 0 and 0 <= r["clip_frac"] <= 1 and r["entropy"] > 0
@@ -611,16 +617,11 @@ def test_bad_values_name_their_flag(argv, flag):
 
 
 def test_bad_training_files_fail_at_load_naming_file_and_line(world, tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(ValueError, match="empty.jsonl: no records"):
-        grpo.load_records(str(empty))
+    # (data.load_records' own errors: tests/test_data.py)
     recs = [json.loads(l) for l in open(world["train"]) if l.strip()][:4]
     recs[2]["answer"] = ""                                           # the reward could never score it
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: field 'answer'"):
-        grpo.load_records(str(bad))
     with pytest.raises(ValueError, match=r"bad\.jsonl:3"):           # before any model is built or file written
         grpo.main(grpo.parse_args(["--model", world["model"], "--train", str(bad), "--out", str(tmp_path / "o")]))
     assert not os.path.exists(tmp_path / "o" / "log.jsonl")
@@ -640,27 +641,49 @@ def test_out_equal_to_or_inside_model_is_refused_before_writing(world, tmp_path)
 def test_reward_flags_reach_the_reward_config():
     """--reward_preset / --length_weight / --effectiveness map to reward.RewardConfig fields; the
     default is the paper's reward; a combination the reward rejects names the flags."""
-    assert grpo.reward_config(grpo.parse_args([])) == reward.RewardConfig(preset="paper")
-    assert grpo.reward_config(grpo.parse_args(["--length_weight", "0"])).length_weight == 0.0
-    assert grpo.reward_config(grpo.parse_args(["--reward_preset", "code"])).preset == "code"
-    assert grpo.reward_config(grpo.parse_args(["--effectiveness", "0"])).effectiveness is False
+    assert grpo_setup.reward_config(grpo.parse_args([])) == reward.RewardConfig(preset="paper")
+    assert grpo_setup.reward_config(grpo.parse_args(["--length_weight", "0"])).length_weight == 0.0
+    assert grpo_setup.reward_config(grpo.parse_args(["--reward_preset", "code"])).preset == "code"
+    assert grpo_setup.reward_config(grpo.parse_args(["--effectiveness", "0"])).effectiveness is False
     with pytest.raises(ValueError, match="--reward_preset code --effectiveness 0"):
-        grpo.reward_config(grpo.parse_args(["--reward_preset", "code", "--effectiveness", "0"]))
+        grpo_setup.reward_config(grpo.parse_args(["--reward_preset", "code", "--effectiveness", "0"]))
     with pytest.raises(SystemExit):
         grpo.parse_args(["--reward_preset", "papr"])
 
 
 def test_lr_schedule_and_weight_decay_groups(world):
     cfg = grpo.GRPOConfig(lr=1.0, steps=10)
-    assert [grpo.lr_at(s, cfg) for s in range(10)] == [1.0] * 10              # default: constant
+    assert [grpo_setup.lr_at(s, cfg) for s in range(10)] == [1.0] * 10        # default: constant
     cfg = grpo.GRPOConfig(lr=1.0, steps=102, warmup_frac=0.03, min_lr_frac=0.1)   # the paper's code
-    assert [grpo.lr_at(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert grpo.lr_at(3, cfg) == pytest.approx(1.0) and grpo.lr_at(101, cfg) == pytest.approx(0.1)
-    assert grpo.lr_at(52, cfg) == pytest.approx(0.55, abs=0.01)               # halfway down the cosine
+    assert [grpo_setup.lr_at(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert grpo_setup.lr_at(3, cfg) == pytest.approx(1.0) and grpo_setup.lr_at(101, cfg) == pytest.approx(0.1)
+    assert grpo_setup.lr_at(52, cfg) == pytest.approx(0.55, abs=0.01)         # halfway down the cosine
     import model as M
     net = M.from_pretrained(world["model"])
-    opt = grpo.make_optimizer(net, grpo.GRPOConfig(weight_decay=0.1))
+    opt = training.make_optimizer(net, 1e-3, weight_decay=0.1)                 # as grpo_setup.setup calls it
     names = {id(p): n for n, p in net.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_in_run_evaluation_is_eval_py_on_the_same_weights(world, tmp_path, monkeypatch):
+    """--eval_every N --test FILE: after every N-th step (and the last) one log record
+    {"step", "eval": true, "test_<eval.py metric>"}, computed by eval.py's own code: equal to
+    eval.py run on that step's checkpoint. Off (the default), no such record is written."""
+    import eval as ev
+    monkeypatch.setattr(reward, "score_batch", fake_score_batch)     # the training needs rewards that vary
+    monkeypatch.setenv("SRPO_COMPILE", "0")
+    out = str(tmp_path / "ev")
+    grpo.main(grpo.parse_args(_loop_args(world, out, 2, eval_every=1, test=world["test"], eval_limit=5)))
+    log = _steps_logged(out)
+    assert [(r["step"], "eval" in r) for r in log] == [(1, False), (1, True), (2, False), (2, True)]
+    assert log[1]["test_n_questions"] == 5 and log[1]["test_n_samples"] == 5
+    # eval.py on the final weights (the step-2 checkpoint exported to out/), with the settings grpo.py uses
+    cfg = ev.EvalConfig(prompt="reflect", max_new_tokens=12, batch_size=2, seed=3)
+    rows = ev.evaluate([out], ev.load_datasets([world["test"]], [], "", 5), cfg, str(tmp_path / "eval"))
+    want = {k: v for k, v in rows[0]["metrics"].items() if k not in ("skipped_bad_answer", "seconds")}
+    assert {k[len("test_"):]: v for k, v in log[3].items() if k.startswith("test_")} == want
+    assert want["mean_len"] > 0
+    with pytest.raises(ValueError, match="--eval_every 1: needs --test FILE"):
+        grpo.parse_args(["--eval_every", "1"])

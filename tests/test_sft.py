@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import data
 import model as M
 import sft
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -178,9 +179,8 @@ def test_vision_lr_scale(tok):
     vision_lr_scale 0.1 the vision tower moves by ~0.1 lr and the language model by ~lr."""
     cfg = sft.SFTConfig(lr=1e-3, vision_lr_scale=0.1)
     model = sft.build_tiny(tok, cfg)
-    opt = sft.make_optimizer(model, cfg)
-    for g in opt.param_groups:  # as the training loop does
-        g["lr"] = cfg.lr * g["lr_scale"]
+    opt = training.make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), cfg.vision_lr_scale)  # as sft.setup
+    training.set_lr(opt, cfg.lr)  # as the training loop does
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -312,9 +312,10 @@ def test_tokenizer_corpus_adds_texts_and_names_bad_lines(dataset, tmp_path):
 
 
 def test_general_modules_do_not_import_task():
-    """task.py is the built-in task; sft.py, grpo.py, dist.py and checkpoint.py are general."""
+    """task.py is the built-in task; sft.py, grpo.py, grpo_setup.py, training.py, dist.py and
+    checkpoint.py are general."""
     import ast
-    for name in ("sft.py", "grpo.py", "dist.py", "checkpoint.py"):
+    for name in ("sft.py", "grpo.py", "grpo_setup.py", "training.py", "dist.py", "checkpoint.py"):
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -379,7 +380,7 @@ def test_no_arguments_says_what_to_run(tmp_path):
 def test_no_weight_decay_on_norms_biases_embeddings(tok):
     cfg = sft.SFTConfig(weight_decay=0.1)
     model = sft.build_tiny(tok, cfg)
-    opt = sft.make_optimizer(model, cfg)
+    opt = training.make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), cfg.vision_lr_scale)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)

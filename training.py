@@ -1,0 +1,80 @@
+"""What sft.py and grpo.py share to train: the AdamW parameter groups, the lr schedule, the
+gradient clip with its finiteness check, bf16 autocast on GPU, and a run's start and end
+(process group, lock, resume). The run directory itself (lock, log, checkpoints) is checkpoint.py's.
+"""
+import math
+from contextlib import nullcontext
+
+import torch
+
+import checkpoint
+import dist
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), vision_lr_scale=1.0):
+    """AdamW over the trainable parameters. Weight decay only on weight matrices: decaying norm
+    gains, biases or token embedding rows pulls them towards 0, which is not a prior anyone wants
+    for them. Each group holds lr_scale (the vision tower's: vision_lr_scale); set_lr applies it."""
+    groups = []
+    for vision in (False, True):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.") == vision]
+        decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
+        scale = vision_lr_scale if vision else 1.0
+        groups += [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "lr_scale": scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=1e-8)
+
+
+def lr_at(step, lr, min_lr, warmup, end):
+    """lr of optimizer step `step` (0-based): linear warmup over `warmup` steps, then a cosine from
+    lr down to min_lr, reached at step `end`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, end - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        # .get: grpo.py checkpoints written before it shared make_optimizer have no lr_scale
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def clip_grad_norm(params, max_norm, loss) -> float:
+    """Clip the gradients of params to max_norm (0 = off) and return their norm before clipping.
+    A non-finite loss or norm raises NonFiniteLoss: the caller stops before the optimizer step."""
+    # clip_grad_norm_(params, 0) would zero every gradient: 0 means off
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP2: a DTensor
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise checkpoint.NonFiniteLoss(f"loss {loss}, grad norm {norm}")
+    return norm
+
+
+def autocast(device):
+    """bf16 autocast on GPU (fp32 master weights); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def run(cfg, check_config, train):
+    """A script's whole run: the process group (torchrun) or one process, cfg checked against the
+    world size, train(cfg, d); out/lock released and the process group closed however it ends
+    (a failed rank skips the final barrier, so the others fail instead of hanging)."""
+    d, ok = dist.init(), False
+    try:
+        check_config(cfg, d.world_size)
+        result = train(cfg, d)
+        ok = True
+        return result
+    finally:
+        if d.is_main:
+            checkpoint.release_lock(cfg.out)
+        dist.close(ok)
+
+
+def resume(prog, ckpt, model, optimizer, config: dict, free) -> int:
+    """Load the optimizer state and RNG of ckpt (the weights were built from it) after checking that
+    the run's config equals the one it was written with, except the `free` fields. -> its step."""
+    step, extra = checkpoint.load(ckpt, model, optimizer)
+    checkpoint.check_resume_config(prog, ckpt, extra.get("config", {}), config, free)
+    return step
