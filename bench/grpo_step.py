@@ -59,8 +59,8 @@ timed after ours, not interleaved):
     GRPO step vs TRL GRPOTrainer: shared (grpo.py) 3.65x faster, unshared 1.65x faster
 
 So: 2.21x over the unshared step (target >= 2x: met); 3.65x over TRL (target >= 4x: NOT met).
-Caveats: our step is the sum of its four timed parts (AdamW on 1.1M parameters, a few ms, and
-grpo.py's bookkeeping are not in it; TRL's step has both); TRL's advantages are all 0 here (the
+Caveats: our step is the sum of its four timed parts (AdamW on 1.1M parameters and grpo.py's
+bookkeeping are not in it, nor measured here; TRL's step has both); TRL's advantages are all 0 here (the
 random model's rewards are equal) while ours are random, which costs the same FLOPs.
 """
 import argparse
