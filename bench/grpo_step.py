@@ -19,11 +19,13 @@ The shape is the built-in task's: the reflect system prompt + one 280x224 image 
 (vocab 1024), random weights, fp32, 1 torch thread by default. Times are medians over --reps
 runs, shared and unshared interleaved (the machine is shared: read the ratios).
 
-When `trl` is importable (bench/requirements-bench.txt; never a project requirement) the same
-step is also timed with TRL's GRPOTrainer on the same weights (saved with model.save_pretrained,
-loaded by transformers). transformers 5.24 cannot build Qwen2_5_VLProcessor without torchvision,
-so it is built with video_processor=None. THIS PART HAS NOT BEEN RUN (trl is not installed on the
-machine this was written on).
+When `trl` is importable (bench/requirements-bench.txt, in a separate venv; never a project
+requirement) the same step is also timed with TRL's GRPOTrainer (trl_step: same initial weights,
+saved with model.save_pretrained and loaded by transformers; same images, question, P x G, new
+tokens forced with min_new_tokens, SRPO reward, beta 0.04, micro-batches of 16 rows, gradient
+checkpointing off, fp32, 1 thread, no vLLM), and the ratio is printed last. transformers 5.24
+cannot build Qwen2_5_VLProcessor without torchvision, so it is built with the PIL image processor
+and video_processor=None (see trl_step).
 
     python bench/grpo_step.py                     # 8 prompts x 8 samples, 128 new tokens
     python bench/grpo_step.py --new 32 --reps 1   # a quick look
@@ -41,7 +43,25 @@ absolute times are ~3x those of a quiet machine; medians of 3, shared/unshared i
     speedup of prompt sharing: reference 2.81x, training forward+backward 2.74x, whole step 2.13x
 
 (A first run at 4 prompts x 4 samples, 16 new tokens: training 3.70x, reference 1.95x: the
-shorter the responses next to the prompt, the more sharing saves.) TRL: not run (no trl here).
+shorter the responses next to the prompt, the more sharing saves.)
+
+Run of 08:46 UTC, 1 Dec, with TRL 1.16.0 (venv: /work/benchenv/bin/python bench/grpo_step.py;
+load average 7.1-7.5 on the 2 cores during the run, so again read the ratios; TRL's steps are
+timed after ours, not interleaved):
+
+    generation             2.66 s   (runs: 3.06 2.66 2.66)
+    reward                 0.00 s
+    reference shared       1.26 s   | unshared  3.55 s
+    training shared        3.62 s   | unshared 10.47 s
+    GRPO step: shared 7.55 s | unshared 16.68 s
+    TRL GRPOTrainer step  27.55 s   (runs: 24.48 27.55 29.16)
+    speedup of prompt sharing: reference 2.82x, training forward+backward 2.89x, whole step 2.21x
+    GRPO step vs TRL GRPOTrainer: shared (grpo.py) 3.65x faster, unshared 1.65x faster
+
+So: 2.21x over the unshared step (target >= 2x: met); 3.65x over TRL (target >= 4x: NOT met).
+Caveats: our step is the sum of its four timed parts (AdamW on 1.1M parameters and grpo.py's
+bookkeeping are not in it, nor measured here; TRL's step has both); TRL's advantages are all 0 here (the
+random model's rewards are equal) while ours are random, which costs the same FLOPs.
 """
 import argparse
 import os
@@ -132,28 +152,65 @@ def training_pass(policy, prompts, gen, adv, G, per_micro, shared, eps=0.2):
     policy.zero_grad(set_to_none=True)
 
 
-def trl_step(model_dir, tok_dir, images, P, G, new):
-    """One TRL GRPOTrainer step on the same weights and prompts: wall time of trainer.train()
-    (max_steps=1), generation included. Not run where this was written (no trl)."""
+def trl_step(model_dir, images, P, G, new, micro, reps, count_tokens):
+    """TRL's GRPOTrainer on the same weights (model_dir, loaded by transformers), the same P images
+    and question, G samples of exactly `new` tokens each (min_new_tokens: the random model would
+    otherwise draw an eos at random), the SRPO reward of reward.py, beta 0.04, fp32, no vLLM.
+    Settings matched to grpo.py's defaults: micro-batches of `micro` whole groups
+    (per_device_train_batch_size = micro * G, gradient_accumulation = P / micro, one generation of
+    P x G per optimizer step), gradient checkpointing OFF (TRL's default is on; grpo.py's is off),
+    loss_type "grpo" (per-response token mean, grpo.py's default loss_agg=seq; "dapo" costs the same).
+    Returns the wall times of optimizer steps 2 .. reps + 1 (step 1 warms up): each from the
+    trainer's on_step_begin to its on_step_end, so generation, reward, reference, old log-probs
+    (none: one pass over each generation), forward, backward and AdamW are in, the Trainer's
+    setup is not."""
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              TrainerCallback)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                    video_processor=None, chat_template=tokenizer.chat_template)
+    hf_logging.set_verbosity_error()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    # transformers 5.24 cannot build Qwen2_5_VLProcessor without torchvision: its default image
+    # processor and its video processor import it. So: the PIL image processor, no video processor,
+    # and the class check (which also looks up the missing video processor class) skipped for None.
+    class Processor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    processor = Processor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer, video_processor=None,
+                          chat_template=tokenizer.chat_template)
     rows = [{"prompt": [{"role": "system", "content": [{"type": "text", "text": data.SYSTEM_PROMPT_REFLECT}]},
                         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-             "image": img} for img, _ in images[:P]]
-    args = GRPOConfig(output_dir=os.path.join(tok_dir, "trl"), per_device_train_batch_size=P * G,
-                      num_generations=G, max_completion_length=new, max_steps=1, temperature=1.0, beta=0.04,
-                      use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no")
-    trainer = GRPOTrainer(model=Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir), args=args,
-                          processing_class=processor, train_dataset=Dataset.from_list(rows),
-                          reward_funcs=lambda completions, **kw: [float(len(str(c)) % 3) for c in completions])
-    t0 = time.perf_counter()
+             "image": img, "answer": "3"} for img, _ in images[:P]]
+
+    def srpo_reward(completions, answer, **kw):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [s.total for s in reward.score_batch(texts, list(answer), mode="srpo", count_tokens=count_tokens)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = StepTimer()
+    args = GRPOConfig(output_dir=os.path.join(model_dir, "trl"), per_device_train_batch_size=micro * G,
+                      gradient_accumulation_steps=P // micro, num_generations=G, max_completion_length=new,
+                      generation_kwargs={"min_new_tokens": new}, max_steps=reps + 1, temperature=1.0,
+                      beta=0.04, loss_type="grpo", learning_rate=3e-5, gradient_checkpointing=False,
+                      use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no",
+                      dataloader_num_workers=0, disable_tqdm=True)
+    trainer = GRPOTrainer(model=Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32),
+                          args=args, processing_class=processor, train_dataset=Dataset.from_list(rows),
+                          reward_funcs=srpo_reward, callbacks=[timer])
     trainer.train()
-    return time.perf_counter() - t0
+    return timer.times[1:]
 
 
 def main():
@@ -216,14 +273,23 @@ def main():
         try:
             import trl  # noqa: F401
         except ImportError:
+            trl_times = None
             print("TRL GRPOTrainer: not timed (trl is not installed; pip install -r bench/requirements-bench.txt)")
         else:
             model_dir = os.path.join(tmp, "model")
-            M.save_pretrained(policy, model_dir, tokenizer_dir=os.path.join(tmp, "tok"))
-            print(f"TRL GRPOTrainer, one step (generation included): {trl_step(model_dir, os.path.join(tmp, 'tok'), images, P, G, args.new):.2f} s")
+            M.save_pretrained(ref, model_dir, tokenizer_dir=os.path.join(tmp, "tok"))  # ref: the initial weights
+            trl_times = trl_step(model_dir, images, P, G, args.new, args.micro, args.reps, tok.count_tokens)
+            torch.set_num_threads(args.threads or torch.get_num_threads())  # in case the Trainer changed it
+            print(f"TRL GRPOTrainer step {statistics.median(trl_times):6.2f} s   "
+                  f"(runs: {' '.join(f'{x:.2f}' for x in trl_times)}; generation, reward, reference, "
+                  f"training and AdamW)", flush=True)
         print(f"speedup of prompt sharing: reference {med['reference unshared'] / med['reference shared']:.2f}x, "
               f"training forward+backward {med['training unshared'] / med['training shared']:.2f}x, "
               f"whole step {step['unshared'] / step['shared']:.2f}x")
+        if trl_times is not None:
+            t_trl = statistics.median(trl_times)
+            print(f"GRPO step vs TRL GRPOTrainer: shared (grpo.py) {t_trl / step['shared']:.2f}x faster, "
+                  f"unshared (grpo.py before prompt sharing) {t_trl / step['unshared']:.2f}x faster")
 
 
 if __name__ == "__main__":

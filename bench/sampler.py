@@ -25,6 +25,39 @@ the ratios, which come from interleaved best-of-3 runs):
     python bench/sampler.py --threads 2 --batch 64
     python bench/sampler.py --batch 64 --new 32    # a quick look
 
+Run of 09:25 UTC, 1 Dec (load average 6.3-6.8 on the 2 cores, matmul peak 20 GFLOP/s: ~6x
+below a quiet machine; cold compile 290 s). No change to sampler.py since 05:40, see below:
+
+    python bench/sampler.py --batch 64
+    batch   64 prompt  74 new 128: ours 1352 tok/s | transformers  822 tok/s       1.65x
+    8 prompts x 8 samples, new 128: ours 1772 tok/s | transformers  836 tok/s      2.12x
+
+  The 3x target for the 8 x 8 row is NOT met (2.1x). Where the time goes (08:54-09:00, same row,
+  load ~7; timers around generate's parts, then torch.profiler with inductor's kernel profile):
+    whole call 1.6-1.9 s (transformers 3.0-3.8 s): prefill 0.05 s, eager sampling (log_softmax,
+    exp, cumsum, searchsorted) 0.11-0.13 s, the compiled decode step 1.3-1.5 s, the Python loop
+    around it 0.11-0.16 s. Inside the 127 decode steps (2.0 s profiled call):
+      matmuls (29 per step: q k v o gate up down x 4 layers + lm_head)   690 ms  34%
+      the fused attention kernel of each layer (4 per step, ~1 ms each)   523 ms  26%
+      inductor's Python wrapper that calls the graph's kernels            243 ms  12%
+      dynamo's guard check + pregraph bytecode + compiled-region entry    200 ms  10%
+      eager sampling + loop bookkeeping (index_put, fill, copy, isin)    ~250 ms  12%
+  What stands in the way: transformers takes ~26 ms per decode step here (3.3 s / 128), so 3x
+  means <= 8.7 ms per step for everything, while our matmuls alone take 5.4 ms and the attention
+  kernels 4.1 ms (9.5 ms). The matmuls are the same FLOPs transformers does, at the rate this
+  CPU gives such small GEMMs; so 3x needs the attention kernels well under half their time AND
+  the ~4 ms of per-step overhead (guards, wrapper, sampling, loop) nearly gone.
+  Measured and dropped (same row, one process, the variants compiled side by side and run
+  interleaved x5, identical tokens and log-probs, load ~7): the attention kernel recomputes the
+  query's rotary for every key (inductor inlines the roped q into the score reduction: 5 vector
+  loads per 8 lanes instead of 2), so torch.compile(options={"realize_reads_threshold": 1}) to
+  keep q in memory; and "cpp_wrapper": True (a C++ caller instead of the 12% Python wrapper):
+    base min 4.336 s (median 5.136) | realize 4.339 (4.802) | realize + cpp_wrapper 4.454 (4.837)
+  i.e. nothing beyond the noise (and cpp_wrapper compiles in 312 s instead of 43). Not tried for
+  lack of time: AOTInductor (torch.export + aoti_compile_and_package: no dynamo guards and no
+  Python wrapper per step, at most the 22% those take) and moving sampling into the compiled
+  graph (25 Nov: 184 -> 134 us per step, ~2%).
+
 Run of 05:40 UTC, 1 Dec, after prompt sharing in decode (cascade attention: the prompt cache
 stored once per group, a group's n queries stacked against it, merged with each row's own-token
 attention by log-sum-exp). The machine was far busier than on 25 Nov (4 other developers' tests;
