@@ -32,7 +32,6 @@ Run directory (log.jsonl, checkpoint/, the final HF model in --out): see checkpo
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -175,6 +174,8 @@ class GRPOConfig:
     grad_clip: float = 1.0                  # max grad norm; 0 = off
     freeze_vision: bool = True
     grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
+    precision: str = "auto"                 # bf16: FSDP2 mixed precision (fp32 master weights, bf16 forwards, fp32
+                                            # gradient reduction; dist.shard_model) | fp32 | auto: bf16 on GPU, fp32 on CPU
     logprob_chunk: int = 256                # time chunk of the float32 log-softmax
     logp_old: str = "auto"                  # sampler | recompute (training forward) | auto: recompute unless the
                                             # policy runs in float32 (CPU), where both agree to ~1e-6
@@ -196,14 +197,15 @@ class GRPOConfig:
 #       --n_minibatches 4 --micro_batch 8 --grad_checkpoint 1 --beta 0.0 --steps 300
 # i.e. the paper-code defaults with 128 prompts x 8 = 1024 rollouts per step, 4 optimizer steps
 # of 256 rollouts. Memory per H100-80GB: fp32 master weights + AdamW state sharded 8 ways
-# (~14 GB), bf16 autocast compute, each decoder layer recomputed in backward; the rollout
-# all-gathers the model (~30 GB fp32) and keeps a KV cache of rollout_batch x G rows.
+# (~14 GB), bf16 forwards (--precision auto = bf16 on GPU: FSDP2 mixed precision), each decoder
+# layer recomputed in backward; the rollout all-gathers the model in bf16 (~15 GB) and keeps a
+# bf16 KV cache of rollout_batch x G rows. Term by term: python memory.py (its defaults are this).
 
 
 def parse_args(argv=None) -> GRPOConfig:
     cfg = parse_config(GRPOConfig, argv, description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)",
                        choices={"reward": ["srpo", "grpo"], "loss_agg": ["seq", "token"],
-                                "logp_old": ["auto", "sampler", "recompute"],
+                                "logp_old": ["auto", "sampler", "recompute"], "precision": ["auto", "fp32", "bf16"],
                                 "reward_preset": ["paper", "code"]})
     check_config(cfg)
     return cfg
@@ -302,10 +304,6 @@ def load_metric_fn(spec):
     return load_function(spec, "--extra_metrics") if spec else None
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------
 # 4. rollout: G responses per prompt, rewards, advantages, filter
 
@@ -338,8 +336,7 @@ def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
     prompts = [encode_prompt(r, tok, system_prompt) for r in records]
     scfg = sampler.SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p, n=G, seed=seed)
-    with autocast(d.device):
-        gen = sampler.generate_texts(policy, tok, prompts, scfg, batch_size=cfg.rollout_batch)
+    gen = sampler.generate_texts(policy, tok, prompts, scfg, batch_size=cfg.rollout_batch)   # bf16 run: on bf16 gathered weights
     gts = [r["answer"] for r in records for _ in range(G)]
     options = [r.get("options") for r in records for _ in range(G)]
     scores = reward.score_batch(gen.texts, gts, mode=cfg.reward, count_tokens=tok.count_tokens, cfg=rcfg,
@@ -377,11 +374,9 @@ def group_logprobs(net, roll: Rollout, groups, cfg, device):
     resp = roll.tokens[rows, :R].masked_fill(~mask, roll.pad_id)       # (g*G, R)
     p = data.collate([roll.prompts[int(j)] for j in groups], roll.pad_id, left_pad=True)   # (g, Tp), left-padded
     pv, grid = p["pixel_values"], p["image_grid_thw"]
-    with autocast(device):
-        logits = net.forward_shared_prefix(
-            p["input_ids"].to(device), p["attention_mask"].to(device),
-            None if pv is None else pv.to(device, next(net.parameters()).dtype),
-            None if grid is None else grid.to(device), resp.to(device), mask.long().to(device))   # (g*G, R, V)
+    logits = net.forward_shared_prefix(
+        p["input_ids"].to(device), p["attention_mask"].to(device), None if pv is None else pv.to(device),
+        None if grid is None else grid.to(device), resp.to(device), mask.long().to(device))   # (g*G, R, V)
     logp, ent = token_logprobs(logits, resp.to(device), cfg.temperature, cfg.logprob_chunk)
     return logp, ent, mask.to(device)
 
@@ -471,7 +466,9 @@ def minibatch_step(policy, optimizer, roll, groups, cfg, d, logp_ref, st: Update
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     per, loss_sum = max(1, cfg.micro_batch // roll.group_size), 0.0
-    for m in range(n_micro_batches(len(groups), per, d.device)):
+    n_micro = n_micro_batches(len(groups), per, d.device)
+    for m in range(n_micro):
+        dist.set_grad_sync(policy, m == n_micro - 1)                   # reduce-scatter once, after the last
         mb = groups[m * per:(m + 1) * per]
         dummy = len(mb) == 0
         mb = torch.arange(1) if dummy else mb                          # same forwards on every rank, weight 0
@@ -554,18 +551,19 @@ def main(cfg: GRPOConfig):
 
 
 def build_models(cfg: GRPOConfig, d, path):
-    """The policy from `path` (fp32 master weights; bf16 autocast on GPU), its AdamW, and the
-    frozen reference (the initial model --model, sharded fp32) when beta > 0."""
+    """The policy from `path` (fp32 master weights; --precision bf16: bf16 forwards through FSDP2
+    mixed precision), its AdamW, and the frozen reference (the initial model --model) when beta > 0."""
     policy = model_lib.from_pretrained(path, device=d.device, dtype=torch.float32)
     policy.visual.requires_grad_(not cfg.freeze_vision)
     if cfg.grad_checkpoint:
         from torch.distributed._composable import checkpoint as recompute_in_backward
         for layer in policy.layers:                                    # state-dict keys unchanged
             recompute_in_backward(layer)
-    dist.shard_model(policy)
+    dt = dist.precision_dtype(cfg.precision, d.device)
+    dist.shard_model(policy, dt)
     ref = None
-    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same autocast): KL starts at 0
-        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False))
+    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same policy): KL starts at 0
+        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False), dt)
     return policy, ref, make_optimizer(policy, cfg)
 
 
@@ -613,10 +611,11 @@ def train(cfg: GRPOConfig, d):
         # 1-4. rollout, rewards, advantages, filter (this rank's contiguous block of the step's prompts)
         idx = step_prompts(len(records), step, cfg.prompts_per_step, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
         t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)                          # no gradients held through the rollout
         roll = rollout(policy, tok, [records[i] for i in idx], cfg, d, rollout_seed(cfg, step, d.rank, d.world_size),
                        rcfg, system_prompt)
         logp_ref = rows_logprobs(ref, roll, cfg, d) if ref is not None else None
-        recompute = cfg.logp_old == "recompute" or (cfg.logp_old == "auto" and d.device.type == "cuda")
+        recompute = cfg.logp_old == "recompute" or (cfg.logp_old == "auto" and dist.precision_dtype(cfg.precision, d.device) != torch.float32)
         mismatch = recompute_logp_old(policy, roll, cfg, d) if recompute else None
         t_roll, t0 = time.time() - t0, time.time()
         for g in optimizer.param_groups:

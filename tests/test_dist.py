@@ -105,3 +105,100 @@ def test_fsdp_two_processes_save_load(tmp_path):
     saved = M.from_pretrained(str(tmp_path / "ck"))
     for (n, a), b in zip(single.named_parameters(), saved.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16: FSDP2 mixed precision (one process: dist.shard_model starts a process group of one)
+
+@pytest.fixture(scope="module")
+def bf16_world(tmp_path_factory):
+    """The built-in task, a tokenizer trained on it, a random tiny Qwen2.5-VL with UNTIED
+    embeddings (as the 7B: embed_tokens and lm_head are separate FSDP units). Tears down the
+    one-process group the bf16 sharding starts, so later tests see a plain process."""
+    import json
+    import data
+    import task
+    out = str(tmp_path_factory.mktemp("bf16_world"))
+    train, _ = task.make_task(os.path.join(out, "task"), task.TaskConfig(n_train=8, n_test=2, difficulty=1))
+    recs = data.read_jsonl(train)
+    texts = [json.dumps(r["messages"]) for r in recs] + [data.SYSTEM_PROMPT_REFLECT, data.SYSTEM_PROMPT_SINGLE]
+    tok = data.train_tokenizer(texts, os.path.join(out, "tok"), vocab_size=400)
+    cfg = M.tiny_config(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id,
+                        vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id,
+                        eos_token_id=tok.eos_ids, video_token_id=tok.video_pad_id, num_hidden_layers=2,
+                        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    net = M.Qwen2_5_VL(cfg)
+    with torch.no_grad():   # a non-trivial output distribution (N(0, 0.02) weights give ~uniform logits)
+        net.lm_head.weight.normal_(0, 1.0)
+    M.save_pretrained(net, os.path.join(out, "init"), tokenizer_dir=os.path.join(out, "tok"))
+    yield dict(model=os.path.join(out, "init"), train=train, tok=tok)
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _bf16_setup(w, beta):
+    import data
+    import grpo
+    cfg = grpo.GRPOConfig(model=w["model"], precision="bf16", beta=beta, prompts_per_step=2, group_size=4,
+                          max_new_tokens=12, rollout_batch=2, micro_batch=4, n_minibatches=1, logprob_chunk=8)
+    d = dist.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    policy, ref, opt = grpo.build_models(cfg, d, w["model"])
+    records = grpo.load_records(w["train"])[:2]
+    return cfg, d, policy, ref, opt, records, data
+
+
+def test_bf16_rollout_and_recomputed_logp_old_give_ratio_1_at_step_0(bf16_world, monkeypatch):
+    """--precision bf16 in one process: the parameters are fp32 DTensors (the master weights), the
+    sampler's KV cache is bf16 (the gathered copy's dtype, no autocast), and logp_old recomputed
+    with the training forward makes the PPO ratio 1 within 1e-3 on every response token of the
+    update's micro-batches (which group the rows differently from the recompute). The sampler's
+    own bf16 log-probs are further off than that: the test can tell the two apart."""
+    import grpo
+    cfg, d, policy, _, opt, records, data = _bf16_setup(bf16_world, beta=0.0)
+    w = policy.layers[0].self_attn.q_proj.weight
+    assert type(w).__name__ == "DTensor" and w.dtype == torch.float32
+    made = []
+    real_cache = M.KVCache
+    monkeypatch.setattr(M, "KVCache", lambda *a, **k: made.append(real_cache(*a, **k)) or made[-1])
+    roll = grpo.rollout(policy, bf16_world["tok"], records, cfg, d, 0, grpo.reward_config(cfg), data.SYSTEM_PROMPT_REFLECT)
+    assert made and all(c.k.dtype == torch.bfloat16 for c in made), [c.k.dtype for c in made]
+    sampled = roll.logp_old.clone()
+    grpo.recompute_logp_old(policy, roll, cfg, d)
+    worst_train, worst_sampler = 0.0, 0.0
+    for groups in (torch.tensor([1]), torch.tensor([0])):              # one group per micro-batch, as in update
+        logp, _, mask = grpo.group_logprobs(policy, roll, groups, cfg, d.device)   # grad enabled: the training forward
+        assert logp.requires_grad and mask.any()
+        rows, R = roll.rows(groups), mask.shape[1]
+        ratio = torch.exp(logp.detach() - roll.logp_old[rows, :R])[mask]
+        worst_train = max(worst_train, float((ratio - 1).abs().max()))
+        worst_sampler = max(worst_sampler, float((torch.exp(logp.detach() - sampled[rows, :R])[mask] - 1).abs().max()))
+    print(f"bf16 max |ratio - 1|: recomputed {worst_train:.2e}, sampler's {worst_sampler:.2e}")
+    assert worst_train <= 1e-3, worst_train
+    assert worst_sampler > 1e-3, worst_sampler
+    roll.keep[:] = True                                                # a random model's groups would all be filtered
+    roll.adv = torch.randn(roll.adv.shape, generator=torch.Generator().manual_seed(0))
+    us = grpo.update(policy, opt, roll, cfg, d)                        # the whole update runs in bf16
+    assert us.opt_steps == 1 and us.clipped == 0 and us.kl_old / us.tokens <= 1e-6, us
+    assert w.dtype == torch.float32 and all(p.grad is None or p.grad.dtype == torch.float32 for p in policy.parameters())
+
+
+def test_bf16_policy_and_reference_start_at_kl_0(bf16_world):
+    """The reference runs the policy's precision path (fp32 weights, the same FSDP2 bf16 policy):
+    k3 KL <= 1e-6 at step 0. A reference in fp32 (a different path) is measurably off, so the
+    bound is not vacuous."""
+    import grpo
+    cfg, d, policy, ref, _, records, data = _bf16_setup(bf16_world, beta=0.04)
+    roll = grpo.rollout(policy, bf16_world["tok"], records, cfg, d, 1, grpo.reward_config(cfg), data.SYSTEM_PROMPT_REFLECT)
+    m = torch.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]
+    logp = grpo.rows_logprobs(policy, roll, cfg, d)
+
+    def kl(other):
+        dr = (other - logp)[m]
+        return float((torch.exp(dr) - dr - 1).mean())
+
+    same, fp32 = kl(grpo.rows_logprobs(ref, roll, cfg, d)), kl(grpo.rows_logprobs(M.from_pretrained(cfg.model), roll, cfg, d))
+    print(f"bf16 KL(policy, reference) at step 0: same path {same:.2e}, fp32 reference {fp32:.2e}")
+    assert same <= 1e-6, same
+    assert fp32 > 1e-6, fp32
