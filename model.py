@@ -838,6 +838,24 @@ def save_pretrained(model, path, tokenizer_dir=None, state_dict=None):
     """Atomic: write everything to path + '.tmp', then rename into place. config.json in the
     transformers-5 layout, tensors under the hub keys (as transformers 5 itself saves them).
     state_dict: a full (gathered) state dict with our keys, e.g. from FSDP on rank 0."""
+    path = os.path.abspath(path.rstrip("/"))
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_pretrained(model, tmp, tokenizer_dir, state_dict)
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    return path
+
+
+def write_pretrained(model, directory, tokenizer_dir=None, state_dict=None):
+    """The HF files (model.safetensors, config.json, tokenizer) into an existing directory, not
+    atomically: save_pretrained, or a caller with its own atomic directory (checkpoint.save)."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -848,22 +866,10 @@ def save_pretrained(model, path, tokenizer_dir=None, state_dict=None):
             continue
         tensors[_key_to_hf(k)] = v.detach().to("cpu").contiguous()
     dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    path = os.path.abspath(path.rstrip("/"))
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config.to_hf(dtype), f, indent=2)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
             if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-    return path
+                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))

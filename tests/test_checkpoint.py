@@ -31,9 +31,10 @@ def test_train_state_round_trip(tmp_path):
     expect_rng = (torch.rand(4), np.random.rand(3), random.random())
 
     files = sorted(os.listdir(path))
-    assert {"config.json", "model.safetensors", "optimizer.safetensors", "train_state.json",
+    assert {"config.json", "model.safetensors", "train", "train_state.json",
             "rng_rank0.safetensors", "rng_rank0.json"} <= set(files)
-    assert all(f.endswith((".json", ".safetensors")) for f in files), files  # nothing pickled
+    files += ["train/" + f for f in os.listdir(os.path.join(path, "train"))]
+    assert all(f.endswith((".json", ".safetensors")) for f in files if f != "train"), files  # nothing pickled
     assert not os.path.exists(path + ".tmp")
 
     torch.manual_seed(0), np.random.seed(0), random.seed(0)  # scramble, load must restore
@@ -111,8 +112,11 @@ def test_checkpoint_files_respect_umask(tmp_path):
         opt = make_opt(model)
         train_steps(model, opt, 1)
         checkpoint.save(path, model, opt, step=1)
-        for name in os.listdir(path):
-            assert stat.S_IMODE(os.stat(os.path.join(path, name)).st_mode) == 0o644, name
+        files = [os.path.join(d, n) for d in (path, os.path.join(path, "train")) for n in os.listdir(d)]
+        files = [f for f in files if os.path.isfile(f)]
+        assert any("/train/" in f for f in files)
+        for f in files:
+            assert stat.S_IMODE(os.stat(f).st_mode) == 0o644, f
         checkpoint.export_final(path, str(tmp_path))
         assert stat.S_IMODE(os.stat(tmp_path / "model.safetensors").st_mode) == 0o644
     finally:

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+import checkpoint
 import dist
 import model as M
 
@@ -51,6 +52,7 @@ SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, os.environ["ROOT"]); sys.path.insert(0, os.environ["TESTS"])
     import checkpoint, dist, model as M
+    from safetensors.torch import save_file
     from test_dist import tiny_model, make_opt, train_steps
     d = dist.init()
     assert d.world_size == 2 and torch.distributed.get_backend() == "gloo"
@@ -65,7 +67,13 @@ SCRIPT = textwrap.dedent("""
     train_steps(m, opt, 2)
     path = os.environ["CKPT"]
     checkpoint.save(path, m, opt, step=2, extra={"rank_count": d.world_size})
-    m2 = M.from_pretrained(path); m2.train()
+    # what the two ranks hold, put together (full_tensor: a collective), for the 1-process resume
+    ref = {"w/" + n: p.full_tensor() for n, p in m.named_parameters()}
+    ref.update({f"o/{n}/{k}": v.full_tensor() if hasattr(v, "full_tensor") else v
+                for n, p in m.named_parameters() for k, v in opt.state.get(p, {}).items()})
+    if d.rank == 0:
+        save_file({k: v.contiguous() for k, v in ref.items()}, os.environ["REF"])
+    m2 = tiny_model(seed=1); m2.train()   # other weights: the checkpoint must bring them
     dist.shard_model(m2)
     opt2 = make_opt(m2)
     step, extra = checkpoint.load(path, m2, opt2)
@@ -77,10 +85,15 @@ SCRIPT = textwrap.dedent("""
             continue
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][k].full_tensor(), opt2.state[p2][k].full_tensor())
+        assert torch.equal(opt.state[p]["step"], opt2.state[p2]["step"])
+    assert set(opt2.state) == {p2 for p, p2 in zip(m.parameters(), m2.parameters()) if opt.state.get(p)}
     train_steps(m, opt, 1, seed=1); train_steps(m2, opt2, 1, seed=1)
     for a, b in zip(m.parameters(), m2.parameters()):
         assert torch.equal(a.full_tensor(), b.full_tensor())
-    del m, m2, opt, opt2, a, b  # free the sharded tensors before the process group goes
+    after = {n: p.full_tensor() for n, p in m.named_parameters()}
+    if d.rank == 0:
+        save_file({k: v.contiguous() for k, v in after.items()}, os.environ["REF"] + ".after")
+    del m, m2, opt, opt2, a, b, ref, after  # free the sharded tensors before the process group goes
     dist.close()
     print("OK", d.rank)
     dist.exit_worker()  # skip the interpreter teardown, where gloo can abort a finished worker
@@ -89,13 +102,16 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_fsdp_two_processes_save_load(tmp_path):
-    """torchrun x2 (gloo): params are sharded DTensors, all_reduce sums, the checkpoint of a sharded
-    model reloads into a freshly sharded one with identical weights, optimizer state and next step;
-    the saved weights equal a single process trained the same way (FSDP averages the gradients
-    of identical data = the single-process gradient)."""
+    """torchrun x2 (gloo): params are sharded DTensors, all_reduce sums, the sharded (DCP)
+    checkpoint of a sharded model reloads into a freshly sharded model with other weights: identical
+    weights, optimizer state and next step. The same checkpoint resumes in ONE process to the
+    weights and optimizer state the two ranks held (bitwise) and the same next step; the HF
+    export equals a single process trained the same way (FSDP averages the gradients of
+    identical data = the single-process gradient)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, ROOT=ROOT, TESTS=os.path.join(ROOT, "tests"), CKPT=str(tmp_path / "ck"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, ROOT=ROOT, TESTS=os.path.join(ROOT, "tests"), CKPT=str(tmp_path / "ck"), OMP_NUM_THREADS="1",
+               REF=str(tmp_path / "ref.safetensors"))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                        env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0 and r.stdout.count("OK") == 2, r.stdout[-3000:] + r.stderr[-3000:]
@@ -105,6 +121,27 @@ def test_fsdp_two_processes_save_load(tmp_path):
     saved = M.from_pretrained(str(tmp_path / "ck"))
     for (n, a), b in zip(single.named_parameters(), saved.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=n)
+    # resume in one process what two wrote
+    from safetensors.torch import load_file
+    ref, after = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "ref.safetensors.after"))
+    one = tiny_model(seed=1)
+    one.train()
+    opt1 = make_opt(one)
+    assert not torch.equal(one.embed_tokens.weight, ref["w/embed_tokens.weight"])
+    step, extra = checkpoint.load(str(tmp_path / "ck"), one, opt1)
+    assert step == 2 and extra == {"rank_count": 2}
+    for n, p in one.named_parameters():
+        assert torch.equal(p, ref["w/" + n]), n
+    moments = {f"o/{n}/{k}": v for n, p in one.named_parameters() for k, v in opt1.state.get(p, {}).items()}
+    assert moments.keys() == {k for k in ref if k.startswith("o/")} and len(moments) > 0
+    for k, v in moments.items():
+        assert torch.equal(v, ref[k]), k
+    assert opt1.param_groups[0]["betas"] == (0.9, 0.95) and opt1.param_groups[0]["weight_decay"] == 0.1
+    full = checkpoint.read_optimizer_state(str(tmp_path / "ck"))
+    assert full.keys() == {k[2:] for k in moments} and all(torch.equal(full[k[2:]], v) for k, v in moments.items())
+    train_steps(one, opt1, 1, seed=1)
+    for n, p in one.named_parameters():
+        torch.testing.assert_close(p, after[n], rtol=0, atol=1e-6, msg=n)
 
 
 # ----------------------------------------------------------------------------------------------
