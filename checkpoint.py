@@ -178,9 +178,11 @@ def release_lock(out):
         pass
 
 
-def install_tokenizer(prog, src, out):
-    """Copy the tokenizer files of src into out/tokenizer/ (atomically) and return that path.
-    Every save copies the tokenizer from there."""
+def install_tokenizer(prog, src, out, max_pixels: int = 0):
+    """Copy the tokenizer files of src into out/tokenizer/ (atomically) and return that path,
+    with the run's preprocessor_config.json: src's image settings, max_pixels > 0 overriding
+    (model.image_config). Every save copies both from there, so transformers' processor loaded
+    from any checkpoint or export of the run sizes images as the run did."""
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):
         raise RunError(f"{prog}: {src} has no tokenizer.json (not a complete checkpoint)")
     dst = os.path.join(out, "tokenizer")
@@ -192,9 +194,19 @@ def install_tokenizer(prog, src, out):
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+    model_lib.write_image_config(tmp, image_config(prog, src, max_pixels))
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(tmp, dst)
     return dst
+
+
+def image_config(prog, path, max_pixels: int = 0):
+    """model.image_config (the checkpoint's preprocessor_config.json, --max_pixels overriding),
+    its errors as RunError."""
+    try:
+        return model_lib.image_config(path, max_pixels)
+    except ValueError as e:
+        raise RunError(f"{prog}: {e}") from None
 
 
 def check_special_tokens(prog, path, tok):

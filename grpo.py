@@ -174,6 +174,7 @@ class GRPOConfig:
     grad_clip: float = 1.0                  # max grad norm; 0 = off
     freeze_vision: bool = True
     grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
+    max_pixels: int = 0                     # images: 0 = --model's preprocessor_config.json (else 28*28*1280); > 0 overrides
     precision: str = "auto"                 # bf16: FSDP2 mixed precision (fp32 master weights, bf16 forwards, fp32
                                             # gradient reduction; dist.shard_model) | fp32 | auto: bf16 on GPU, fp32 on CPU
     logprob_chunk: int = 256                # time chunk of the float32 log-softmax
@@ -577,6 +578,7 @@ def setup(cfg: GRPOConfig, d):
     checkpoint.require(PROG, os.path.join(cfg.model, "tokenizer.json"), "the model to train", how)
     checkpoint.require(PROG, cfg.train, "training prompts", how)
     tok = data.Tokenizer.from_dir(cfg.model)
+    tok.image_cfg = checkpoint.image_config(PROG, cfg.model, cfg.max_pixels)   # written on save (install_tokenizer)
     checkpoint.check_special_tokens(PROG, cfg.model, tok)
     rcfg, records = reward_config(cfg), load_records(cfg.train)
     ckpt, resume = checkpoint.open_run(PROG, cfg.out, {"--model": cfg.model}, d.is_main)
@@ -586,7 +588,7 @@ def setup(cfg: GRPOConfig, d):
         start, extra = checkpoint.load(ckpt, policy, optimizer)
         checkpoint.check_resume_config(PROG, ckpt, extra.get("config", {}), asdict(cfg), RESUME_FREE)
     if d.is_main:
-        checkpoint.install_tokenizer(PROG, cfg.model, cfg.out)
+        checkpoint.install_tokenizer(PROG, cfg.model, cfg.out, cfg.max_pixels)
         checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg)})
         print(f"{PROG}: {'resuming at step ' + str(start) if resume else 'starting'}: {len(records)} train "
               f"prompts, world size {d.world_size}, {model_lib.count_params(policy, trainable_only=True):,} "
