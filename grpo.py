@@ -169,6 +169,8 @@ class GRPOConfig:
     beta: float = 0.04                      # k3 KL to the frozen initial model; 0 = no reference kept (paper: 0)
     adv_eps: float = 1e-6
     filter_groups: bool = True              # drop groups with mean accuracy outside [acc_low, acc_high]
+    dynamic_sampling: int = 0               # DAPO: up to this many more rollout rounds (fresh prompts) per step while
+                                            # fewer than prompts_per_step groups passed the filter; 0 = off
     acc_low: float = 0.1
     acc_high: float = 0.9
     grad_clip: float = 1.0                  # max grad norm; 0 = off
@@ -221,7 +223,7 @@ def check_config(cfg: GRPOConfig, world_size=1):
         ("group_size", c.group_size >= 2, "GRPO needs at least 2 responses per prompt"),
         ("prompts_per_step", c.prompts_per_step % (W * nm) == 0, f"must be a multiple of world_size x n_minibatches = {W} x {nm}"),
         ("eps_low", 0 <= c.eps_low < 1, "need 0 <= eps_low < 1"), ("eps_high", c.eps_high >= 0, "must be >= 0"),
-        ("beta", c.beta >= 0, "must be >= 0"), ("temperature", c.temperature > 0, "must be > 0"),
+        ("beta", c.beta >= 0, "must be >= 0"), ("dynamic_sampling", c.dynamic_sampling >= 0, "must be >= 0 (0 = off)"), ("temperature", c.temperature > 0, "must be > 0"),
         ("top_p", 0 < c.top_p <= 1, "must be in (0, 1]"), ("weight_decay", c.weight_decay >= 0, "must be >= 0"),
         ("adv_eps", c.adv_eps > 0, "must be > 0 (a group of equal rewards would give 0 / 0 = NaN)"),
         ("lr", math.isfinite(c.lr) and c.lr > 0, "must be a finite number > 0"),
@@ -349,6 +351,43 @@ def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
     return Rollout(records=records, prompts=prompts, tokens=gen.tokens, lengths=gen.lengths,
                    logp_old=gen.logprobs.float(), texts=gen.texts, finish_reasons=gen.finish_reasons,
                    scores=scores, adv=adv, keep=keep, group_size=G, pad_id=tok.pad_id)
+
+
+def cat_rollouts(rolls) -> Rollout:
+    """Rollouts of the same rank one after the other (prompt-major rows; tokens padded to the
+    longest response)."""
+    if len(rolls) == 1:
+        return rolls[0]
+    R = max(r.tokens.shape[1] for r in rolls)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, R - t.shape[1]), value=v)
+    r0 = rolls[0]
+    return Rollout(records=[x for r in rolls for x in r.records], prompts=[x for r in rolls for x in r.prompts],
+                   tokens=torch.cat([pad(r.tokens, r0.pad_id) for r in rolls]), lengths=torch.cat([r.lengths for r in rolls]),
+                   logp_old=torch.cat([pad(r.logp_old, 0.0) for r in rolls]), texts=[x for r in rolls for x in r.texts],
+                   finish_reasons=[x for r in rolls for x in r.finish_reasons], scores=[x for r in rolls for x in r.scores],
+                   adv=torch.cat([r.adv for r in rolls]), keep=torch.cat([r.keep for r in rolls]),
+                   group_size=r0.group_size, pad_id=r0.pad_id)
+
+
+def sample_step(policy, tok, records, cfg, d, step, rcfg, system_prompt) -> tuple[Rollout, int]:
+    """This rank's rollout of a step: its contiguous block of the step's prompts. With
+    --dynamic_sampling K (DAPO's dynamic sampling), while fewer than prompts_per_step groups over
+    all ranks passed the accuracy filter, up to K more rounds sample the next prompts of the
+    stream (step s's rounds are stream slices s(K+1) .. s(K+1)+K, so resuming draws the same);
+    the update trains on the kept groups of every round. Every rank runs the same rounds (the
+    count is all-reduced). Returns the rollout and the number of rounds."""
+    K, P = cfg.dynamic_sampling, cfg.prompts_per_step
+    P_local = P // d.world_size
+    rolls, kept = [], 0
+    for r in range(K + 1):
+        s = step * (K + 1) + r
+        idx = step_prompts(len(records), s, P, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
+        rolls.append(rollout(policy, tok, [records[i] for i in idx], cfg, d, rollout_seed(cfg, s, d.rank, d.world_size),
+                             rcfg, system_prompt))
+        kept += int(dist.all_reduce(torch.tensor([int(rolls[-1].keep.sum()) // cfg.group_size], device=d.device)).item())
+        if kept >= P:
+            break
+    return cat_rollouts(rolls), len(rolls)
 
 
 def recompute_logp_old(policy, roll: Rollout, cfg, d):
@@ -607,15 +646,12 @@ def train(cfg: GRPOConfig, d):
     tok, rcfg, records, policy, ref, optimizer, start = setup(cfg, d)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     ckpt, log_path, saved = os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "log.jsonl"), start
-    P_local = cfg.prompts_per_step // d.world_size
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.is_main, desc="grpo")
     for step in pbar:
         # 1-4. rollout, rewards, advantages, filter (this rank's contiguous block of the step's prompts)
-        idx = step_prompts(len(records), step, cfg.prompts_per_step, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)                          # no gradients held through the rollout
-        roll = rollout(policy, tok, [records[i] for i in idx], cfg, d, rollout_seed(cfg, step, d.rank, d.world_size),
-                       rcfg, system_prompt)
+        roll, rounds = sample_step(policy, tok, records, cfg, d, step, rcfg, system_prompt)
         logp_ref = rows_logprobs(ref, roll, cfg, d) if ref is not None else None
         recompute = cfg.logp_old == "recompute" or (cfg.logp_old == "auto" and dist.precision_dtype(cfg.precision, d.device) != torch.float32)
         mismatch = recompute_logp_old(policy, roll, cfg, d) if recompute else None
@@ -629,7 +665,8 @@ def train(cfg: GRPOConfig, d):
             checkpoint.stop_non_finite(PROG, step + 1, str(e), ckpt, saved, d.is_main)
         # 6. log
         rec = log_record(step + 1, roll, us, t_roll, time.time() - t0, cfg, d, metric_fn)
-        rec.update(lr=lr_at(step, cfg), **({} if mismatch is None else {"logp_old_mismatch": mismatch}))
+        rec.update(lr=lr_at(step, cfg), **({} if mismatch is None else {"logp_old_mismatch": mismatch}),
+                   **({"rollout_rounds": rounds} if cfg.dynamic_sampling else {}))
         if d.is_main:
             checkpoint.append_log(log_path, rec)
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['acc_final']:.2f}", len=f"{rec['resp_len']:.0f}",

@@ -664,3 +664,47 @@ def test_lr_schedule_and_weight_decay_groups(world):
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic sampling (--dynamic_sampling K, DAPO): more rounds until enough groups pass the filter
+
+@pytest.mark.parametrize("K, kept_per_round, rounds", [(0, [0], 1), (3, [1, 2, 4, 4], 3), (2, [0, 0, 0], 3),
+                                                      (2, [4, 0, 0], 1)])
+def test_dynamic_sampling_rounds(monkeypatch, K, kept_per_round, rounds):
+    """Round r of step s samples stream slice s(K+1)+r with its own seed, until the kept groups of
+    all rounds reach prompts_per_step or K more rounds ran; the rounds' rows are concatenated
+    (responses padded to the longest). K = 0 is the plain step: slice s, seed rollout_seed(s)."""
+    import dist
+    P, G, step, n_records = 4, 2, 5, 50
+    cfg = grpo.GRPOConfig(prompts_per_step=P, group_size=G, dynamic_sampling=K, seed=3)
+    d = dist.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    records = [{"i": i} for i in range(n_records)]
+    calls = []
+
+    def fake_rollout(policy, tok, recs, cfg_, d_, seed, rcfg, system_prompt):
+        k = kept_per_round[len(calls)]
+        calls.append(([r["i"] for r in recs], seed))
+        R = 3 + len(calls)                                             # each round's responses longer
+        keep = torch.zeros(P * G, dtype=torch.bool)
+        keep[:k * G] = True
+        return grpo.Rollout(records=recs, prompts=[{}] * P, tokens=torch.full((P * G, R), len(calls)),
+                            lengths=torch.full((P * G,), R), logp_old=torch.full((P * G, R), -1.0),
+                            texts=[""] * (P * G), finish_reasons=["stop"] * (P * G), scores=[None] * (P * G),
+                            adv=torch.zeros(P * G), keep=keep, group_size=G, pad_id=0)
+
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    roll, n = grpo.sample_step(None, None, records, cfg, d, step, None, "")
+    assert n == rounds == len(calls)
+    for r, (idx, seed) in enumerate(calls):
+        s = step * (K + 1) + r
+        assert idx == grpo.step_prompts(n_records, s, P, cfg.seed) and seed == grpo.rollout_seed(cfg, s, 0, 1)
+    assert len({seed for _, seed in calls}) == rounds
+    assert [r["i"] for r in roll.records] == [i for idx, _ in calls for i in idx]
+    R = 3 + rounds
+    assert roll.tokens.shape == (rounds * P * G, R) and roll.logp_old.shape == (rounds * P * G, R)
+    for r in range(rounds):
+        rows = slice(r * P * G, (r + 1) * P * G)
+        assert (roll.tokens[rows, :4 + r] == r + 1).all() and (roll.tokens[rows, 4 + r:] == 0).all()
+        assert (roll.logp_old[rows, 4 + r:] == 0).all()
+    assert int(roll.keep.sum()) == G * sum(kept_per_round[:rounds])
