@@ -9,8 +9,9 @@ The run directory of sft.py and grpo.py: one layout, one set of rules for resumi
       tokenizer/           the run's tokenizer, installed once at the start: the source every save
                            copies from (never a checkpoint that a later save deletes)
       checkpoint/          the latest training state: the HF model (config.json, model.safetensors,
-                           tokenizer.json, ...) + optimizer.safetensors + rng_rank{r}.{safetensors,json}
-                           + train_state.json (step, optimizer hyper-parameters, extra: the config)
+                           tokenizer.json, ...: what eval.py and transformers load) + train/ (the
+                           sharded fp32 weights and optimizer state, see below) + rng_rank{r}.{safetensors,
+                           json} + train_state.json (step, optimizer hyper-parameters, extra: the config)
       config.json, model.safetensors, tokenizer.json, ...   at the end: the final HF model (export),
                            loadable by transformers; model.safetensors is copied last
 
@@ -19,12 +20,18 @@ Saving checkpoint/ (save, collective): everything goes to checkpoint.tmp/, train
 checkpoint.old/ deleted. A kill at any moment leaves a complete checkpoint/, or, between the two
 renames, a complete checkpoint.tmp/ and checkpoint.old/: recover() renames the newest complete one
 back to checkpoint/ before anything else happens, so a rerun resumes instead of starting over.
+checkpoint/train/ is torch.distributed.checkpoint (DCP) in its safetensors format: each rank writes
+its own shards of the weights and the optimizer moments (shard-0000{r}-*.safetensors, the shard's
+offsets in the file's header), so no rank ever holds the whole optimizer (~57 GB at 7B); a resume
+reads each tensor's slice its rank owns now, so 8 ranks can resume what 4 wrote, or 1 what 2 wrote.
+The HF export still gathers the weights (not the optimizer) on rank 0.
 No pickle anywhere: tensors go to safetensors, scalars to JSON. Files are written with the
 process umask (safetensors itself writes 0600; we chmod to what open() would have given).
 
 Errors a user can fix (a missing input, a bad flag, a locked directory) are RunError: the scripts
 print their one line (`cli`) instead of a traceback, and exit 1.
 """
+import contextlib
 import json
 import math
 import os
@@ -32,13 +39,15 @@ import random
 import shutil
 import socket
 import sys
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 import data
 import dist
@@ -169,9 +178,11 @@ def release_lock(out):
         pass
 
 
-def install_tokenizer(prog, src, out):
-    """Copy the tokenizer files of src into out/tokenizer/ (atomically) and return that path.
-    Every save copies the tokenizer from there."""
+def install_tokenizer(prog, src, out, max_pixels: int = 0):
+    """Copy the tokenizer files of src into out/tokenizer/ (atomically) and return that path,
+    with the run's preprocessor_config.json: src's image settings, max_pixels > 0 overriding
+    (model.image_config). Every save copies both from there, so transformers' processor loaded
+    from any checkpoint or export of the run sizes images as the run did."""
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):
         raise RunError(f"{prog}: {src} has no tokenizer.json (not a complete checkpoint)")
     dst = os.path.join(out, "tokenizer")
@@ -183,9 +194,19 @@ def install_tokenizer(prog, src, out):
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+    model_lib.write_image_config(tmp, image_config(prog, src, max_pixels))
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(tmp, dst)
     return dst
+
+
+def image_config(prog, path, max_pixels: int = 0):
+    """model.image_config (the checkpoint's preprocessor_config.json, --max_pixels overriding),
+    its errors as RunError."""
+    try:
+        return model_lib.image_config(path, max_pixels)
+    except ValueError as e:
+        raise RunError(f"{prog}: {e}") from None
 
 
 def check_special_tokens(prog, path, tok):
@@ -216,7 +237,7 @@ def export_final(ckpt, out):
     """Copy the HF files of the final checkpoint into out/ itself, each atomically,
     model.safetensors last (its presence means the export is complete)."""
     names = [n for n in os.listdir(ckpt) if n.endswith((".json", ".safetensors", ".jinja"))
-             and n not in ("optimizer.safetensors", "train_state.json") and not n.startswith("rng_rank")]
+             and os.path.isfile(os.path.join(ckpt, n)) and n != "train_state.json" and not n.startswith("rng_rank")]
     for name in sorted(names, key=lambda n: n == "model.safetensors"):
         shutil.copyfile(os.path.join(ckpt, name), os.path.join(out, name + ".tmp"))
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
@@ -267,8 +288,36 @@ def _set_rng_state(tensors: dict, meta: dict):
     random.setstate((py_version, tuple(py_state), py_gauss))
 
 
+TRAIN_DIR = "train"   # checkpoint/train/: the DCP shards
+
+
 def _full_options() -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _sharded_state(model, optimizer) -> dict:
+    """{"model": weights, "optim": {fqn: {exp_avg, exp_avg_sq, step}}}: this rank's shards (DTensors
+    under FSDP2, whole tensors in a plain single process). A tied lm_head.weight is left out (it is
+    embed_tokens.weight; safetensors refuses two names for one storage). A never-stepped optimizer
+    contributes nothing: get_optimizer_state_dict would give it state with a zero-gradient step,
+    and the next real step would then bias-correct as step 2."""
+    msd = get_model_state_dict(model)
+    if model.config.text.tie_word_embeddings:
+        msd.pop("lm_head.weight", None)
+    return {"model": msd, "optim": get_optimizer_state_dict(model, optimizer)["state"] if optimizer.state else {}}
+
+
+def _no_dist():
+    return not (tdist.is_available() and tdist.is_initialized())
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns on every call without a process group that it assumes a single process: that is
+    what we mean here (a plain one-process run), so the warning is silenced, only inside DCP calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer_dir: str | None = None,
@@ -282,29 +331,28 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
     if rank == 0 and tokenizer_dir is not None and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         raise RunError(f"checkpoint.save: {tokenizer_dir} has no tokenizer.json; refusing to write "
                        f"{path} without its tokenizer")
-    # 1. gather full weights and optimizer state to rank 0 (cpu); other ranks get empty dicts
-    model_sd = get_model_state_dict(model, options=_full_options())
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=_full_options())
-    # 2. rank 0 writes the weights (HF format) and the optimizer tensors
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        model_lib.save_pretrained(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_sd)
-        tensors = {}
-        for fqn, state in optim_sd["state"].items():
-            for name, value in state.items():
-                if not torch.is_tensor(value):
-                    value = torch.tensor(value)
-                tensors[f"{fqn}/{name}"] = value.detach().cpu().contiguous()
-        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optim_sd["param_groups"]]
-    del model_sd, optim_sd
+        os.makedirs(tmp)
     dist.barrier()
+    # 1. every rank writes its shards of the fp32 weights and the optimizer state (DCP, collective)
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    with _single_process_dcp():
+        dcp.save(_sharded_state(model, optimizer), no_dist=_no_dist(),
+                 storage_writer=HuggingFaceStorageWriter(os.path.join(tmp, TRAIN_DIR), save_distributed=True))
+    # 2. the HF model: full weights gathered to rank 0 (cpu), other ranks get an empty dict
+    model_sd = get_model_state_dict(model, options=_full_options())
+    if rank == 0:
+        model_lib.write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_sd)
+    del model_sd
     # 3. every rank adds its RNG states
     if rng:
         tensors, meta = _rng_state()
         save_file(tensors, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
         with open(os.path.join(tmp, f"rng_rank{rank}.json"), "w") as f:
             json.dump(meta, f)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              for g in optimizer.param_groups]
     dist.barrier()
     # 4. rank 0: train_state.json last (= complete), modes, then publish with two renames
     if rank == 0:
@@ -312,6 +360,7 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
                  "param_groups": groups, "extra": extra or {}}
         data.write_json_atomic(os.path.join(tmp, "train_state.json"), state)
         fix_modes(tmp)
+        fix_modes(os.path.join(tmp, TRAIN_DIR))
         old = path + ".old"
         if os.path.exists(path):
             shutil.rmtree(old, ignore_errors=True)
@@ -321,37 +370,78 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
     dist.barrier()
 
 
+def _saved_keys(train_dir) -> set:
+    """The tensor names in the DCP shards (their safetensors headers: no tensor is read)."""
+    from safetensors import safe_open
+    keys = set()
+    for name in os.listdir(train_dir):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(train_dir, name), framework="pt") as f:
+                keys.update(f.keys())
+    return keys
+
+
 def load(path, model, optimizer, rng: bool = True) -> tuple[int, dict]:
-    """Collective. Restores the optimizer state (into the possibly sharded `model`'s optimizer)
-    and this rank's RNG states; returns (step, extra). The weights are NOT loaded here: build the
-    model with model.from_pretrained(path) before sharding it."""
+    """Collective. Restores the fp32 weights and the optimizer state into the (possibly sharded)
+    `model` and its `optimizer`, each rank reading only its own slices from checkpoint/train/
+    (written by any number of ranks), and this rank's RNG states; returns (step, extra)."""
     rank = tdist.get_rank() if dist.is_distributed() else 0
     where = os.path.join(path, "train_state.json")
     if not os.path.exists(where):
         raise FileNotFoundError(f"{where}: no train_state.json, not a training checkpoint")
     with open(where) as f:
         state = json.load(f)
-    flat = load_file(os.path.join(path, "optimizer.safetensors"))
-    optim_state = {}
-    for key, value in flat.items():
-        fqn, name = key.rsplit("/", 1)
-        optim_state.setdefault(fqn, {})[name] = value
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    unknown = sorted(set(optim_state) - names)
+    train_dir = os.path.join(path, TRAIN_DIR)
+    if not os.path.isdir(train_dir):
+        raise RunError(f"{path}: no {TRAIN_DIR}/ (sharded training state); a checkpoint of an older version "
+                       f"(optimizer.safetensors) cannot be resumed: start from its HF model with a new --out")
+    saved = _saved_keys(train_dir)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted({k[len("optim."):].rsplit(".", 1)[0] for k in saved if k.startswith("optim.")} - trained)
     if unknown:
-        raise RunError(f"{path}/optimizer.safetensors: state for {len(unknown)} parameter(s) the model does not "
+        raise RunError(f"{train_dir}: optimizer state for {len(unknown)} parameter(s) the model does not "
                        f"train, first {unknown[0]!r} (different model, or --freeze_vision changed?)")
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["param_groups"]]
-    # strict=False: parameters that never had a gradient (unused so far) have no state, as in a fresh optimizer
-    set_optimizer_state_dict(model, optimizer, {"state": optim_state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-    for g in optimizer.param_groups:  # the full-state-dict path hands tuples back as lists
-        g.update({k: tuple(v) for k, v in g.items() if k == "betas" and isinstance(v, list)})
+    # destinations: this rank's shards. A fresh optimizer gets placeholder state to read into;
+    # parameters that had no state when saved (never had a gradient) get none back.
+    msd = get_model_state_dict(model)
+    if model.config.text.tie_word_embeddings:
+        msd.pop("lm_head.weight", None)
+    missing = sorted(f"model.{k}" for k in msd if f"model.{k}" not in saved)
+    if missing:
+        raise RunError(f"{train_dir}: no weights for {len(missing)} tensor(s), first {missing[0][6:]!r} (another model?)")
+    optim = get_optimizer_state_dict(model, optimizer)["state"]
+    optim = {fqn: {k: v for k, v in st.items() if f"optim.{fqn}.{k}" in saved} for fqn, st in optim.items()}
+    optim = {fqn: st for fqn, st in optim.items() if st}
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    with _single_process_dcp():
+        dcp.load({"model": msd, "optim": optim}, storage_reader=HuggingFaceStorageReader(train_dir), no_dist=_no_dist())
+    if model.config.text.tie_word_embeddings:
+        msd["lm_head.weight"] = msd["embed_tokens.weight"]
+    set_model_state_dict(model, msd)
+    groups = [dict(g, params=list(pg["params"])) for g, pg in
+              zip(state["param_groups"], get_optimizer_state_dict(model, optimizer)["param_groups"])]
+    for g in groups:
+        g.update({k: tuple(v) for k, v in g.items() if k == "betas"})
+    # load_state_dict replaces the whole state: a parameter with none saved gets none, as when saved
+    set_optimizer_state_dict(model, optimizer, {"state": optim, "param_groups": groups},
+                             options=StateDictOptions(strict=False))
     rng_file = os.path.join(path, f"rng_rank{rank}.safetensors")
     if rng and os.path.exists(rng_file):
         with open(os.path.join(path, f"rng_rank{rank}.json")) as f:
             _set_rng_state(load_file(rng_file), json.load(f))
     return state["step"], state["extra"]
+
+
+def read_optimizer_state(path) -> dict:
+    """{"fqn/name": full tensor} of checkpoint `path`'s optimizer state (the shards of every rank
+    put together), for inspection and tests; any process, no process group needed."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    reader = HuggingFaceStorageReader(os.path.join(path, TRAIN_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("optim.")}
+    with _single_process_dcp():
+        dcp.load(out, storage_reader=reader, no_dist=True)
+    return {"/".join(k[len("optim."):].rsplit(".", 1)): v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- starting a run

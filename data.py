@@ -216,6 +216,9 @@ class Tokenizer:
         self.image_pad_id = tid("<|image_pad|>")
         self.video_pad_id = tid("<|video_pad|>")
         self.pad_id = self.endoftext_id
+        # the processor's image settings (min / max pixels): the scripts set them from the
+        # checkpoint's preprocessor_config.json and --max_pixels (model.image_config)
+        self.image_cfg = ImageConfig()
 
     @classmethod
     def from_dir(cls, path):
@@ -484,9 +487,10 @@ def _images(messages):
     return out
 
 
-def encode_messages(messages, tokenizer, image_root, image_cfg=ImageConfig(), add_generation_prompt=False,
+def encode_messages(messages, tokenizer, image_root, image_cfg=None, add_generation_prompt=False,
                     where="", max_tokens=MAX_TOKENS):
-    """Tokenize a conversation. image refs are paths relative to image_root (or PIL images).
+    """Tokenize a conversation. image refs are paths relative to image_root (or PIL images), sized
+    by image_cfg (None: the tokenizer's processor settings, tokenizer.image_cfg).
     Returns input_ids (T,), assistant_mask (T,) (True on assistant content + its <|im_end|>),
     pixel_values (N, 1176) or None, image_grid_thw (n_img, 3) or None.
     Refuses (ValueError naming `where`): malformed messages, control-token strings in their text,
@@ -496,6 +500,7 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=ImageConfig(), ad
     n_chars = sum(len(t) for _, t in texts)
     if max_tokens and n_chars > 64 * max_tokens:  # too long for any tokenizer: do not even tokenize it
         raise ValueError(f"{where}: {n_chars} characters of text, over the cap of {max_tokens} tokens")
+    image_cfg = image_cfg or tokenizer.image_cfg
     pixels, grids = [], []
     for ref in _images(messages):
         if isinstance(ref, Image.Image):
@@ -604,3 +609,11 @@ def step_prompts(n_records, step, P, seed):
         out.append(int(perm[j]))
         i += 1
     return out
+
+
+def rollout_seed(seed, step, P, rank, world_size):
+    """Seed of this rank's first sampler call of a GRPO step (generate_texts uses seed + k for
+    call k). A step's calls get seeds in [base, base + P): rank r's start at base + r * P / W and
+    number at most P / W, so no two calls of a run share a seed (`rank * 101 + c` did, beyond 101
+    prompts per rank), for any step < 1_000_003."""
+    return (seed * 1_000_003 + step) * P + rank * (P // world_size)

@@ -55,6 +55,7 @@ class EvalConfig:
     shuffle_images: bool = False  # blind control: each question gets the next record's image(s)
     reward_preset: str = ""       # reward.RewardConfig(preset=...): paper | code; "" = reward.py's default
     device: str = ""              # default: cuda if available, else cpu
+    max_pixels: int = 0           # images: 0 = each checkpoint's preprocessor_config.json (else 28*28*1280); > 0 overrides
 
 
 @dataclass
@@ -343,6 +344,7 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu", metrics=(), reward_cfg
     for ckpt, cname in zip(ckpts, names):
         try:
             tok = data.Tokenizer.from_dir(ckpt)
+            tok.image_cfg = qwen.image_config(ckpt, cfg.max_pixels)
             m = qwen.from_pretrained(ckpt, device=device, dtype=dtype).eval()
         except Exception as e:
             raise SystemExit(f"eval.py: --model {ckpt}: cannot load: {type(e).__name__}: {e}") from None

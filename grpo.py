@@ -35,7 +35,7 @@ schedule, gradient clipping: training.py.
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint as recompute
@@ -161,14 +161,6 @@ class Rollout:
         return (groups[:, None] * G + torch.arange(G)).reshape(-1)
 
 
-def rollout_seed(cfg, step, rank, world_size):
-    """Seed of this rank's first sampler call of a step (generate_texts uses seed + k for call k).
-    A step's calls get seeds in [base, base + P): rank r's start at base + r * P_local and number
-    at most P_local, so no two calls of a run share a seed (`rank * 101 + c` did, beyond 101
-    prompts per rank), for any step < 1_000_003."""
-    return (cfg.seed * 1_000_003 + step) * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world_size)
-
-
 @torch.no_grad()
 def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
     """This rank's P records -> G sampled responses each, their rewards, advantages and filter."""
@@ -176,8 +168,7 @@ def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
     prompts = [data.encode_prompt(r, tok, system_prompt) for r in records]
     scfg = sampler.SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p, n=G, seed=seed)
-    with training.autocast(d.device):
-        gen = sampler.generate_texts(policy, tok, prompts, scfg, batch_size=cfg.rollout_batch)
+    gen = sampler.generate_texts(policy, tok, prompts, scfg, batch_size=cfg.rollout_batch)   # bf16 run: on bf16 gathered weights
     gts = [r["answer"] for r in records for _ in range(G)]
     options = [r.get("options") for r in records for _ in range(G)]
     scores = reward.score_batch(gen.texts, gts, mode=cfg.reward, count_tokens=tok.count_tokens, cfg=rcfg,
@@ -189,6 +180,39 @@ def rollout(policy, tok, records, cfg, d, seed, rcfg, system_prompt) -> Rollout:
     return Rollout(records=records, prompts=prompts, tokens=gen.tokens, lengths=gen.lengths,
                    logp_old=gen.logprobs.float(), texts=gen.texts, finish_reasons=gen.finish_reasons,
                    scores=scores, adv=adv, keep=keep, group_size=G, pad_id=tok.pad_id)
+
+
+def cat_rollouts(rolls) -> Rollout:
+    """Rollouts of one rank one after the other: lists joined, rows stacked prompt-major, tokens
+    and logp_old right-padded to the longest response."""
+    R = max(r.tokens.shape[1] for r in rolls)
+    pad = {"tokens": rolls[0].pad_id, "logp_old": 0.0}
+    def join(name, xs):
+        if name in pad:
+            xs = [torch.nn.functional.pad(x, (0, R - x.shape[1]), value=pad[name]) for x in xs]
+        return [v for x in xs for v in x] if isinstance(xs[0], list) else torch.cat(xs) if torch.is_tensor(xs[0]) else xs[0]
+    return Rollout(**{f.name: join(f.name, [getattr(r, f.name) for r in rolls]) for f in fields(Rollout)})
+
+
+def sample_step(policy, tok, records, cfg, d, step, rcfg, system_prompt) -> tuple[Rollout, int]:
+    """This rank's rollout of a step: its contiguous block of the step's prompts. With
+    --dynamic_sampling K (DAPO's dynamic sampling), while fewer than prompts_per_step groups over
+    all ranks passed the accuracy filter, up to K more rounds sample the next prompts of the
+    stream (step s's rounds are stream slices s(K+1) .. s(K+1)+K, so resuming draws the same);
+    the update trains on the kept groups of every round. Every rank runs the same rounds (the
+    count is all-reduced). -> (the rollout, the number of rounds)"""
+    K, P = cfg.dynamic_sampling, cfg.prompts_per_step
+    P_local = P // d.world_size
+    rolls, kept = [], 0
+    for r in range(K + 1):
+        s = step * (K + 1) + r
+        idx = data.step_prompts(len(records), s, P, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
+        rolls.append(rollout(policy, tok, [records[i] for i in idx], cfg, d, data.rollout_seed(cfg.seed, s, P, d.rank, d.world_size),
+                             rcfg, system_prompt))
+        kept += int(dist.all_reduce(torch.tensor([int(rolls[-1].keep.sum()) // cfg.group_size], device=d.device)).item())
+        if kept >= P:
+            break
+    return cat_rollouts(rolls), len(rolls)
 
 
 def recompute_logp_old(policy, roll: Rollout, cfg, d):
@@ -215,11 +239,9 @@ def group_logprobs(net, roll: Rollout, groups, cfg, device):
     resp = roll.tokens[rows, :R].masked_fill(~mask, roll.pad_id)       # (g*G, R)
     p = data.collate([roll.prompts[int(j)] for j in groups], roll.pad_id, left_pad=True)   # (g, Tp), left-padded
     pv, grid = p["pixel_values"], p["image_grid_thw"]
-    with training.autocast(device):
-        logits = net.forward_shared_prefix(
-            p["input_ids"].to(device), p["attention_mask"].to(device),
-            None if pv is None else pv.to(device, next(net.parameters()).dtype),
-            None if grid is None else grid.to(device), resp.to(device), mask.long().to(device))   # (g*G, R, V)
+    logits = net.forward_shared_prefix(
+        p["input_ids"].to(device), p["attention_mask"].to(device), None if pv is None else pv.to(device),
+        None if grid is None else grid.to(device), resp.to(device), mask.long().to(device))   # (g*G, R, V)
     logp, ent = token_logprobs(logits, resp.to(device), cfg.temperature, cfg.logprob_chunk)
     return logp, ent, mask.to(device)
 
@@ -286,7 +308,9 @@ def minibatch_step(policy, optimizer, roll, groups, cfg, d, logp_ref, st: Update
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     per, loss_sum = max(1, cfg.micro_batch // roll.group_size), 0.0
-    for m in range(n_micro_batches(len(groups), per, d.device)):
+    n_micro = n_micro_batches(len(groups), per, d.device)
+    for m in range(n_micro):
+        dist.set_grad_sync(policy, m == n_micro - 1)                   # reduce-scatter once, after the last
         mb = groups[m * per:(m + 1) * per]
         dummy = len(mb) == 0
         mb = torch.arange(1) if dummy else mb                          # same forwards on every rank, weight 0
@@ -353,8 +377,7 @@ def evaluate(policy, tok, test: eval_lib.Dataset, cfg, d, rcfg, metrics) -> dict
     for its block of records): the log record {"step", "eval": true, "test_<eval.py metric>": ...}."""
     ecfg = eval_lib.EvalConfig(prompt="reflect" if cfg.reward == "srpo" else "single",
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch, seed=cfg.seed)
-    with training.autocast(d.device):
-        preds = eval_lib.evaluate_model(policy, tok, test, ecfg, rcfg, metrics, d.rank, d.world_size)
+    preds = eval_lib.evaluate_model(policy, tok, test, ecfg, rcfg, metrics, d.rank, d.world_size)   # bf16 run: bf16 weights
     return {"eval": True, **{f"test_{k}": v for k, v in eval_lib.aggregate(preds, ecfg.n).items()}}
 
 
@@ -372,16 +395,14 @@ def train(cfg: GRPOConfig, d):
     tok, rcfg, records, test, policy, ref, optimizer, start = setup(cfg, d)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     ckpt, log_path, saved = os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "log.jsonl"), start
-    P_local = cfg.prompts_per_step // d.world_size
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.is_main, desc="grpo")
     for step in pbar:
         # 1-4. rollout, rewards, advantages, filter (this rank's contiguous block of the step's prompts)
-        idx = data.step_prompts(len(records), step, cfg.prompts_per_step, cfg.seed)[d.rank * P_local:(d.rank + 1) * P_local]
         t0 = time.time()
-        roll = rollout(policy, tok, [records[i] for i in idx], cfg, d, rollout_seed(cfg, step, d.rank, d.world_size),
-                       rcfg, system_prompt)
+        optimizer.zero_grad(set_to_none=True)                          # no gradients held through the rollout
+        roll, rounds = sample_step(policy, tok, records, cfg, d, step, rcfg, system_prompt)
         logp_ref = rows_logprobs(ref, roll, cfg, d) if ref is not None else None
-        recompute = cfg.logp_old == "recompute" or (cfg.logp_old == "auto" and d.device.type == "cuda")
+        recompute = cfg.logp_old == "recompute" or (cfg.logp_old == "auto" and dist.precision_dtype(cfg.precision, d.device) != torch.float32)
         mismatch = recompute_logp_old(policy, roll, cfg, d) if recompute else None
         t_roll, t0 = time.time() - t0, time.time()
         lr = lr_at(step, cfg)
@@ -393,7 +414,8 @@ def train(cfg: GRPOConfig, d):
             checkpoint.stop_non_finite(PROG, step + 1, str(e), ckpt, saved, d.is_main)
         # log, evaluate (before the save: a run killed in between redoes the step and its evaluation), save
         rec = log_record(step + 1, roll, us, t_roll, time.time() - t0, cfg, d, metric_fn)
-        rec.update(lr=lr, **({} if mismatch is None else {"logp_old_mismatch": mismatch}))
+        rec.update(lr=lr, **({} if mismatch is None else {"logp_old_mismatch": mismatch}),
+                   **({"rollout_rounds": rounds} if cfg.dynamic_sampling else {}))
         if d.is_main:
             checkpoint.append_log(log_path, rec)
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['acc_final']:.2f}", len=f"{rec['resp_len']:.0f}",

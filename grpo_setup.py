@@ -54,11 +54,16 @@ class GRPOConfig:
     beta: float = 0.04                      # k3 KL to the frozen initial model; 0 = no reference kept (paper: 0)
     adv_eps: float = 1e-6
     filter_groups: bool = True              # drop groups with mean accuracy outside [acc_low, acc_high]
+    dynamic_sampling: int = 0               # DAPO: up to this many more rollout rounds (fresh prompts) per step while
+                                            # fewer than prompts_per_step groups passed the filter; 0 = off
     acc_low: float = 0.1
     acc_high: float = 0.9
     grad_clip: float = 1.0                  # max grad norm; 0 = off
     freeze_vision: bool = True
     grad_checkpoint: bool = False           # recompute each decoder layer in backward (large models)
+    max_pixels: int = 0                     # images: 0 = --model's preprocessor_config.json (else 28*28*1280); > 0 overrides
+    precision: str = "auto"                 # bf16: FSDP2 mixed precision (fp32 master weights, bf16 forwards, fp32
+                                            # gradient reduction; dist.shard_model) | fp32 | auto: bf16 on GPU, fp32 on CPU
     logprob_chunk: int = 256                # time chunk of the float32 log-softmax
     logp_old: str = "auto"                  # sampler | recompute (training forward) | auto: recompute unless the
                                             # policy runs in float32 (CPU), where both agree to ~1e-6
@@ -77,7 +82,7 @@ class GRPOConfig:
 
 def parse_args(argv=None) -> GRPOConfig:
     cfg = parse_config(GRPOConfig, argv, description="SRPO stage 2: reflection-aware GRPO (see grpo.py docstring)",
-                       choices={"reward": ["srpo", "grpo"], "loss_agg": ["seq", "token"],
+                       choices={"reward": ["srpo", "grpo"], "loss_agg": ["seq", "token"], "precision": ["auto", "fp32", "bf16"],
                                 "logp_old": ["auto", "sampler", "recompute"], "reward_preset": ["paper", "code"]})
     check_config(cfg)
     return cfg
@@ -93,6 +98,7 @@ def check_config(cfg: GRPOConfig, world_size=1):
         ("prompts_per_step", c.prompts_per_step % (W * nm) == 0, f"must be a multiple of world_size x n_minibatches = {W} x {nm}"),
         ("eps_low", 0 <= c.eps_low < 1, "need 0 <= eps_low < 1"), ("eps_high", c.eps_high >= 0, "must be >= 0"),
         ("beta", c.beta >= 0, "must be >= 0"), ("temperature", c.temperature > 0, "must be > 0"),
+        ("dynamic_sampling", c.dynamic_sampling >= 0, "must be >= 0 (0 = off)"),
         ("top_p", 0 < c.top_p <= 1, "must be in (0, 1]"), ("weight_decay", c.weight_decay >= 0, "must be >= 0"),
         ("adv_eps", c.adv_eps > 0, "must be > 0 (a group of equal rewards would give 0 / 0 = NaN)"),
         ("lr", math.isfinite(c.lr) and c.lr > 0, "must be a finite number > 0"),
@@ -141,6 +147,7 @@ def setup(cfg: GRPOConfig, d):
     if cfg.eval_every:
         checkpoint.require(PROG, cfg.test, "--test records for the in-run evaluation", "pass --test FILE")
     tok = data.Tokenizer.from_dir(cfg.model)
+    tok.image_cfg = checkpoint.image_config(PROG, cfg.model, cfg.max_pixels)   # written on save (install_tokenizer)
     checkpoint.check_special_tokens(PROG, cfg.model, tok)
     try:
         records = data.load_records(cfg.train)
@@ -160,14 +167,15 @@ def setup(cfg: GRPOConfig, d):
         from torch.distributed._composable import checkpoint as recompute_in_backward
         for layer in policy.layers:                                    # state-dict keys unchanged
             recompute_in_backward(layer)
-    dist.shard_model(policy)
+    dt = dist.precision_dtype(cfg.precision, d.device)
+    dist.shard_model(policy, dt)
     ref = None
-    if cfg.beta > 0:
-        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False))
+    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same mixed precision): KL starts at 0
+        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False), dt)
     optimizer = training.make_optimizer(policy, cfg.lr, cfg.weight_decay)
     start = training.resume(PROG, ckpt, policy, optimizer, asdict(cfg), RESUME_FREE) if resume else 0
     if d.is_main:
-        checkpoint.install_tokenizer(PROG, cfg.model, cfg.out)
+        checkpoint.install_tokenizer(PROG, cfg.model, cfg.out, cfg.max_pixels)
         checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg)})
         print(f"{PROG}: {'resuming at step ' + str(start) if resume else 'starting'}: {len(records)} train "
               f"prompts, world size {d.world_size}, {model_lib.count_params(policy, trainable_only=True):,} "

@@ -10,7 +10,8 @@ Every term is a formula over the model config and the run's shapes (bytes per GP
     params       fp32 master weights, sharded by FSDP2 over world_size ranks      4 N / W
     grads        fp32 gradients of the trainable parameters, sharded               4 N_train / W
     optimizer    AdamW's two fp32 moments of the trainable parameters, sharded     8 N_train / W
-    reference    the frozen reference model in bf16, sharded (only if beta > 0)    2 N / W
+    reference    the frozen reference model, sharded (only if beta > 0): fp32 like   4 N / W
+                 the policy, so that both run the same FSDP2 bf16 path (KL 0 at step 0)
     rollout      the whole model all-gathered in bf16 for generation (FSDP2 MixedPrecisionPolicy
                  param_dtype=bf16: the gathered copy is bf16, not fp32)             2 N
     kv_cache     bf16 keys + values of every layer for the rows generated at once:
@@ -113,7 +114,7 @@ def memory_plan(mcfg: model_lib.ModelConfig, run: RunShape) -> MemoryPlan:
         activations = t.num_hidden_layers * per_layer
     logits = B * Tn * t.vocab_size * 2 + 3 * B * min(run.logprob_chunk, Tn) * t.vocab_size * 4
     return MemoryPlan(params=4 * n_all / W, grads=4 * n_train / W, optimizer=8 * n_train / W,
-                      reference=2 * n_all / W if run.beta > 0 else 0.0, rollout=2 * n_all,
+                      reference=4 * n_all / W if run.beta > 0 else 0.0, rollout=2 * n_all,
                       kv_cache=cache_tokens * kv_bytes_per_token, activations=activations, logits=logits)
 
 

@@ -838,6 +838,24 @@ def save_pretrained(model, path, tokenizer_dir=None, state_dict=None):
     """Atomic: write everything to path + '.tmp', then rename into place. config.json in the
     transformers-5 layout, tensors under the hub keys (as transformers 5 itself saves them).
     state_dict: a full (gathered) state dict with our keys, e.g. from FSDP on rank 0."""
+    path = os.path.abspath(path.rstrip("/"))
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_pretrained(model, tmp, tokenizer_dir, state_dict)
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    return path
+
+
+def write_pretrained(model, directory, tokenizer_dir=None, state_dict=None):
+    """The HF files (model.safetensors, config.json, tokenizer) into an existing directory, not
+    atomically: save_pretrained, or a caller with its own atomic directory (checkpoint.save)."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -848,22 +866,67 @@ def save_pretrained(model, path, tokenizer_dir=None, state_dict=None):
             continue
         tensors[_key_to_hf(k)] = v.detach().to("cpu").contiguous()
     dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    path = os.path.abspath(path.rstrip("/"))
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config.to_hf(dtype), f, indent=2)
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                     PREPROCESSOR_CONFIG):
             if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-    return path
+                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
+
+
+# -----------------------------------------------------------------------------------------------
+# the image processor's settings: preprocessor_config.json
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def image_config(path, max_pixels: int = 0, flag: str = "--max_pixels"):
+    """data.ImageConfig for checkpoint directory `path`: min/max pixels (and patch sizes) from its
+    preprocessor_config.json when it has one -- Qwen2.5-VL-7B-Instruct ships its own budget,
+    max_pixels = 12845056 (28 x 28 x 16384), not transformers' 28 x 28 x 1280 default that applies
+    otherwise. max_pixels > 0 overrides the file (the --max_pixels flag of grpo / sft / eval).
+    Both the old top-level min_pixels / max_pixels keys and transformers 5's size.shortest_edge /
+    longest_edge are read; top-level wins, as in transformers' Qwen2VLImageProcessor."""
+    import data
+    cfg = data.ImageConfig()
+    file = os.path.join(path, PREPROCESSOR_CONFIG)
+    if os.path.isfile(file):
+        try:
+            with open(file) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        size = d.get("size") or {}
+        cfg.min_pixels = int(d.get("min_pixels") or size.get("shortest_edge") or cfg.min_pixels)
+        cfg.max_pixels = int(d.get("max_pixels") or size.get("longest_edge") or cfg.max_pixels)
+        for k in ("patch_size", "merge_size", "temporal_patch_size"):
+            setattr(cfg, k, int(d.get(k, getattr(cfg, k))))
+        # data.preprocess_image normalises with the CLIP mean / std: a file asking for others
+        # would be silently ignored, so refuse it
+        for k, want in (("image_mean", data.IMAGE_MEAN), ("image_std", data.IMAGE_STD)):
+            if k in d and (len(d[k]) != 3 or any(abs(a - b) > 1e-6 for a, b in zip(d[k], want))):
+                raise ValueError(f"{file}: {k} {d[k]} is not the CLIP {list(want)} that data.py normalises with")
+    if max_pixels:
+        cfg.max_pixels = int(max_pixels)
+    if not 0 < cfg.min_pixels <= cfg.max_pixels:
+        where = flag if max_pixels else file
+        raise ValueError(f"{where}: max_pixels {cfg.max_pixels} must be >= min_pixels {cfg.min_pixels} "
+                         f"(one image needs at least {cfg.min_pixels} pixels after resizing)")
+    return cfg
+
+
+def write_image_config(directory, cfg):
+    """preprocessor_config.json for data.ImageConfig `cfg`, in the layout of Qwen2.5-VL-7B-Instruct's
+    (plus transformers 5's `size`), so that transformers' Qwen2VLImageProcessor resizes and cuts
+    images exactly as data.preprocess_image does (same pixel budget, same grid_thw)."""
+    import data
+    d = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+         "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels,
+         "size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},
+         "patch_size": cfg.patch_size, "merge_size": cfg.merge_size, "temporal_patch_size": cfg.temporal_patch_size,
+         "image_mean": list(data.IMAGE_MEAN), "image_std": list(data.IMAGE_STD), "do_resize": True,
+         "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True}
+    with open(os.path.join(directory, PREPROCESSOR_CONFIG), "w") as f:
+        json.dump(d, f, indent=2)

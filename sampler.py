@@ -348,6 +348,7 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
     suppress = torch.tensor(list(suppress), dtype=torch.long, device=device) if len(suppress) else None
 
     with unsharded(model):
+        dtype = next(model.parameters()).dtype  # FSDP2 mixed precision: the gathered copy's (bf16), not the fp32 shards'
         # prefill: each prompt once (cfg.prefill_chunk per forward); its cache serves its n samples
         pos_ids, _ = model.get_rope_index(input_ids, grid, attn)  # (3, B, T)
         prompt = M.KVCache(model.config, B, T, device, dtype)  # (L, B, Hkv, T, hd)

@@ -75,6 +75,7 @@ class SFTConfig:
     vocab_size: int = 1024      # --init tiny: tokenizer size
     tiny: str = ""              # --init tiny: JSON of model.tiny_config overrides, e.g. '{"hidden_size": 96}'
     max_len: int = 0            # >0: error on longer examples
+    max_pixels: int = 0         # images: 0 = --init's preprocessor_config.json (else 28*28*1280); > 0 overrides
     threads: int = 1            # CPU only: torch threads per process (0 = torch's default). 1 is robust
                                 # on a shared machine: spinning OpenMP threads on busy cores cost up to 10x
 
@@ -244,13 +245,14 @@ def setup(cfg: SFTConfig, d):
     tok_dir = os.path.join(cfg.out, "tokenizer")
     if d.is_main:   # the tokenizer every save copies from (never a checkpoint a later save deletes)
         if resume or cfg.init != "tiny":
-            checkpoint.install_tokenizer(PROG, ckpt if resume else cfg.init, cfg.out)
+            checkpoint.install_tokenizer(PROG, ckpt if resume else cfg.init, cfg.out, cfg.max_pixels)
         else:
             data.train_tokenizer(tokenizer_texts(cfg.data, cfg.tokenizer_corpus), tok_dir + ".new", vocab_size=cfg.vocab_size)
-            checkpoint.install_tokenizer(PROG, tok_dir + ".new", cfg.out)
+            checkpoint.install_tokenizer(PROG, tok_dir + ".new", cfg.out, cfg.max_pixels)
             shutil.rmtree(tok_dir + ".new")
     dist.barrier()
     tokenizer = data.Tokenizer.from_dir(tok_dir)
+    tokenizer.image_cfg = checkpoint.image_config(PROG, tok_dir)    # the run's, as install_tokenizer wrote it
     if resume or cfg.init != "tiny":
         model = model_lib.from_pretrained(ckpt if resume else cfg.init, device=d.device)
         checkpoint.check_special_tokens(PROG, ckpt if resume else cfg.init, tokenizer)

@@ -7,8 +7,9 @@
 #
 # What it checks: the task and tokenizer build; sft.py from scratch under torchrun (FSDP2 + NCCL);
 # grpo.py under torchrun with a reference model (beta > 0) and logp_old recomputed by the training
-# forward; every logged number finite; at step 1 the KL to the reference (identical weights) and the
-# rollout-vs-training log-prob mismatch are small; eval.py on the GPU; the memory plan prints.
+# forward; every logged number finite; at step 1 the KL to the reference (identical weights, the same
+# FSDP2 bf16 path) and the clipping are ~0; the sharded checkpoint of the N-GPU run resumes on ONE GPU;
+# eval.py on the GPU; the memory plan prints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-/tmp/srpo_gpu_check}
@@ -38,9 +39,14 @@ nums = [v for r in recs for v in r.values() if isinstance(v, (int, float))]
 assert recs and all(math.isfinite(v) for v in nums), 'non-finite value in log.jsonl'
 first = recs[0]
 print('  step 1:', {k: first.get(k) for k in ('kl_ref', 'kl_old', 'clip_frac', 'logp_old_mismatch')})
-assert first.get('kl_ref', 0.0) <= 1e-3, 'policy and reference differ at step 1 (same weights)'
-assert first.get('clip_frac', 0.0) <= 0.05, 'spurious clipping at step 1: logp_old not from the training forward?'
+assert first.get('kl_ref', 0.0) <= 1e-5, 'policy and reference differ at step 1 (same weights, same path)'
+assert first.get('clip_frac', 0.0) <= 1e-3, 'spurious clipping at step 1: logp_old not from the training forward?'
 PY"
+check "grpo.py resumes the $N-GPU sharded checkpoint on 1 GPU (DCP)" \
+  "run torchrun --standalone --nproc_per_node=1 grpo.py --model $D/base --train $D/task/train.jsonl --out $D/grpo \
+   --reward grpo --steps 3 --prompts_per_step $((2 * N)) --group_size 4 --n_minibatches 1 --rollout_batch 2 \
+   --max_new_tokens 64 --beta 0.04 --logp_old recompute --save_every 1 \
+   && python -c \"import json; s = json.load(open('$D/grpo/checkpoint/train_state.json')); assert s['step'] == 3, s\""
 check "eval.py on $DEV" "run python eval.py --model $D/grpo --data $D/task/test.jsonl --prompt single --out $D/eval --limit 16 --device $DEV"
 check "memory.py prints the 7B plan" "run python memory.py --world_size 8"
 echo "gpu_check: logs in $D/output.log"

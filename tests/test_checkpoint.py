@@ -31,9 +31,10 @@ def test_train_state_round_trip(tmp_path):
     expect_rng = (torch.rand(4), np.random.rand(3), random.random())
 
     files = sorted(os.listdir(path))
-    assert {"config.json", "model.safetensors", "optimizer.safetensors", "train_state.json",
+    assert {"config.json", "model.safetensors", "train", "train_state.json",
             "rng_rank0.safetensors", "rng_rank0.json"} <= set(files)
-    assert all(f.endswith((".json", ".safetensors")) for f in files), files  # nothing pickled
+    files += ["train/" + f for f in os.listdir(os.path.join(path, "train"))]
+    assert all(f.endswith((".json", ".safetensors")) for f in files if f != "train"), files  # nothing pickled
     assert not os.path.exists(path + ".tmp")
 
     torch.manual_seed(0), np.random.seed(0), random.seed(0)  # scramble, load must restore
@@ -111,8 +112,11 @@ def test_checkpoint_files_respect_umask(tmp_path):
         opt = make_opt(model)
         train_steps(model, opt, 1)
         checkpoint.save(path, model, opt, step=1)
-        for name in os.listdir(path):
-            assert stat.S_IMODE(os.stat(os.path.join(path, name)).st_mode) == 0o644, name
+        files = [os.path.join(d, n) for d in (path, os.path.join(path, "train")) for n in os.listdir(d)]
+        files = [f for f in files if os.path.isfile(f)]
+        assert any("/train/" in f for f in files)
+        for f in files:
+            assert stat.S_IMODE(os.stat(f).st_mode) == 0o644, f
         checkpoint.export_final(path, str(tmp_path))
         assert stat.S_IMODE(os.stat(tmp_path / "model.safetensors").st_mode) == 0o644
     finally:
@@ -166,3 +170,27 @@ def test_out_must_not_be_an_input(tmp_path):
             checkpoint.check_out_dir("grpo.py", out, {"--model": m})
     checkpoint.check_out_dir("grpo.py", str(tmp_path / "model2"), {"--model": m})
     checkpoint.check_out_dir("grpo.py", str(tmp_path), {"--model": m})   # the model inside out/: fine
+
+
+def test_preprocessor_config_travels_from_the_model_to_every_save_and_the_export(tmp_path):
+    """install_tokenizer writes the run's preprocessor_config.json (the source's pixel budget, the
+    --max_pixels override winning) beside the tokenizer; every checkpoint and the final export
+    carry it, and model.image_config reads the override back from them."""
+    import test_model
+    src = tmp_path / "src"
+    src.mkdir()
+    data.train_tokenizer(["a b c"], str(src), vocab_size=300)
+    (src / "preprocessor_config.json").write_text(json.dumps(test_model.QWEN25_VL_7B_PREPROCESSOR))
+    out = tmp_path / "run"
+    tok_dir = checkpoint.install_tokenizer("grpo.py", str(src), str(out))
+    assert M.image_config(tok_dir).max_pixels == 12845056                  # the source's, not 28*28*1280
+    tok_dir = checkpoint.install_tokenizer("grpo.py", str(src), str(out), max_pixels=28 * 28 * 256)
+    model = tiny_model()
+    opt = make_opt(model)
+    checkpoint.save(str(out / "checkpoint"), model, opt, step=1, tokenizer_dir=tok_dir)
+    checkpoint.export_final(str(out / "checkpoint"), str(out))
+    for d in (tok_dir, out / "checkpoint", out):
+        c = M.image_config(str(d))
+        assert (c.min_pixels, c.max_pixels) == (3136, 28 * 28 * 256), d
+    with pytest.raises(checkpoint.RunError, match="grpo.py: --max_pixels: max_pixels 10 must be >= min_pixels 3136"):
+        checkpoint.install_tokenizer("grpo.py", str(src), str(out), max_pixels=10)

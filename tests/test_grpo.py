@@ -276,7 +276,7 @@ def test_rollout_seeds_never_collide():
     for P, W, rb in ((512, 2, 1), (256, 4, 3), (16, 2, 8)):
         cfg = grpo.GRPOConfig(prompts_per_step=P, rollout_batch=rb, seed=5)
         calls = -(-P // W // rb)
-        seeds = [grpo.rollout_seed(cfg, step, r, W) + k for step in range(4) for r in range(W) for k in range(calls)]
+        seeds = [data.rollout_seed(cfg.seed, step, cfg.prompts_per_step, r, W) + k for step in range(4) for r in range(W) for k in range(calls)]
         assert len(set(seeds)) == len(seeds), (P, W, rb)
     old = lambda r, c: r * 101 + c                                     # the former formula (same step)
     assert old(0, 101) == old(1, 0)
@@ -687,3 +687,47 @@ def test_in_run_evaluation_is_eval_py_on_the_same_weights(world, tmp_path, monke
     assert want["mean_len"] > 0
     with pytest.raises(ValueError, match="--eval_every 1: needs --test FILE"):
         grpo.parse_args(["--eval_every", "1"])
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic sampling (--dynamic_sampling K, DAPO): more rounds until enough groups pass the filter
+
+@pytest.mark.parametrize("K, kept_per_round, rounds", [(0, [0], 1), (3, [1, 2, 4, 4], 3), (2, [0, 0, 0], 3),
+                                                      (2, [4, 0, 0], 1)])
+def test_dynamic_sampling_rounds(monkeypatch, K, kept_per_round, rounds):
+    """Round r of step s samples stream slice s(K+1)+r with its own seed, until the kept groups of
+    all rounds reach prompts_per_step or K more rounds ran; the rounds' rows are concatenated
+    (responses padded to the longest). K = 0 is the plain step: slice s, seed rollout_seed(s)."""
+    import dist
+    P, G, step, n_records = 4, 2, 5, 50
+    cfg = grpo.GRPOConfig(prompts_per_step=P, group_size=G, dynamic_sampling=K, seed=3)
+    d = dist.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    records = [{"i": i} for i in range(n_records)]
+    calls = []
+
+    def fake_rollout(policy, tok, recs, cfg_, d_, seed, rcfg, system_prompt):
+        k = kept_per_round[len(calls)]
+        calls.append(([r["i"] for r in recs], seed))
+        R = 3 + len(calls)                                             # each round's responses longer
+        keep = torch.zeros(P * G, dtype=torch.bool)
+        keep[:k * G] = True
+        return grpo.Rollout(records=recs, prompts=[{}] * P, tokens=torch.full((P * G, R), len(calls)),
+                            lengths=torch.full((P * G,), R), logp_old=torch.full((P * G, R), -1.0),
+                            texts=[""] * (P * G), finish_reasons=["stop"] * (P * G), scores=[None] * (P * G),
+                            adv=torch.zeros(P * G), keep=keep, group_size=G, pad_id=0)
+
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    roll, n = grpo.sample_step(None, None, records, cfg, d, step, None, "")
+    assert n == rounds == len(calls)
+    for r, (idx, seed) in enumerate(calls):
+        s = step * (K + 1) + r
+        assert idx == data.step_prompts(n_records, s, P, cfg.seed) and seed == data.rollout_seed(cfg.seed, s, P, 0, 1)
+    assert len({seed for _, seed in calls}) == rounds
+    assert [r["i"] for r in roll.records] == [i for idx, _ in calls for i in idx]
+    R = 3 + rounds
+    assert roll.tokens.shape == (rounds * P * G, R) and roll.logp_old.shape == (rounds * P * G, R)
+    for r in range(rounds):
+        rows = slice(r * P * G, (r + 1) * P * G)
+        assert (roll.tokens[rows, :4 + r] == r + 1).all() and (roll.tokens[rows, 4 + r:] == 0).all()
+        assert (roll.logp_old[rows, 4 + r:] == 0).all()
+    assert int(roll.keep.sum()) == G * sum(kept_per_round[:rounds])

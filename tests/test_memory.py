@@ -29,7 +29,7 @@ def test_state_terms_equal_the_tensors_of_a_real_optimizer_step():
     plan = memory.memory_plan(mcfg, memory.RunShape(world_size=1, beta=0.0))
     assert (plan.params, plan.grads, plan.optimizer) == (params, grads, state)
     plan4 = memory.memory_plan(mcfg, memory.RunShape(world_size=4, beta=0.1))
-    assert plan4.params == params / 4 and plan4.optimizer == state / 4 and plan4.reference == params / 2 / 4
+    assert plan4.params == params / 4 and plan4.optimizer == state / 4 and plan4.reference == params / 4   # fp32, as the policy
     assert plan4.rollout == params / 2          # the whole model, gathered in bf16
 
 

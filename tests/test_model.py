@@ -502,3 +502,58 @@ def test_shared_prefix_under_fsdp2_two_processes(pair):
         assert lp_err < 1e-5, (rank, lp_err)
         worst = max(errs, key=errs.get)
         assert errs[worst] < 1e-4, (rank, worst, errs[worst])
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessor_config.json: the image processor's settings
+
+QWEN25_VL_7B_PREPROCESSOR = {   # Qwen/Qwen2.5-VL-7B-Instruct's preprocessor_config.json, as published
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+
+
+def test_image_config_reads_the_checkpoint_file_and_the_flag_overrides(tmp_path):
+    import data
+    assert (M.image_config(str(tmp_path)).min_pixels, M.image_config(str(tmp_path)).max_pixels) == (56 * 56, 28 * 28 * 1280)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN25_VL_7B_PREPROCESSOR))
+    c = M.image_config(str(tmp_path))
+    assert (c.min_pixels, c.max_pixels, c.patch_size, c.merge_size) == (3136, 12845056, 14, 2)
+    assert M.image_config(str(tmp_path), max_pixels=28 * 28 * 64).max_pixels == 28 * 28 * 64
+    with pytest.raises(ValueError, match="--max_pixels: max_pixels 100 must be >= min_pixels 3136"):
+        M.image_config(str(tmp_path), max_pixels=100)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(   # transformers 5's layout: size only
+        {"size": {"shortest_edge": 1000, "longest_edge": 20000}, "patch_size": 14}))
+    c = M.image_config(str(tmp_path))
+    assert (c.min_pixels, c.max_pixels) == (1000, 20000)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(QWEN25_VL_7B_PREPROCESSOR, image_mean=[0.5] * 3)))
+    with pytest.raises(ValueError, match="preprocessor_config.json: image_mean"):
+        M.image_config(str(tmp_path))
+    assert data.ImageConfig().max_pixels == 28 * 28 * 1280
+
+
+def test_written_preprocessor_config_gives_transformers_the_same_grids(tmp_path):
+    """write_image_config -> transformers' Qwen2VLImageProcessor (the PIL backend: torchvision is
+    not installed) loads the file and produces, for images below, inside and above the pixel
+    budget, the grid_thw of data.preprocess_image with model.image_config of that directory, and
+    the same pixel values. The budget is not transformers' default, and the default gives other
+    grids: the file is what makes them agree."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    import data
+    cfg = data.ImageConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 20)
+    M.write_image_config(str(tmp_path), cfg)
+    hf = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
+    ours = M.image_config(str(tmp_path))
+    assert (ours.min_pixels, ours.max_pixels) == (cfg.min_pixels, cfg.max_pixels)
+    rng = np.random.default_rng(0)
+    differs = False
+    for h, w in ((20, 30), (90, 120), (300, 200), (57, 400)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out = hf(images=[img], return_tensors="pt")
+        pv, grid = data.preprocess_image(img, ours)
+        assert out["image_grid_thw"][0].tolist() == grid.tolist(), (h, w)
+        torch.testing.assert_close(out["pixel_values"].float(), pv, rtol=0, atol=1e-4)
+        differs |= data.preprocess_image(img)[1].tolist() != grid.tolist()
+    assert differs

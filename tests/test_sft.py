@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import model as M
 import sft
@@ -207,7 +208,7 @@ def test_freeze_vision_and_init_from_checkpoint(dataset, tmp_path):
     assert vision and all(torch.equal(w0[k], w1[k]) for k in vision)
     emb = next(k for k in w0 if k.endswith("embed_tokens.weight"))
     assert not torch.equal(w0[emb], w1[emb])
-    opt = load_file(os.path.join(stage1, "checkpoint", "optimizer.safetensors"))
+    opt = checkpoint.read_optimizer_state(os.path.join(stage1, "checkpoint"))
     assert opt and not any(k.startswith("visual.") for k in opt)
     assert os.path.exists(os.path.join(stage1, "tokenizer.json"))
     losses = _losses(stage1)
@@ -259,9 +260,9 @@ def test_torchrun_two_processes_match_one(dataset, tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
-    # the distributed run's optimizer checkpoint holds the full (unsharded) state
-    o1 = load_file(os.path.join(one, "checkpoint", "optimizer.safetensors"))
-    o2 = load_file(os.path.join(two, "checkpoint", "optimizer.safetensors"))
+    # the distributed run's sharded optimizer checkpoint puts together to the full state
+    o1 = checkpoint.read_optimizer_state(os.path.join(one, "checkpoint"))
+    o2 = checkpoint.read_optimizer_state(os.path.join(two, "checkpoint"))
     assert o1.keys() == o2.keys() and all(o1[k].shape == o2[k].shape for k in o1)
 
 
