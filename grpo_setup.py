@@ -138,6 +138,24 @@ RESUME_FREE = ("steps", "save_every", "eval_every", "eval_limit", "eval_metric",
                "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk")   # may change on resume
 
 
+def build_models(cfg: GRPOConfig, d, path):
+    """The policy from `path` (fp32 master weights; --precision bf16: bf16 forwards through FSDP2
+    mixed precision), its AdamW, and the frozen reference (the initial --model, fp32, sharded with
+    the policy's precision: KL starts at 0) when beta > 0."""
+    policy = model_lib.from_pretrained(path, device=d.device, dtype=torch.float32)
+    policy.visual.requires_grad_(not cfg.freeze_vision)
+    if cfg.grad_checkpoint:
+        from torch.distributed._composable import checkpoint as recompute_in_backward
+        for layer in policy.layers:                                    # state-dict keys unchanged
+            recompute_in_backward(layer)
+    dt = dist.precision_dtype(cfg.precision, d.device)
+    dist.shard_model(policy, dt)
+    ref = None
+    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same mixed precision): KL starts at 0
+        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False), dt)
+    return policy, ref, training.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+
+
 def setup(cfg: GRPOConfig, d):
     """Inputs checked (before anything is written), out/ opened, the policy, its AdamW and the frozen
     reference (the initial --model, fp32, sharded like the policy: KL starts at 0) built or resumed."""
@@ -161,18 +179,7 @@ def setup(cfg: GRPOConfig, d):
             raise checkpoint.RunError(f"{PROG}: --test {cfg.test}: no record with a readable answer")
     rcfg = reward_config(cfg)
     ckpt, resume = checkpoint.open_run(PROG, cfg.out, {"--model": cfg.model}, d.is_main)
-    policy = model_lib.from_pretrained(ckpt if resume else cfg.model, device=d.device, dtype=torch.float32)
-    policy.visual.requires_grad_(not cfg.freeze_vision)
-    if cfg.grad_checkpoint:
-        from torch.distributed._composable import checkpoint as recompute_in_backward
-        for layer in policy.layers:                                    # state-dict keys unchanged
-            recompute_in_backward(layer)
-    dt = dist.precision_dtype(cfg.precision, d.device)
-    dist.shard_model(policy, dt)
-    ref = None
-    if cfg.beta > 0:   # the same precision path as the policy (fp32 weights, the same mixed precision): KL starts at 0
-        ref = dist.shard_model(model_lib.from_pretrained(cfg.model, device=d.device, dtype=torch.float32).requires_grad_(False), dt)
-    optimizer = training.make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    policy, ref, optimizer = build_models(cfg, d, ckpt if resume else cfg.model)
     start = training.resume(PROG, ckpt, policy, optimizer, asdict(cfg), RESUME_FREE) if resume else 0
     if d.is_main:
         checkpoint.install_tokenizer(PROG, cfg.model, cfg.out, cfg.max_pixels)
