@@ -4,7 +4,8 @@ Stage 2 of SRPO: reflection-aware GRPO (see ../shared/SRPO.md, "GRPO (stage 2)")
     for each step:
       1. rollout   each rank takes its contiguous share of the step's P prompts and samples G
                    responses per prompt at temperature 1.0 (sampler.generate_texts); logp_old is
-                   the sampler's log-softmax(logits / temperature) of the drawn tokens
+                   the sampler's log-softmax(logits / temperature) of the drawn tokens in fp32, the
+                   training forward's recomputed log-probs otherwise (--logp_old auto)
       2. reward    reward.score_batch: the SRPO reward (two-pass prompt SYSTEM_PROMPT_REFLECT) or,
                    with --reward grpo, the plain GRPO baseline (single-pass SYSTEM_PROMPT_SINGLE)
       3. advantage A_i = (r_i - mean(r)) / (std(r) + eps) within each group of G

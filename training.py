@@ -1,5 +1,5 @@
 """What sft.py and grpo.py share to train: the AdamW parameter groups, the lr schedule, the
-gradient clip with its finiteness check, bf16 autocast on GPU, and a run's start and end
+gradient clip with its finiteness check, bf16 autocast on GPU (sft.py; grpo.py uses FSDP2 mixed precision), and a run's start and end
 (process group, lock, resume). The run directory itself (lock, log, checkpoints) is checkpoint.py's.
 """
 import math
