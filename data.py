@@ -91,6 +91,12 @@ def preprocess_image(img, cfg=ImageConfig()):
     return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([1, gh, gw], dtype=torch.long)
 
 
+def image_grid(img, cfg=ImageConfig()):
+    """grid_thw (3,) long of preprocess_image(img, cfg), without computing the pixels."""
+    h, w = smart_resize(img.height, img.width, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+    return torch.tensor([1, h // cfg.patch_size, w // cfg.patch_size], dtype=torch.long)
+
+
 def load_image(path, where=""):
     """Open and fully decode an image as RGB; errors name `where` (e.g. 'train.jsonl:12')."""
     prefix = f"{where}: " if where else ""
@@ -488,11 +494,12 @@ def _images(messages):
 
 
 def encode_messages(messages, tokenizer, image_root, image_cfg=None, add_generation_prompt=False,
-                    where="", max_tokens=MAX_TOKENS):
+                    where="", max_tokens=MAX_TOKENS, pixels=True):
     """Tokenize a conversation. image refs are paths relative to image_root (or PIL images), sized
     by image_cfg (None: the tokenizer's processor settings, tokenizer.image_cfg).
     Returns input_ids (T,), assistant_mask (T,) (True on assistant content + its <|im_end|>),
-    pixel_values (N, 1176) or None, image_grid_thw (n_img, 3) or None.
+    pixel_values (N, 1176) or None (always None with pixels=False: only the tokens are wanted, e.g.
+    to count them; the images are still read and checked), image_grid_thw (n_img, 3) or None.
     Refuses (ValueError naming `where`): malformed messages, control-token strings in their text,
     unreadable or degenerate images, more than max_tokens tokens (0 = no cap)."""
     texts = message_texts(messages, where)
@@ -501,7 +508,7 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=None, add_generat
     if max_tokens and n_chars > 64 * max_tokens:  # too long for any tokenizer: do not even tokenize it
         raise ValueError(f"{where}: {n_chars} characters of text, over the cap of {max_tokens} tokens")
     image_cfg = image_cfg or tokenizer.image_cfg
-    pixels, grids = [], []
+    pixel_rows, grids = [], []
     for ref in _images(messages):
         if isinstance(ref, Image.Image):
             img = ref
@@ -510,10 +517,13 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=None, add_generat
         else:
             raise ValueError(f"{where}: image must be a path string or a PIL image, got {type(ref).__name__}")
         try:
-            pv, thw = preprocess_image(img, image_cfg)
+            if pixels:
+                pv, thw = preprocess_image(img, image_cfg)
+                pixel_rows.append(pv)
+            else:
+                thw = image_grid(img, image_cfg)
         except ValueError as e:  # e.g. a 1x300 strip: name the image, not just the shape
             raise ValueError(f"{where}: image {ref if isinstance(ref, str) else 'PIL'}: {e}") from None
-        pixels.append(pv)
         grids.append(thw)
     n_pad = [int(g.prod()) // image_cfg.merge_size ** 2 for g in grids]  # LLM tokens per image
 
@@ -544,7 +554,7 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=None, add_generat
     return dict(
         input_ids=torch.tensor(out_ids, dtype=torch.long),
         assistant_mask=torch.tensor(out_mask, dtype=torch.bool),
-        pixel_values=torch.cat(pixels) if pixels else None,
+        pixel_values=torch.cat(pixel_rows) if pixel_rows else None,
         image_grid_thw=torch.stack(grids) if grids else None,
     )
 

@@ -400,6 +400,7 @@ def train(cfg: GRPOConfig, d):
     for step in pbar:
         # 1-4. rollout, rewards, advantages, filter (this rank's contiguous block of the step's prompts)
         t0 = time.time()
+        training.follow_thread_budget(d.device)                         # pipeline.py: this stage's share of the cores
         optimizer.zero_grad(set_to_none=True)                          # no gradients held through the rollout
         roll, rounds = sample_step(policy, tok, records, cfg, d, step, rcfg, system_prompt)
         logp_ref = rows_logprobs(ref, roll, cfg, d) if ref is not None else None

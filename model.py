@@ -494,9 +494,10 @@ class Attention(nn.Module):
         """q (B, H, T, hd), k, v (B, Hkv, S, hd), mask (B|1, 1, T, S) bool or None (= causal, S == T)
         -> (B, T, C) after o_proj."""
         B, _, T, _ = q.shape
-        if mask is not None and T > 1 and self.n_head != self.n_kv:
+        if mask is not None and T > 1 and self.n_head != self.n_kv and q.device.type == "cuda":
             # a masked multi-token forward: expand the kv heads so CUDA can use its memory-efficient
-            # kernel (its GQA support varies by version)
+            # kernel (its GQA support varies by version). Not on CPU: its flash kernel takes the kv
+            # heads as they are (enable_gqa), and the copies cost 5-8% of a GRPO training pass here
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
@@ -667,14 +668,18 @@ class Qwen2_5_VL(nn.Module):
         return (causal & attention_mask[:, None, None, :].bool()) | (i[None, :] == i[:, None])
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
-                cache=None, logits_to_keep=0, response_ids=None, response_mask=None):
+                cache=None, logits_to_keep=0, response_ids=None, response_mask=None, prefix_len=0):
         """input_ids (B, T) (left-padded when attention_mask has zeros) -> logits (B, T, V), or of the
         last logits_to_keep positions. cache: see DecoderLayer.forward (the sampler's prefill).
         response_ids / response_mask: see forward_shared_prefix, which passes them here so that
-        the call goes through nn.Module.__call__ (FSDP2's root hooks gather embed / lm_head)."""
+        the call goes through nn.Module.__call__ (FSDP2's root hooks gather embed / lm_head).
+        prefix_len > 0: the rows share their first prefix_len tokens, encoded once (see
+        common_prefix_len: the same logits, less compute)."""
         if response_ids is not None:
             return self._shared_prefix(input_ids, attention_mask, pixel_values, image_grid_thw, response_ids,
                                        response_mask)
+        if prefix_len > 0:
+            return self._common_prefix(input_ids, pixel_values, image_grid_thw, attention_mask, prefix_len)
         x = self.embed(input_ids, pixel_values, image_grid_thw)  # (B, T, C)
         if position_ids is None:
             position_ids, _ = self.get_rope_index(input_ids, image_grid_thw, attention_mask)  # (3, B, T)
@@ -738,6 +743,45 @@ class Qwen2_5_VL(nn.Module):
         last = x[:, -1:].expand(P, G, x.shape[-1]).reshape(N, 1, -1)  # (N, 1, C)
         h = torch.cat([last, xr[:, :-1]], dim=1)  # (N, R, C)
         return self.lm_head(self.norm(h))  # (N, R, V)
+
+
+    def common_prefix_len(self, input_ids, attention_mask=None) -> int:
+        """How many leading tokens every row of a RIGHT-padded batch shares, for forward(prefix_len=):
+        the same real text tokens (an image's tokens are equal ids but different pixels, so the
+        prefix ends before the first vision/image token), and at least one own token left per row.
+        SFT batches share their system prompt: 83 of ~174 tokens per row of the built-in base data."""
+        B, T = input_ids.shape
+        if B < 2:
+            return 0
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        same = (input_ids == input_ids[:1]).all(0) & real.all(0)  # (T,)
+        for tid in (self.config.vision_start_token_id, self.config.image_token_id, self.config.video_token_id):
+            if tid is not None:
+                same &= ~(input_ids == tid).any(0)
+        L = int(same.long().cumprod(0).sum())
+        return max(0, min(L, int(real.sum(1).min()) - 1))
+
+    def _common_prefix(self, input_ids, pixel_values, image_grid_thw, attention_mask, L):
+        """forward() of a right-padded batch whose rows share their first L (text) tokens: the prefix
+        goes through the decoder once (batch 1), the B rows' remaining tokens attend to its keys and
+        values (expanded, so autograd sums their gradients into the one prefix forward) and then
+        causally to their own. The same DecoderLayer two-stream call as forward_shared_prefix."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embed(input_ids, pixel_values, image_grid_thw)  # (B, T, C)
+        pos, _ = self.get_rope_index(input_ids, image_grid_thw, attention_mask)  # (3, B, T)
+        cos, sin = mrope_cos_sin(pos, self.config.text, x.dtype)  # (B, T, hd)
+        R = T - L
+        t = torch.arange(R, device=x.device)
+        # own query t sees the whole prefix, its row's real tokens <= t, and itself (as padding_mask)
+        see_own = ((t[None, :] <= t[:, None]) & attention_mask[:, L:].bool()[:, None, None, :]) | (t[None, :] == t[:, None])
+        mask_r = torch.cat([see_own.new_ones(B, 1, R, L), see_own], dim=-1)  # (B, 1, R, L + R)
+        xp, xr = x[:1, :L], x[:, L:]  # (1, L, C), (B, R, C)
+        for layer in self.layers:
+            xp, xr = layer(xp, cos[:1, :L], sin[:1, :L], None, responses=(xr, cos[:, L:], sin[:, L:], mask_r))
+        logits_p = self.lm_head(self.norm(xp))  # (1, L, V)
+        return torch.cat([logits_p.expand(B, -1, -1), self.lm_head(self.norm(xr))], dim=1)  # (B, T, V)
 
 
 # -----------------------------------------------------------------------------------------------

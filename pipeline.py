@@ -57,9 +57,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # of a 1300-step cosine): validation 0.87 and 0.94, test 0.87 and 0.94. A 1300-step schedule
 # from step 0 gave test scene lists 0.893 / 0.877 / 0.887 (seeds 0-2). Caveat: only task seed 0 was tried, and a seed on larger shapes that
 # started late (0.35 at 1000) needed 1600 steps (0.48 at 1300, 0.92 at 1600).
-FULL = dict(task=[], base=["--epochs", "1.3"],
+FULL = dict(task=[], base=["--epochs", "1.3", "--micro_batch_size", "16"],
             reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
-            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "8"],
+            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "8", "--micro_batch_size", "16"],
             # grpo.py's defaults (200 steps, lr 3e-5, KL beta 0.04) with 8 prompts x 8 samples per step
             # instead of 16 x 8: the same 400 optimizer steps at half the rollout cost (the SRPO stage
             # took 28 of the pipeline's 74 min with 16 prompts), so three seeds fit in a session.
@@ -151,11 +151,29 @@ NEEDS = {"task": [], "base": ["task"], "reflect": ["base"], "sft": ["reflect"], 
          "sft-paper": ["reflect-paper"], "eval-ablation": [*ABLATIONS, "sft-paper"]}
 
 
-def run_plan(plan, jobs, env, log_dir, on_done):
+def thread_shares(names, cores) -> dict:
+    """The machine's cores split between the stages running at once: {name: torch threads}."""
+    n = max(1, len(names))
+    return {name: max(1, cores // n + (i < cores % n)) for i, name in enumerate(names)}
+
+
+def write_shares(shares, log_dir):
+    """Each running stage's share to log_dir/NAME.threads (atomically): its training loop rereads it
+    every step (training.follow_thread_budget), so a stage left alone takes the freed cores."""
+    for name, n in shares.items():
+        path = f"{log_dir}/{name}.threads"
+        with open(path + ".tmp", "w") as f:
+            f.write(str(n))
+        os.replace(path + ".tmp", path)
+
+
+def run_plan(plan, jobs, env, log_dir, on_done, cores=1):
     """Run the plan's stages, at most `jobs` at once, each as soon as the stages it needs are done.
     A stage whose output exists is skipped. With jobs > 1 each stage's output goes to
-    log_dir/NAME.log (interleaved progress bars are unreadable). on_done(name, seconds) is called
-    when a stage succeeds; the first failure stops new starts and exits after the running ones end."""
+    log_dir/NAME.log (interleaved progress bars are unreadable). The `cores` are split between the
+    running stages (thread_shares): a stage starts with its share as OMP_NUM_THREADS, and the
+    training stages follow their share as it changes. on_done(name, seconds) is called when a
+    stage succeeds; the first failure stops new starts and exits after the running ones end."""
     done = {name for name, marker, _ in plan if os.path.exists(marker)}
     for name in sorted(done, key=[n for n, _, _ in plan].index):
         print(f"[pipeline] {name}: done, skipping", flush=True)
@@ -165,13 +183,17 @@ def run_plan(plan, jobs, env, log_dir, on_done):
     os.makedirs(log_dir, exist_ok=True)
     while todo or running:
         ready = [(n, c) for n, c in todo if all(d in done or d not in names for d in NEEDS[n])]
-        while ready and len(running) < jobs and failed is None:
-            name, cmd = ready.pop(0)
+        start = ready[:max(0, jobs - len(running))] if failed is None else []
+        shares = thread_shares([*running, *(n for n, _ in start)], cores)
+        write_shares(shares, log_dir)
+        for name, cmd in start:
             todo.remove((name, cmd))
             log = open(f"{log_dir}/{name}.log", "w") if jobs > 1 else None
-            print(f"[pipeline] {name}: {' '.join(cmd[1:])}" + (f"  (log: {log.name})" if log else ""), flush=True)
-            running[name] = (subprocess.Popen(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT if log else None),
-                             time.time(), log)
+            print(f"[pipeline] {name}: {' '.join(cmd[1:])}  ({shares[name]} thread{'s' * (shares[name] > 1)})"
+                  + (f"  (log: {log.name})" if log else ""), flush=True)
+            stage_env = dict(env, OMP_NUM_THREADS=str(shares[name]), SRPO_THREADS_FILE=f"{log_dir}/{name}.threads")
+            running[name] = (subprocess.Popen(cmd, cwd=HERE, env=stage_env, stdout=log,
+                                              stderr=subprocess.STDOUT if log else None), time.time(), log)
         if failed is not None and not running:
             break
         if not running:     # nothing runnable: a stage's input is missing and not in this plan
@@ -187,6 +209,7 @@ def run_plan(plan, jobs, env, log_dir, on_done):
                 failed = failed or (name, proc.returncode, log.name if log else None)
                 continue
             done.add(name)
+            write_shares(thread_shares(list(running), cores), log_dir)  # the freed cores go to the others
             on_done(name, time.time() - t0)
             print(f"[pipeline] {name}: finished in {time.time() - t0:.0f} s", flush=True)
     if failed is not None:
@@ -206,7 +229,7 @@ class Provenance:
     python: str
     cpu: str                    # CPU model name
     cpus: int                   # logical CPUs of the machine
-    threads: str                # OMP_NUM_THREADS the stages ran with
+    threads: str                # torch threads the stages ran with
     started: str                # UTC, ISO 8601
     finished: str
     stage_s: dict = field(default_factory=dict)   # stage -> wall seconds (summed over resumed runs)
@@ -257,7 +280,7 @@ def provenance_md(p: Provenance):
     return (f"- commit: {p.commit}\n"
             f"- seeds: --seed {p.seed} (every training / sampling stage), --task-seed {p.task_seed} (task.py)\n"
             f"- torch {p.torch}, Python {p.python}\n"
-            f"- CPU: {p.cpu} ({p.cpus} logical CPUs), OMP_NUM_THREADS={p.threads}\n"
+            f"- CPU: {p.cpu} ({p.cpus} logical CPUs), torch threads: {p.threads}\n"
             f"- date (UTC): started {p.started}, finished {p.finished}\n"
             f"- wall time: {stages_txt}; total {p.total_s:.0f} s ({p.total_s / 60:.1f} min)\n")
 
@@ -339,8 +362,10 @@ def main(argv=None):
     ap.add_argument("--task-seed", type=int, default=0, help="seed of the task (images, questions, splits)")
     ap.add_argument("--quick", action="store_true", help="shortened pipeline (end-to-end test)")
     ap.add_argument("--only", nargs="*", default=None, choices=list(NEEDS), help="run only these stages")
-    ap.add_argument("--jobs", type=int, default=2, help="stages run at once (independent ones only), one torch "
-                                                          "thread each; 1 = one after the other, output on the terminal")
+    ap.add_argument("--jobs", type=int, default=2, help="stages run at once (independent ones only); 1 = one "
+                                                          "after the other, output on the terminal")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in all, split "
+                    "between the running stages; a stage left alone gets them all (default: this machine's CPUs)")
     ap.add_argument("--ablation", action="store_true", help="also run the paper's ablations in miniature "
                     "(SRPO with the code's reward, without f_len, without I_eff, from the base model; stage 1 "
                     "with the paper's SFT target) in the same run directory")
@@ -355,13 +380,13 @@ def main(argv=None):
         return
     if a.jobs < 1:
         ap.error(f"--jobs {a.jobs}: must be >= 1")
+    if a.threads < 1:
+        ap.error(f"--threads {a.threads}: must be >= 1")
     run = os.path.abspath(a.run or ("runs/demo" if a.seed == 0 else f"runs/demo-seed{a.seed}"))
     os.makedirs(run, exist_ok=True)
     check_seeds(run, a.seed, a.task_seed, a.quick)
     plan = stages(run, a.quick, a.seed, a.task_seed) + (ablation_stages(run, a.quick, a.seed) if a.ablation else [])
-    # One torch thread per process unless told otherwise: these models are tiny, and on a busy
-    # 2-core machine a second spinning OpenMP thread costs far more than it gives (up to 10x).
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ)
     times_path = f"{run}/times.json"
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     started = now_utc()
@@ -370,10 +395,11 @@ def main(argv=None):
         times[name] = times.get(name, 0.0) + seconds
         with open(times_path, "w") as f:
             json.dump(times, f, indent=1)
-    run_plan([p for p in plan if a.only is None or p[0] in a.only], a.jobs, env, f"{run}/logs", on_done)
+    run_plan([p for p in plan if a.only is None or p[0] in a.only], a.jobs, env, f"{run}/logs", on_done, a.threads)
     if not all(os.path.exists(f"{run}/eval/{p}/metrics.json") for p in ("single", "reflect")):
         return  # --only without the eval stages: no table yet
-    prov = collect_provenance(a.seed, a.task_seed, env["OMP_NUM_THREADS"], started, times)
+    prov = collect_provenance(a.seed, a.task_seed, f"{a.threads} split between the running stages (--jobs {a.jobs})",
+                              started, times)
     with open(f"{run}/provenance.json", "w") as f:
         json.dump({**asdict(prov), "total_s": prov.total_s}, f, indent=1)
     report = "## provenance\n\n" + provenance_md(prov) + "\n## results\n\n" + results_table(run)

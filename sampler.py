@@ -398,6 +398,8 @@ def decode(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, st
             break
         if n_done > 0 and n_done >= cfg.compact_frac * len(rows):  # drop finished rows (and groups)
             keep = (~done).nonzero()[:, 0]
+            if len(keep) == 1:  # keep a finished row beside the last live one: a batch of 1 would
+                keep = torch.cat([keep, done.nonzero()[:1, 0]])  # compile its own graph (5-8 s here)
             rows, done, tok, cos, sin = rows[keep], done[keep], tok[keep], cos[keep], sin[keep]
             gen.k, gen.v = gen.k.index_select(1, keep), gen.v.index_select(1, keep)
             live, place = torch.unique(rows // n, return_inverse=True)  # prompts still sampling, sorted

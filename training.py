@@ -3,6 +3,7 @@ gradient clip with its finiteness check, bf16 autocast on GPU (sft.py; grpo.py u
 (process group, lock, resume). The run directory itself (lock, log, checkpoints) is checkpoint.py's.
 """
 import math
+import os
 from contextlib import nullcontext
 
 import torch
@@ -49,6 +50,24 @@ def clip_grad_norm(params, max_norm, loss) -> float:
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise checkpoint.NonFiniteLoss(f"loss {loss}, grad norm {norm}")
     return norm
+
+
+def follow_thread_budget(device):
+    """CPU: set torch's thread count to the share pipeline.py gives this stage. The pipeline runs
+    independent stages at the same time and splits the machine's cores between the ones running,
+    writing each one's share to the file named by $SRPO_THREADS_FILE whenever a stage starts or
+    ends; a training loop calls this every step, so a stage left alone gets every core. Without
+    the variable (a script run by hand) nothing changes: --threads holds."""
+    path = os.environ.get("SRPO_THREADS_FILE")
+    if not path or device.type != "cpu":
+        return
+    try:
+        with open(path) as f:
+            n = int(f.read())
+    except (OSError, ValueError):  # not written yet, or being rewritten: keep the current count
+        return
+    if n > 0 and n != torch.get_num_threads():
+        torch.set_num_threads(n)
 
 
 def autocast(device):

@@ -329,6 +329,13 @@ def test_encode_messages(tok, tokdir, image_root, conv):
         assert int((ids == tok.image_pad_id).sum()) == sum(int(g.prod()) // 4 for _, g in pv)
     else:
         assert enc["pixel_values"] is None and enc["image_grid_thw"] is None
+    # pixels=False (sft.load_examples counting tokens): the same tokens and grids, no pixels
+    count = data.encode_messages(msgs, tok, image_root, where="t.jsonl:1", pixels=False)
+    assert torch.equal(count["input_ids"], ids) and torch.equal(count["assistant_mask"], mask)
+    assert count["pixel_values"] is None
+    assert (count["image_grid_thw"] is None) == (not refs)
+    if refs:
+        assert torch.equal(count["image_grid_thw"], enc["image_grid_thw"])
 
     # piecewise ids == transformers' tokenization of the whole rendered (expanded) text
     grids = enc["image_grid_thw"] if refs else []

@@ -458,6 +458,85 @@ def test_shared_prefix_with_activation_checkpointing(pair):
     assert_grads_close(g_a, g_b, rtol=1e-6)
 
 
+def common_prefix_case(seed, B=4, L=7):
+    """B right-padded rows that share L text tokens, then each its own text, image (of its own size
+    and pixels) and ragged text: an SFT micro-batch (system prompt, user turn with image, answer)."""
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 240, (L,), generator=gen).tolist()
+    grids = [[[1, 4, 6]], [[1, 8, 8]], [[1, 4, 4]], [[1, 4, 6]]][:B]
+    rows = [prefix + seq_with_images(g, gen, text=(1 + b, 3 + 2 * b)) for b, g in enumerate(grids)]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    pv = torch.cat([pixels(g, gen)[0] for g in grids])
+    return ids, mask, pv, torch.tensor([g[0] for g in grids])
+
+
+def test_common_prefix_len_stops_at_images_and_keeps_a_token_per_row(pair):
+    _, _, net = pair
+    ids, mask, _, _ = common_prefix_case(seed=3, L=7)
+    # row b starts with 1 + b own text tokens before its image: rows 0.. differ right after the prefix
+    # (random ids could agree by chance at position 7: then the prefix would be longer, still text)
+    L = net.common_prefix_len(ids, mask)
+    assert L >= 7 and not (ids[:, :L] == IMG).any() and not (ids[:, :L] == VS).any()
+    assert net.common_prefix_len(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    same = ids[[0, 0]]
+    assert net.common_prefix_len(same, mask[[0, 0]]) < int(mask[0].sum())  # identical rows keep own tokens
+    text = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 0]])
+    assert net.common_prefix_len(text, torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])) == 2  # row 1 has 3 real tokens
+
+
+def test_common_prefix_forward_equals_plain_forward(pair):
+    """forward(prefix_len=L): the shared system prompt once (decoder batch 1), the rows' own tokens
+    (with their images, right-padded) attending to it: the same logits and gradients as forward()."""
+    _, path, _ = pair
+    net = M.from_pretrained(path).train()
+    ids, mask, pv, grid = common_prefix_case(seed=5)
+    L = net.common_prefix_len(ids, mask)
+    assert L >= 7
+    targets = ids[:, 1:]
+    w = torch.linspace(-1.0, 1.0, targets.numel()).view_as(targets) * mask[:, 1:]
+
+    def run(prefix_len):
+        seen = []
+        hook = net.layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
+        net.zero_grad()
+        logits = net(ids, pv, grid, attention_mask=mask, prefix_len=prefix_len)
+        hook.remove()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets[..., None])[..., 0]
+        (lp * w).sum().backward()
+        return logits.detach(), seen, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    plain, seen_plain, g_plain = run(0)
+    shared, seen_shared, g_shared = run(L)
+    assert seen_plain == [(4, ids.shape[1])] and seen_shared == [(1, L)]  # the prefix went through once
+    real = mask.bool()
+    assert (plain - shared)[real].abs().max() < 1e-5
+    assert plain[real].std() > 0.1
+    assert g_plain["visual.blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert_grads_close(g_plain, g_shared)
+
+
+def test_sft_micro_loss_with_shared_prefix_equals_plain(pair):
+    """sft.micro_loss on a real SFT micro-batch (tiny tokenizer, system prompt, image, answer):
+    share_prefix on and off give the same loss sum and gradients."""
+    import sft
+    _, path, _ = pair
+    net = M.from_pretrained(path).train()
+    ids, mask, pv, grid = common_prefix_case(seed=9)
+    amask = mask.bool() & (torch.arange(ids.shape[1]) >= ids.shape[1] // 2)  # "assistant" tokens: the tail
+    batch = dict(input_ids=ids, attention_mask=mask, assistant_mask=amask, pixel_values=pv, image_grid_thw=grid)
+    out = []
+    for share in (False, True):
+        net.zero_grad()
+        ls, n = sft.micro_loss(net, batch, torch.autocast("cpu", enabled=False), share_prefix=share)
+        ls.backward()
+        out.append((float(ls.detach()), n, {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}))
+    assert out[0][1] == out[1][1] > 0
+    assert abs(out[0][0] - out[1][0]) < 1e-4 * abs(out[0][0])
+    assert_grads_close(out[0][2], out[1][2])
+
+
 def _fsdp_shared_prefix_worker(rank, port, path, q):
     """Rank r trains on its own case; the FSDP2-sharded shared-prefix gradients must equal the mean
     of the two ranks' unshared single-process gradients (what FSDP's reduce-scatter averages)."""

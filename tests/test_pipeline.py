@@ -59,7 +59,7 @@ def test_provenance_markdown_by_hand():
     md = pipeline.provenance_md(p)
     assert "- commit: abc\n" in md
     assert "--seed 2 (every training / sampling stage), --task-seed 0" in md
-    assert "torch 2.0, Python 3.11.7" in md and "CPU: CPU X (2 logical CPUs), OMP_NUM_THREADS=1" in md
+    assert "torch 2.0, Python 3.11.7" in md and "CPU: CPU X (2 logical CPUs), torch threads: 1" in md
     assert "started 2026-12-01T04:00:00Z, finished 2026-12-01T04:07:00Z" in md
     assert "wall time: task 10 s, base 400 s; total 411 s (6.8 min)" in md   # 410.6 s = 6.84 min
 
@@ -97,7 +97,8 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     md = (run / "results.md").read_text()
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["seed"] == 4 and prov["task_seed"] == 0 and prov["torch"] == torch.__version__
-    assert prov["threads"] == os.environ.get("OMP_NUM_THREADS", "1") and prov["cpu"] == pipeline.cpu_model()
+    assert prov["threads"] == f"{len(os.sched_getaffinity(0))} split between the running stages (--jobs 2)"
+    assert prov["cpu"] == pipeline.cpu_model()
     assert set(prov["stage_s"]) == {"task", "base", "reflect", "sft", "srpo", "grpo", "eval-single",
                                     "eval-reflect", "eval-blind"}
     assert prov["total_s"] == pytest.approx(sum(prov["stage_s"].values()))
@@ -183,6 +184,37 @@ def test_run_plan_starts_each_stage_after_what_it_needs_two_at_a_time(tmp_path):
         most = max(most, live)
     assert most == 2 and sorted(finished) == sorted(pipeline.NEEDS)
     assert when["start reflect"] < when["end grpo"] and when["start grpo"] < when["end reflect"]   # in parallel
+
+
+def test_run_plan_splits_the_cores_and_gives_a_lone_stage_the_freed_ones(tmp_path):
+    """Two stages at once on 3 cores start with 2 and 1 threads (OMP_NUM_THREADS); when the short
+    one ends, the long one's share file says 3, and training.follow_thread_budget applies it."""
+    seen = tmp_path / "seen.txt"
+    long_code = (f"import os, time; f = open({str(seen)!r}, 'a'); f.write('reflect start ' + os.environ['OMP_NUM_THREADS'] + '\\n'); "
+                 f"f.flush()\nwhile not os.path.exists({str(tmp_path / 'grpo')!r}): time.sleep(0.05)\ntime.sleep(1.5); "
+                 f"f.write('reflect later ' + open(os.environ['SRPO_THREADS_FILE']).read() + '\\n'); "
+                 f"open({str(tmp_path / 'reflect')!r}, 'w').write('x')")
+    short_code = (f"import os; open({str(seen)!r}, 'a').write('grpo start ' + os.environ['OMP_NUM_THREADS'] + '\\n'); "
+                  f"open({str(tmp_path / 'grpo')!r}, 'w').write('x')")
+    plan = [("reflect", str(tmp_path / "reflect"), [sys.executable, "-c", long_code]),
+            ("grpo", str(tmp_path / "grpo"), [sys.executable, "-c", short_code])]
+    pipeline.run_plan(plan, 2, dict(os.environ), str(tmp_path / "logs"), lambda n, s: None, cores=3)
+    lines = sorted(seen.read_text().split("\n")[:-1])
+    assert lines == ["grpo start 1", "reflect later 3", "reflect start 2"]
+    assert pipeline.thread_shares(["a", "b", "c"], 2) == {"a": 1, "b": 1, "c": 1}  # never 0 threads
+    (tmp_path / "share").write_text("3")
+    before = torch.get_num_threads()
+    try:
+        import training
+        os.environ["SRPO_THREADS_FILE"] = str(tmp_path / "share")
+        training.follow_thread_budget(torch.device("cpu"))
+        assert torch.get_num_threads() == 3
+        (tmp_path / "share").write_text("")  # being rewritten: unchanged
+        training.follow_thread_budget(torch.device("cpu"))
+        assert torch.get_num_threads() == 3
+    finally:
+        del os.environ["SRPO_THREADS_FILE"]
+        torch.set_num_threads(before)
 
 
 def test_run_plan_failure_stops_new_stages_and_exits_nonzero(tmp_path):
