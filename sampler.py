@@ -295,10 +295,14 @@ def decode_fn(model, cfg: SampleConfig):
         global _compiled_step
         if _compiled_step is not False:
             # no duck shaping while tracing: sizes that happen to be equal on the first call (a batch
-            # of 2 rows and 2 kv heads) stay separate symbols, so one graph serves every batch >= 2
+            # of 2 rows and 2 kv heads) stay separate symbols, so one graph serves every batch >= 2.
+            # Floats specialized: with dynamic shapes dynamo first traces module float attributes
+            # (the embedding's norm_type) as symbols, then restarts the whole trace to specialize
+            # them: a warm-cache compile took ~30 s with the restart, ~10 s without
             duck, fx_config.use_duck_shape = fx_config.use_duck_shape, False
             try:
-                return _compiled_step(*args)
+                with torch._dynamo.config.patch(specialize_float=True):
+                    return _compiled_step(*args)
             except Exception as e:  # noqa: BLE001 -- any compile failure: decode eagerly from now on
                 warnings.warn(f"sampler.py: torch.compile of the decode step failed, decoding eagerly: {e!r:.300}")
                 _compiled_step = False

@@ -54,14 +54,14 @@ def test_cpu_model_and_commit(tmp_path):
 def test_provenance_markdown_by_hand():
     p = pipeline.Provenance(commit="abc", seed=2, task_seed=0, torch="2.0", python="3.11.7", cpu="CPU X", cpus=2,
                             threads="1", started="2026-12-01T04:00:00Z", finished="2026-12-01T04:07:00Z",
-                            stage_s={"task": 10.2, "base": 400.4})
+                            stage_s={"task": 10.2, "base": 400.4}, wall_s=300.0)
     assert p.total_s == pytest.approx(410.6)
     md = pipeline.provenance_md(p)
     assert "- commit: abc\n" in md
     assert "--seed 2 (every training / sampling stage), --task-seed 0" in md
     assert "torch 2.0, Python 3.11.7" in md and "CPU: CPU X (2 logical CPUs), torch threads: 1" in md
     assert "started 2026-12-01T04:00:00Z, finished 2026-12-01T04:07:00Z" in md
-    assert "wall time: task 10 s, base 400 s; total 411 s (6.8 min)" in md   # 410.6 s = 6.84 min
+    assert "wall time: task 10 s, base 400 s; stage sum 411 s; pipeline 300 s (5.0 min)" in md
 
 
 REAL_STAGES = pipeline.stages
@@ -102,6 +102,8 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     assert set(prov["stage_s"]) == {"task", "base", "reflect", "sft", "srpo", "grpo", "eval-single",
                                     "eval-reflect", "eval-blind"}
     assert prov["total_s"] == pytest.approx(sum(prov["stage_s"].values()))
+    # the command's own wall time: stages two at a time, so at most the stage sum (+ polling)
+    assert 0 < prov["wall_s"] <= prov["total_s"] + 5 and f"pipeline {prov['wall_s']:.0f} s" in md
     assert prov["commit"].split()[0] == pipeline.git_commit().split()[0]
     assert md.startswith("## provenance\n") and "--seed 4" in md and f"torch {torch.__version__}" in md
     # one table row per (checkpoint, prompt), values as written by the fake eval stages
@@ -112,7 +114,8 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="made with"):
         pipeline.main(["--run", str(run), "--seed", "5"])
     pipeline.main(["--run", str(run), "--seed", "4"])              # same seeds: every stage skipped
-    assert json.loads((run / "provenance.json").read_text())["stage_s"] == prov["stage_s"]
+    again = json.loads((run / "provenance.json").read_text())
+    assert again["stage_s"] == prov["stage_s"] and again["wall_s"] >= prov["wall_s"]   # resumed: summed
 
 
 @pytest.mark.slow
