@@ -402,8 +402,13 @@ def decode(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, st
             break
         if n_done > 0 and n_done >= cfg.compact_frac * len(rows):  # drop finished rows (and groups)
             keep = (~done).nonzero()[:, 0]
-            if len(keep) == 1:  # keep a finished row beside the last live one: a batch of 1 would
-                keep = torch.cat([keep, done.nonzero()[:1, 0]])  # compile its own graph (5-8 s here)
+            live_groups = rows[keep] // n
+            if len(keep) < 2 or bool((live_groups == live_groups[0]).all()):
+                # keep a finished row (of another group if there is one) beside the live ones: a
+                # batch of 1 row or 1 group compiles a graph of its own (sizes 1 are specialized;
+                # 40-60 s in a pipeline stage); a kept finished row stays finished
+                other = (done & (rows // n != live_groups[0])).nonzero()[:1, 0]
+                keep = torch.cat([keep, other if len(other) or len(keep) >= 2 else done.nonzero()[:1, 0]])
             rows, done, tok, cos, sin = rows[keep], done[keep], tok[keep], cos[keep], sin[keep]
             gen.k, gen.v = gen.k.index_select(1, keep), gen.v.index_select(1, keep)
             live, place = torch.unique(rows // n, return_inverse=True)  # prompts still sampling, sorted

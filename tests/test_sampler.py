@@ -183,6 +183,33 @@ def test_seeded_reproducible_and_compaction_invariant(models):
     assert "stop" in a["finish_reasons"]
 
 
+def test_compaction_never_leaves_one_row_or_one_group(models, monkeypatch):
+    """Dropping finished rows keeps at least 2 rows in 2 groups in the decode step (a compiled
+    graph specializes sizes of 1: one live row or one live group would compile a graph of its own),
+    keeping finished rows as needed, and samples exactly what never compacting samples."""
+    net, _ = models
+    batch, eos = make_batch(net.config), list(range(40, 56))
+    seen = []  # (rows K, groups P) of every decode step
+
+    def recording(model, cfg):
+        def step(model, tok, cos, sin, pk, *rest):
+            seen.append((tok.shape[0], pk.shape[1]))
+            return S.decode_step(model, tok, cos, sin, pk, *rest)
+        return step
+    monkeypatch.setattr(S, "decode_fn", recording)
+    for n in (1, 4):
+        seen.clear()
+        kw = dict(max_new_tokens=40, temperature=1.0, n=n, seed=14, compile=False)  # seed 14: one group alone with 2+ rows
+        a = S.generate(net, batch, eos, S.SampleConfig(**kw, compact_frac=0.0))
+        assert seen and min(k for k, _ in seen) >= 2 and min(p for _, p in seen) >= 2, (n, seen)
+        live = (a["lengths"][:, None] > torch.arange(40)).view(4, n, 40)  # (group, sample, step)
+        alive, alive_rows = live.any(1).sum(0), live.sum((0, 1))  # groups / rows sampling per step
+        if n == 4:  # a step where one group still samples with 2+ rows: the case that needs a kept row
+            assert ((alive == 1) & (alive_rows >= 2)).any(), "the single-group case is not exercised"
+        b = S.generate(net, batch, eos, S.SampleConfig(**kw, compact_frac=2.0))
+        assert torch.equal(a["tokens"], b["tokens"]) and (a["logprobs"] - b["logprobs"]).abs().max() < 1e-5
+
+
 def test_compile_fallback_and_off_switches(models, monkeypatch):
     """The compiled decode step samples what the eager one does; a torch.compile that fails (e.g.
     no C++ compiler) warns once and decodes eagerly; compile=False and SRPO_COMPILE=0 never compile."""
