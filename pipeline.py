@@ -86,6 +86,7 @@ def stages(run, quick, seed=0, task_seed=0):
         ("base", f"{run}/base/model.safetensors",
          [py, "sft.py", "--data", train, "--tokenizer_corpus", f"{task}/tokenizer_corpus.jsonl", "--out", f"{run}/base",
           *sd, *k["base"]]),
+        *([] if quick else [("compile", f"{run}/logs/compile.json", [py, "pipeline.py", "--warm-compile", run])]),
         ("reflect", f"{run}/reflect/summary.json",
          [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{run}/reflect/train.jsonl",
           "--teacher", "rule", *sd, *k["reflect"]]),
@@ -147,7 +148,7 @@ def ablation_stages(run, quick, seed=0):
 
 # What each stage reads: a stage starts once these are done, so with --jobs 2 the plain-GRPO
 # branch (grpo, eval-single, eval-blind) runs beside the SRPO branch (reflect, sft, srpo, eval-reflect).
-NEEDS = {"task": [], "base": ["task"], "reflect": ["base"], "sft": ["reflect"], "srpo": ["sft"], "grpo": ["base"],
+NEEDS = {"task": [], "base": ["task"], "compile": ["task"], "reflect": ["base"], "sft": ["reflect"], "srpo": ["sft"], "grpo": ["base"],
          "eval-single": ["grpo"], "eval-reflect": ["srpo"], "eval-blind": ["base"],
          **{name: [init] for name, (_, init) in ABLATIONS.items()}, "reflect-paper": ["base"],
          "sft-paper": ["reflect-paper"], "eval-ablation": [*ABLATIONS, "sft-paper"]}
@@ -347,6 +348,48 @@ def summary_table(runs):
     return head + body + f"\nmean ± standard error over n = {len(runs)} runs\n"
 
 
+# (threads, n) of every decode graph the stages compile: n is specialized (reflect samples 4
+# attempts, the RL stages 8, eval 1) and so is the thread count (a stage alone gets 2)
+WARM = [(1, 4), (1, 8), (1, 1), (2, 8), (2, 1)]
+
+
+def warm_compile(run):
+    """The 'compile' stage: torch.compile the sampler's decode step for every (threads, n) the
+    later stages use, while the base model trains beside it, so that they find it in inductor's
+    cache. On a fresh machine each cold compile took 45-90 s inside a stage (reflect, srpo,
+    eval-reflect are one after the other on the critical path); from the cache it takes ~12 s.
+    Needs only the base model's architecture: its tokenizer (written first by sft.py) and
+    sft.build_tiny; the weights do not matter. Writes logs/compile.json."""
+    import torch
+    import checkpoint as ckpt_lib
+    import data
+    import sampler
+    import sft
+    tok_dir, t0 = f"{run}/base/tokenizer", time.time()
+    while not os.path.exists(f"{tok_dir}/tokenizer.json") or not os.path.exists(f"{tok_dir}/preprocessor_config.json"):
+        if time.time() - t0 > 900:  # the base stage failed before its tokenizer: do not hold the pipeline
+            print("[compile] no base tokenizer after 15 min: skipped", flush=True)
+            return data.write_json_atomic(f"{run}/logs/compile.json", [])
+        time.sleep(1)  # the base stage trains the tokenizer first
+    time.sleep(1)
+    tok = data.Tokenizer.from_dir(tok_dir)
+    tok.image_cfg = ckpt_lib.image_config("pipeline.py", tok_dir)
+    net = sft.build_tiny(tok, sft.SFTConfig()).eval()
+    records = data.load_records(f"{run}/task/train.jsonl")[:8]
+    prompts = [data.encode_prompt(r, tok, data.SYSTEM_PROMPT_SINGLE) for r in records]
+    took = []
+    for threads, n in WARM:
+        torch.set_num_threads(threads)
+        t0 = time.time()
+        try:  # only a cache warmer: a failure costs the later stages their own compile, nothing else
+            sampler.generate_texts(net, tok, prompts, sampler.SampleConfig(n=n, max_new_tokens=8, seed=0), batch_size=8)
+        except Exception as e:  # noqa: BLE001
+            print(f"[compile] threads {threads}, n {n}: failed ({e!r:.200}); the stages will compile it", flush=True)
+        took.append(dict(threads=threads, n=n, seconds=round(time.time() - t0, 1)))
+        print(f"[compile] threads {threads}, n {n}: {took[-1]['seconds']} s", flush=True)
+    data.write_json_atomic(f"{run}/logs/compile.json", took)
+
+
 def check_seeds(run, seed, task_seed, quick):
     """Record the run's seeds in run/pipeline.json; refuse to resume a run made with others
     (its finished stages would be silently mixed with the new seeds')."""
@@ -377,7 +420,10 @@ def main(argv=None):
                     "with the paper's SFT target) in the same run directory")
     ap.add_argument("--summarize", nargs="+", metavar="RUN", help="print the runs' results side by side with "
                     "mean +- standard error (runs of different --seed), and run nothing")
+    ap.add_argument("--warm-compile", metavar="RUN", help=argparse.SUPPRESS)  # the 'compile' stage
     a = ap.parse_args(argv)
+    if a.warm_compile:
+        return warm_compile(a.warm_compile)
     if a.summarize:
         missing = [r for r in a.summarize if not os.path.exists(f"{r}/eval")]
         if missing:

@@ -36,6 +36,9 @@ def test_seed_reaches_every_training_stage_task_seed_only_the_task():
     assert flag(plan["base"], "--epochs") == "1.3"
     default = {name: argv for name, _, argv in pipeline.stages("/r", quick=True)}
     assert flag(default["base"], "--seed") == "0" and flag(default["task"], "--seed") == "0"
+    # the compile stage runs beside the base model (needs only the task) and nothing waits for it
+    assert plan["compile"][1:] == ["pipeline.py", "--warm-compile", "/r"] and "compile" not in default
+    assert pipeline.NEEDS["compile"] == ["task"] and not any("compile" in v for v in pipeline.NEEDS.values())
 
 
 def test_cpu_model_and_commit(tmp_path):
@@ -99,7 +102,7 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     assert prov["seed"] == 4 and prov["task_seed"] == 0 and prov["torch"] == torch.__version__
     assert prov["threads"] == f"{len(os.sched_getaffinity(0))} split between the running stages (--jobs 2)"
     assert prov["cpu"] == pipeline.cpu_model()
-    assert set(prov["stage_s"]) == {"task", "base", "reflect", "sft", "srpo", "grpo", "eval-single",
+    assert set(prov["stage_s"]) == {"task", "base", "compile", "reflect", "sft", "srpo", "grpo", "eval-single",
                                     "eval-reflect", "eval-blind"}
     assert prov["total_s"] == pytest.approx(sum(prov["stage_s"].values()))
     # the command's own wall time: stages two at a time, so at most the stage sum (+ polling)
