@@ -5,6 +5,7 @@ The whole SRPO pipeline on the built-in task, one command, on a laptop CPU:
 
     task      task.py          procedural images + questions, train/test splits
     base      sft.py           tiny tokenizer + tiny Qwen2.5-VL trained from scratch (single pass)
+    compile   (this file)      beside base: warms torch.compile's cache for the sampler's decode graphs
     reflect   reflect_data.py  base model answers, rule-based teacher reflects -> two-pass SFT data
     sft       sft.py           stage 1: reflection SFT from the base model
     srpo      grpo.py          stage 2: reflection-aware GRPO (SRPO reward) from stage 1
@@ -15,7 +16,9 @@ The whole SRPO pipeline on the built-in task, one command, on a laptop CPU:
 Each stage is its own script run as a subprocess (its own progress bar and log); a stage whose
 output is complete is skipped, and every script resumes where it stopped, so rerunning the
 command after a crash or Ctrl-C continues the pipeline. `--quick` runs a shortened version
-(tiny data, few steps) that the slow test uses to check that every stage's output exists and loads.
+(tiny data, few steps, no compile stage) that the slow test uses to check that every stage's
+output exists and loads. Independent stages run at once (`--jobs 2`), the cores split between
+them (`--threads`); the training stages take the cores a finished stage frees.
 
 `--ablation` adds the paper's ablations in miniature to the same run (SRPO with the official code's
 reward, without f_len, without I_eff, from the base model without reflection SFT; stage 1 with the
@@ -30,7 +33,7 @@ resume with others; `--seed N` alone writes to runs/demo-seedN.
 
 Provenance: results.md starts with what produced it -- git commit (and whether the tree had
 uncommitted changes), seeds, torch and Python versions, CPU model, threads, date, and the wall
-time of every stage and the total -- because the same code and seeds gave a base model that
+time of every stage, their sum and the command's own wall time -- because the same code and seeds gave a base model that
 lists the scene right for 83% of test images on one machine and 47% on another.
 """
 import argparse
@@ -46,8 +49,8 @@ from dataclasses import asdict, dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# Stage settings: the default demo (README "Wall time": measured alone on 2 cores, stages run two at
-# a time with the cores split between them) and --quick (the slow test).
+# Stage settings: the default demo (README "Performance": its wall time measured alone on 2 cores,
+# stages run two at a time with the cores split between them) and --quick (the slow test).
 # base: 1.3 epochs (1300 steps of 16) instead of 1. The base model learns colours and counts by
 # step ~400 but reads shapes last: teacher-forced on 64 validation scenes, seed 1337 named the
 # wrong shape for 57% of listed objects at step 600, 35% at 800, 14% at 1000. At 1000 steps it
@@ -146,8 +149,9 @@ def ablation_stages(run, quick, seed=0):
     return out
 
 
-# What each stage reads: a stage starts once these are done, so with --jobs 2 the plain-GRPO
-# branch (grpo, eval-single, eval-blind) runs beside the SRPO branch (reflect, sft, srpo, eval-reflect).
+# What each stage reads: a stage starts once these are done, so with --jobs 2 the compile stage runs
+# beside base, and the plain-GRPO branch (grpo, eval-single, eval-blind) beside the SRPO branch
+# (reflect, sft, srpo, eval-reflect).
 NEEDS = {"task": [], "base": ["task"], "compile": ["task"], "reflect": ["base"], "sft": ["reflect"], "srpo": ["sft"], "grpo": ["base"],
          "eval-single": ["grpo"], "eval-reflect": ["srpo"], "eval-blind": ["base"],
          **{name: [init] for name, (_, init) in ABLATIONS.items()}, "reflect-paper": ["base"],
@@ -348,16 +352,19 @@ def summary_table(runs):
     return head + body + f"\nmean ± standard error over n = {len(runs)} runs\n"
 
 
-# (threads, n) of every decode graph the stages compile: n is specialized (reflect samples 4
-# attempts, the RL stages 8, eval 1) and so is the thread count (a stage alone gets 2)
-WARM = [(1, 4), (1, 8), (1, 1), (2, 8), (2, 1)]
+def warm_variants(cores):
+    """(threads, n) of every decode graph the stages compile: one sample per prompt (eval) and
+    several (reflect, RL) are different graphs (sizes of 1 are specialized), and so is each thread
+    count a stage can have with --jobs 2 on `cores` cores (half of them, or all when alone)."""
+    return [(t, n) for t in sorted({max(1, cores // 2), max(1, cores - cores // 2), cores}) for n in (8, 1)]
 
 
 def warm_compile(run):
     """The 'compile' stage: torch.compile the sampler's decode step for every (threads, n) the
     later stages use, while the base model trains beside it, so that they find it in inductor's
     cache. On a fresh machine each cold compile took 45-90 s inside a stage (reflect, srpo,
-    eval-reflect are one after the other on the critical path); from the cache it takes ~12 s.
+    eval-reflect are one after the other on the critical path); from the cache it takes ~12 s
+    (reflect: 143-157 s without this stage, 67 s with it).
     Needs only the base model's architecture: its tokenizer (written first by sft.py) and
     sft.build_tiny; the weights do not matter. Writes logs/compile.json."""
     import torch
@@ -378,7 +385,7 @@ def warm_compile(run):
     records = data.load_records(f"{run}/task/train.jsonl")[:8]
     prompts = [data.encode_prompt(r, tok, data.SYSTEM_PROMPT_SINGLE) for r in records]
     took = []
-    for threads, n in WARM:
+    for threads, n in warm_variants(len(os.sched_getaffinity(0))):  # pipeline.py's --threads default
         torch.set_num_threads(threads)
         t0 = time.time()
         try:  # only a cache warmer: a failure costs the later stages their own compile, nothing else
@@ -414,7 +421,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="stages run at once (independent ones only); 1 = one "
                                                           "after the other, output on the terminal")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in all, split "
-                    "between the running stages; a stage left alone gets them all (default: this machine's CPUs)")
+                    "between the running stages; a training stage takes the threads a finished one frees "
+                    "(default: this machine's CPUs)")
     ap.add_argument("--ablation", action="store_true", help="also run the paper's ablations in miniature "
                     "(SRPO with the code's reward, without f_len, without I_eff, from the base model; stage 1 "
                     "with the paper's SFT target) in the same run directory")

@@ -20,14 +20,16 @@ The idea (gpt-fast's generate.py, batched and multimodal):
    steps and the attention bias (-inf on prompt padding) are computed once before the loop. On
    CPU the decode step is torch.compile'd (as in gpt-fast): the ~40 small ops per layer fuse into
    a few C++ loops and attention becomes one pass over the caches. One graph with dynamic shapes
-   serves all batch sizes >= 2, group sizes n >= 2 and key lengths (batch 1 and n = 1 get their
-   own); a cold compile takes ~25-75 s here. SampleConfig(compile=False) or SRPO_COMPILE=0
+   serves all batch sizes >= 2, group sizes n >= 2 and key lengths (n = 1 gets its own, and so
+   would a batch of 1 row or 1 group, which compaction avoids; each torch thread count too); a
+   cold compile takes ~25-90 s here, ~12 s from inductor's cache. SampleConfig(compile=False) or SRPO_COMPILE=0
    decodes eagerly, as does an FSDP-sharded model; a failing compile (e.g. no C++ compiler) warns
    and falls back to eager;
 4. a row stops at its first eos id (its eos token is kept: it is part of the response GRPO
    trains on) or at max_new_tokens. Finished rows are dropped from the batch (their generated
    cache rows are gathered out; a group's prompt cache row when all its rows are done) once they
-   are at least `compact_frac` of the rows still decoding, so they stop costing compute.
+   are at least `compact_frac` of the rows still decoding, so they stop costing compute; a
+   finished row is kept when fewer than 2 rows or 2 groups would remain (no graph of their own).
 
 Log-probs: for every generated token we return log_softmax(logits / temperature)[token] over
 the FULL vocabulary -- the distribution the policy defines at temperature T, which is what the

@@ -56,7 +56,8 @@ def follow_thread_budget(device):
     """CPU: set torch's thread count to the share pipeline.py gives this stage. The pipeline runs
     independent stages at the same time and splits the machine's cores between the ones running,
     writing each one's share to the file named by $SRPO_THREADS_FILE whenever a stage starts or
-    ends; a training loop calls this every step, so a stage left alone gets every core. Without
+    ends; a training loop calls this every step, so a training stage left alone gets every core
+    (sampling-only stages keep the share they started with). Without
     the variable (a script run by hand) nothing changes: --threads holds."""
     path = os.environ.get("SRPO_THREADS_FILE")
     if not path or device.type != "cpu":

@@ -2,8 +2,8 @@
 Profile: where the time of one CPU training step goes, for the tiny model (model.tiny_config()).
 
     sft   one SFT-shaped micro-batch: 16 sequences of [prompt (272 tokens, an 80-token image) |
-          60 answer tokens], right-padded, forward + summed CE on the answer + backward (what
-          sft.micro_loss does)
+          60 answer tokens], right-padded, forward + summed CE on the answer + backward (sft.micro_loss
+          with share_prefix off; bench/sft_step.py times it on and off)
     grpo  bench/grpo_step.py's training pass: 8 prompts x 8 responses of 128 tokens, micro-batches
           of 2 whole groups (16 rows) through model.forward_shared_prefix, forward + backward
 
