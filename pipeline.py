@@ -422,7 +422,8 @@ def main(argv=None):
                                                           "after the other, output on the terminal")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in all, split "
                     "between the running stages; a training stage takes the threads a finished one frees "
-                    "(default: this machine's CPUs)")
+                    "(default: this machine's CPUs; on a machine busy with other jobs use 1: OpenMP threads "
+                    "spinning on busy cores slow a stage many times over)")
     ap.add_argument("--ablation", action="store_true", help="also run the paper's ablations in miniature "
                     "(SRPO with the code's reward, without f_len, without I_eff, from the base model; stage 1 "
                     "with the paper's SFT target) in the same run directory")

@@ -58,7 +58,18 @@ timed after ours, not interleaved):
     speedup of prompt sharing: reference 2.82x, training forward+backward 2.89x, whole step 2.21x
     GRPO step vs TRL GRPOTrainer: shared (grpo.py) 3.65x faster, unshared 1.65x faster
 
-So: 2.21x over the unshared step (target >= 2x: met); 3.65x over TRL (target >= 4x: NOT met).
+Run of 13:21 UTC, 1 Dec, on a QUIET machine (nothing else running), after the CPU attention change
+(model.Attention.attend: no GQA repeat_interleave on CPU), TRL 1.16.0:
+
+    generation             1.27 s   (runs: 1.35 1.27 1.27)
+    reference shared       0.63 s   | unshared  1.80 s
+    training shared        1.89 s   | unshared  4.79 s
+    GRPO step: shared 3.79 s | unshared 7.87 s
+    TRL GRPOTrainer step  15.24 s   (runs: 14.87 15.78 15.24)
+    GRPO step vs TRL GRPOTrainer: shared (grpo.py) 4.02x faster, unshared 1.94x faster
+  (11:35 UTC, same quiet machine, before the attention change: shared 3.59 s, TRL 13.88 s, 3.86x.)
+
+Earlier, under load: 2.21x over the unshared step (target >= 2x: met); 3.65x over TRL (target >= 4x: NOT met).
 Caveats: our step is the sum of its four timed parts (AdamW on 1.1M parameters and grpo.py's
 bookkeeping are not in it, nor measured here; TRL's step has both); TRL's advantages are all 0 here (the
 random model's rewards are equal) while ours are random, which costs the same FLOPs.

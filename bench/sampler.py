@@ -25,6 +25,11 @@ the ratios, which come from interleaved best-of-3 runs):
     python bench/sampler.py --threads 2 --batch 64
     python bench/sampler.py --batch 64 --new 32    # a quick look
 
+Run of 11:31 UTC, 1 Dec, on a QUIET machine (matmul peak 87 GFLOP/s; no sampler change since 09:25):
+    batch   64 prompt  74 new 128: ours 6515 tok/s | transformers 3421 tok/s       1.90x
+    8 prompts x 8 samples, new 128: ours 8149 tok/s | transformers 3956 tok/s      2.06x
+  The ratios barely move with the load; the 3x target for the 8 x 8 row is not met.
+
 Run of 09:25 UTC, 1 Dec (load average 6.3-6.8 on the 2 cores, matmul peak 20 GFLOP/s: ~6x
 below a quiet machine; cold compile 290 s). No change to sampler.py since 05:40, see below:
 
