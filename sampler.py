@@ -229,9 +229,10 @@ def attend_two_parts(q, k, v, pk, pv, p_bias, gk, gv, g_bias, slot, n, scale, fu
     dt = pk.dtype
     # prompt: softmax numerator and denominator per group, then back to rows
     qg = grouped(q, slot, pk.shape[0], n)  # (P, Hkv, n*g, hd)
-    # as matmuls even when compiled: the roped queries are then computed once, not once per key as
-    # inductor did inside its multiply-and-sum loop (8 prompts x 8 samples: 1.07x faster, +0.17 +- 0.08
-    # in the ratio to transformers over 9 process pairs; bench/sampler.py)
+    # matmuls on every path: compiled as multiply-and-sum, inductor recomputed the roped query for
+    # every prompt key. GRPO-shaped prompts (~270 tokens), 8 x 8: ratio to transformers' generate
+    # +0.33 (3.11-3.44x -> 3.45-3.78x, alternating processes); bench/sampler.py's short prompts: no
+    # change beyond the noise between processes (bench/sampler.py, run of 1 Dec 16:00)
     sp = qg @ pk.transpose(-1, -2)  # (P, Hkv, n*g, T)
     sp = sp.float() * scale + p_bias
     mp = sp.amax(-1, keepdim=True)  # (P, Hkv, n*g, 1)

@@ -163,7 +163,7 @@ def training_pass(policy, prompts, gen, adv, G, per_micro, shared, eps=0.2):
     policy.zero_grad(set_to_none=True)
 
 
-def trl_step(model_dir, images, P, G, new, micro, reps, count_tokens):
+def trl_step(model_dir, images, P, G, new, micro, reps, count_tokens, between=None):
     """TRL's GRPOTrainer on the same weights (model_dir, loaded by transformers), the same P images
     and question, G samples of exactly `new` tokens each (min_new_tokens: the random model would
     otherwise draw an eos at random), the SRPO reward of reward.py, beta 0.04, fp32, no vLLM.
@@ -174,7 +174,9 @@ def trl_step(model_dir, images, P, G, new, micro, reps, count_tokens):
     Returns the wall times of optimizer steps 2 .. reps + 1 (step 1 warms up): each from the
     trainer's on_step_begin to its on_step_end, so generation, reward, reference, old log-probs
     (none: one pass over each generation), forward, backward and AdamW are in, the Trainer's
-    setup is not."""
+    setup is not. `between`: a callable run after each TRL step (outside its timing), returning a
+    time: our step, so that both see the same phases of a machine whose speed drifts; its times
+    (the first dropped like TRL's) are returned too."""
     from datasets import Dataset
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               TrainerCallback)
@@ -202,13 +204,15 @@ def trl_step(model_dir, images, P, G, new, micro, reps, count_tokens):
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.times, self.between_times, self.t0 = [], [], None
 
         def on_step_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self.t0)
+            if between is not None:
+                self.between_times.append(between())
 
     timer = StepTimer()
     args = GRPOConfig(output_dir=os.path.join(model_dir, "trl"), per_device_train_batch_size=micro * G,
@@ -221,7 +225,7 @@ def trl_step(model_dir, images, P, G, new, micro, reps, count_tokens):
                           args=args, processing_class=processor, train_dataset=Dataset.from_list(rows),
                           reward_funcs=srpo_reward, callbacks=[timer])
     trainer.train()
-    return timer.times[1:]
+    return timer.times[1:], timer.between_times[1:]
 
 
 def main():
@@ -256,7 +260,9 @@ def main():
         adv = torch.randn(P * G, generator=torch.Generator().manual_seed(0))
         times = {k: [] for k in ("generation", "reward", "reference shared", "reference unshared",
                                  "training shared", "training unshared")}
-        for rep in range(args.reps + 1):  # the first rep warms up (untimed)
+        def one_step(modes):
+            """generation and reward once, then reference and training for each of modes (True =
+            shared) in that order -> dict of the parts' wall times"""
             t = {}
             t0 = time.perf_counter()
             gen = S.generate_texts(policy, tok_no_eos, prompts, sc, batch_size=P)
@@ -264,7 +270,7 @@ def main():
             t0 = time.perf_counter()
             reward.score_batch(gen.texts, gts, mode="srpo", count_tokens=tok.count_tokens)
             t["reward"] = time.perf_counter() - t0
-            for shared in ((True, False) if rep % 2 else (False, True)):  # interleaved
+            for shared in modes:
                 name = "shared" if shared else "unshared"
                 t0 = time.perf_counter()
                 reference_pass(ref, prompts, gen, G, args.micro, shared)
@@ -272,6 +278,10 @@ def main():
                 t0 = time.perf_counter()
                 training_pass(policy, prompts, gen, adv, G, args.micro, shared)
                 t[f"training {name}"] = time.perf_counter() - t0
+            return t
+
+        for rep in range(args.reps + 1):  # the first rep warms up (untimed)
+            t = one_step((True, False) if rep % 2 else (False, True))  # shared and unshared interleaved
             if rep:
                 for k, v in t.items():
                     times[k].append(v)
@@ -289,18 +299,30 @@ def main():
         else:
             model_dir = os.path.join(tmp, "model")
             M.save_pretrained(ref, model_dir, tokenizer_dir=os.path.join(tmp, "tok"))  # ref: the initial weights
-            trl_times = trl_step(model_dir, images, P, G, args.new, args.micro, args.reps, tok.count_tokens)
-            torch.set_num_threads(args.threads or torch.get_num_threads())  # in case the Trainer changed it
+            threads = torch.get_num_threads()
+
+            def ours_between():  # our shared step, run after each of TRL's steps
+                torch.set_num_threads(threads)  # in case the Trainer changed it
+                return sum(one_step((True,)).values())
+
+            trl_times, ours_times = trl_step(model_dir, images, P, G, args.new, args.micro, args.reps,
+                                             tok.count_tokens, between=ours_between)
+            torch.set_num_threads(threads)
             print(f"TRL GRPOTrainer step {statistics.median(trl_times):6.2f} s   "
                   f"(runs: {' '.join(f'{x:.2f}' for x in trl_times)}; generation, reward, reference, "
-                  f"training and AdamW)", flush=True)
+                  f"training and AdamW)")
+            print(f"GRPO step, shared, run after each TRL step {statistics.median(ours_times):6.2f} s   "
+                  f"(runs: {' '.join(f'{x:.2f}' for x in ours_times)})", flush=True)
         print(f"speedup of prompt sharing: reference {med['reference unshared'] / med['reference shared']:.2f}x, "
               f"training forward+backward {med['training unshared'] / med['training shared']:.2f}x, "
               f"whole step {step['unshared'] / step['shared']:.2f}x")
         if trl_times is not None:
             t_trl = statistics.median(trl_times)
-            print(f"GRPO step vs TRL GRPOTrainer: shared (grpo.py) {t_trl / step['shared']:.2f}x faster, "
-                  f"unshared (grpo.py before prompt sharing) {t_trl / step['unshared']:.2f}x faster")
+            print(f"GRPO step vs TRL GRPOTrainer, ours timed before TRL's: shared (grpo.py) "
+                  f"{t_trl / step['shared']:.2f}x faster, unshared (grpo.py before prompt sharing) "
+                  f"{t_trl / step['unshared']:.2f}x faster")
+            print(f"GRPO step vs TRL GRPOTrainer, interleaved (ours after each TRL step): shared (grpo.py) "
+                  f"{t_trl / statistics.median(ours_times):.2f}x faster")
 
 
 if __name__ == "__main__":
