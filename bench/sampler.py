@@ -26,14 +26,15 @@ the ratios, which come from interleaved best-of-3 runs):
     python bench/sampler.py --batch 64 --new 32    # a quick look
     python bench/sampler.py --processes 6          # the 8 x 8 row in 6 fresh processes: mean +- SE
 
-Run of 16:00 UTC, 1 Dec, quiet machine, `--processes 6` (the prompt part of the decode attention as
-matmuls, see below):
+Run of 15:16-15:21 UTC, 1 Dec, quiet machine, `--processes 6` (the prompt part of the decode
+attention as matmuls, see below):
     8 prompts x 8 samples, new 128, 6 processes: 2.31x +- 0.06 (SE; min 2.14x, max 2.52x)
-  The 3x target for the 8 x 8 row is NOT met. One process is one draw: separate processes of the
-  same code gave 2.03-2.51x (12 runs of the code before the change: 2.31x on average too), and two
-  copies of one graph compiled in ONE process ran 18% apart (best of 7, interleaved). So a single
-  run's ratio says little below ~0.3x; --processes reports the spread.
-  Where the time goes now (14:30-15:30, 8 x 8, timers and A/B variants of the decode step):
+  The 3x target for the 8 x 8 row is NOT met. One process is one draw: 12 separate processes of
+  the code before the change gave 2.03-2.51x (2.31x on average too), 6 of this code 2.14-2.52x,
+  and two copies of one graph compiled in ONE process ran 18% apart (best of 7, interleaved). So
+  differences below ~0.3x between two single runs mean little; --processes reports the spread.
+  Where the time goes (14:20-15:00, the code BEFORE the change, 8 x 8, timers and A/B variants of
+  the decode step):
     - prefill + first token 0.03 s; the Python loop and eager sampling ~0.09 s; the decode steps
       the rest (~0.8-1.0 s of ~0.9-1.1 s);
     - the attention is 40-50% of the call: the same call with attention removed from the step
@@ -305,7 +306,7 @@ def main():
     ap.add_argument("--processes", type=int, default=1, help="N > 1: run the 8 x 8 row in N fresh processes, "
                     "one after the other, and print each ratio and their mean +- standard error. One "
                     "process's ratio is one draw: identical graphs compiled twice in ONE process ran 18% "
-                    "apart, and separate processes of the same code gave 2.03-2.51x (1 Dec)")
+                    "apart, and 12 separate processes of one version gave 2.03-2.51x (1 Dec)")
     args = ap.parse_args()
     if args.processes > 1:
         return across_processes(args)
