@@ -305,7 +305,7 @@ def main():
     ap.add_argument("--group-only", action="store_true", help="only the 8 prompts x 8 samples row")
     ap.add_argument("--processes", type=int, default=1, help="N > 1: run the 8 x 8 row in N fresh processes, "
                     "one after the other, and print each ratio and their mean +- standard error. One "
-                    "process's ratio is one draw: identical graphs compiled twice in ONE process ran 18% "
+                    "process's ratio is one draw: identical graphs compiled twice in ONE process ran 18%% "
                     "apart, and 12 separate processes of one version gave 2.03-2.51x (1 Dec)")
     args = ap.parse_args()
     if args.processes > 1:
