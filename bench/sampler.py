@@ -28,8 +28,8 @@ the ratios, which come from interleaved best-of-3 runs):
 
 Run of 16:44-16:50 UTC, 1 Dec, quiet machine (load average ~1), `--processes 6`, sampler.py
 unchanged since the 15:16 run below. The bench now has a second 8 x 8 row on the built-in task's
-prompt shape (make_batch(grpo_shaped=True): 287 tokens, 80 of them an image's, as in
-bench/grpo_step.py):
+prompt shape (make_batch(grpo_shaped=True): random tokens, 287 with padding, 80 of them an
+image's; bench/grpo_step.py's real prompts are 272 tokens with the same image size):
     8 prompts x 8 samples (prompt 63), new 128, 6 processes: 2.27x +- 0.10 (SE; min 1.83x, max 2.53x)
     8 GRPO-shaped prompts x 8 samples (prompt 287), new 128, 6 processes: 3.60x +- 0.08 (min 3.35x, max 3.88x)
   The 3x target names the first row: NOT met. On GRPO-shaped prompts the prompt, stored and read
