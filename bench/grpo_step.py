@@ -87,6 +87,17 @@ timing: our shared step also runs after each of TRL's steps, outside TRL's timer
   not in the 15:21 one, where our step took 4.13 s against 3.79 s at 13:21 (generation 1.37 s,
   reference 0.73 s, training 2.03 s against 1.27, 0.63 and 1.89 s) and TRL's 15.00 s against 15.24 s.
 
+Run of 16:55 UTC, 1 Dec, quiet machine (load average 0.5-1.0), no project change since 15:24:
+    generation 1.24 s, reference shared 0.72 s, training shared 1.94 s
+    GRPO step: shared 3.89 s | unshared 8.46 s;  TRL GRPOTrainer step 15.15 s (runs: 14.89 19.62 15.15)
+    GRPO step, shared, run after each TRL step 4.04 s (runs: 4.05 4.04 3.41)
+    ours timed before TRL's: 3.89x; interleaved: 3.75x
+  Four quiet runs now: 4.02x, 3.63x, 4.04x (interleaved), 3.75x (interleaved). The 4x target is
+  met in two of four: our step is ~3.8-4.1 s against TRL's ~15 s, so the ratio sits on 4x and
+  each run's draw decides. Where a 10% margin would have to come from: the training pass is 1.9 s
+  of the step, and its matmuls run near this CPU's single-thread fp32 peak (bench/train_profile.py:
+  aten::mm 40%, SDPA forward + backward 34%).
+
 Earlier, under load: 2.21x over the unshared step (target >= 2x: met); 3.65x over TRL (target >= 4x: NOT met).
 Caveats: our step is the sum of its four timed parts (AdamW on 1.1M parameters and grpo.py's
 bookkeeping are not in it, nor measured here; TRL's step has both); TRL's advantages are all 0 here (the
