@@ -29,9 +29,15 @@ No pickle anywhere: tensors go to safetensors, scalars to JSON. Files are writte
 process umask (safetensors itself writes 0600; we chmod to what open() would have given).
 
 Errors a user can fix (a missing input, a bad flag, a locked directory) are RunError: the scripts
-print their one line (`cli`) instead of a traceback, and exit 1.
+print their one line (cli.main) instead of a traceback, and exit 1. A save that fails (a full disk)
+removes its checkpoint.tmp/ and leaves the previous checkpoint/ as it was.
+Resuming is keyed by content, not paths: train_state.json's extra holds a fingerprint of the
+run's data files (bytes, sha256, records; data_fingerprint) and a resume on changed data is
+refused, naming the file and what changed; the run directory's own path is nowhere compared, so a
+run directory moved or copied elsewhere resumes.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -49,6 +55,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+import cli as cli_lib
 import data
 import dist
 import model as model_lib
@@ -65,12 +72,8 @@ class NonFiniteLoss(RunError):
 
 
 def cli(fn, *args):
-    """Run fn(*args); a RunError becomes its message on stderr and exit status 1, no traceback."""
-    try:
-        return fn(*args)
-    except RunError as e:
-        sys.stdout.flush()
-        sys.exit(str(e))
+    """Run fn(*args) as a script's main: cli.main (one line per error the user can fix, exit 1)."""
+    return cli_lib.main(os.path.basename(sys.argv[0]), lambda: fn(*args))
 
 
 # ----------------------------------------------------------------------------- JSON files
@@ -107,16 +110,13 @@ def fix_modes(directory):
 # ----------------------------------------------------------------------------- the run directory
 
 def check_out_dir(prog, out, inputs):
-    """--out must not be (or lie inside) an input directory: the final export writes model files
-    into out/ itself and would overwrite the model being trained from. inputs: {flag: path}."""
-    o = os.path.realpath(out)
-    for flag, path in inputs.items():
-        if not path:
-            continue
-        p = os.path.realpath(path)
-        if o == p or o.startswith(p.rstrip(os.sep) + os.sep):
-            raise RunError(f"{prog}: --out {out} is {'' if o == p else 'inside '}{flag} {path}: "
-                           f"the run would overwrite its own input; choose another --out")
+    """--out must not be, lie inside, or contain an input (symlinks resolved): the final export
+    writes model files into out/ itself, and every save replaces out/checkpoint/ (an --init
+    RUN/checkpoint with --out RUN). An existing file is no --out either. inputs: {flag: path}."""
+    try:
+        cli_lib.check_paths(prog, {"--out": out}, inputs)
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
 def require(prog, path, what, how):
@@ -190,11 +190,15 @@ def install_tokenizer(prog, src, out, max_pixels: int = 0):
         return dst
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-    model_lib.write_image_config(tmp, image_config(prog, src, max_pixels))
+    try:
+        os.makedirs(tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        model_lib.write_image_config(tmp, image_config(prog, src, max_pixels))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)                         # a full disk keeps no partial copy
+        raise
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(tmp, dst)
     return dst
@@ -239,8 +243,14 @@ def export_final(ckpt, out):
     names = [n for n in os.listdir(ckpt) if n.endswith((".json", ".safetensors", ".jinja"))
              and os.path.isfile(os.path.join(ckpt, n)) and n != "train_state.json" and not n.startswith("rng_rank")]
     for name in sorted(names, key=lambda n: n == "model.safetensors"):
-        shutil.copyfile(os.path.join(ckpt, name), os.path.join(out, name + ".tmp"))
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+        tmp = os.path.join(out, name + ".tmp")
+        try:
+            shutil.copyfile(os.path.join(ckpt, name), tmp)
+        except BaseException:
+            if os.path.exists(tmp):                                    # a full disk keeps no partial file
+                os.remove(tmp)
+            raise
+        os.replace(tmp, os.path.join(out, name))
 
 
 # ----------------------------------------------------------------------------- training checkpoints
@@ -331,6 +341,19 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
     if rank == 0 and tokenizer_dir is not None and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         raise RunError(f"checkpoint.save: {tokenizer_dir} has no tokenizer.json; refusing to write "
                        f"{path} without its tokenizer")
+    try:
+        _save(path, tmp, rank, model, optimizer, step, extra, tokenizer_dir, rng)
+    except BaseException as e:
+        if rank == 0:                                                  # a full disk keeps no partial checkpoint.tmp/
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception) or not cli_lib.is_disk_full(e):
+            raise
+        kept = f"the previous checkpoint {path} (step {saved_step(path)}) is kept" if is_complete(path) else \
+            "no earlier checkpoint exists"
+        raise RunError(f"saving step {step}: {cli_lib.disk_full_message(tmp, e)}; {kept}") from e
+
+
+def _save(path, tmp, rank, model, optimizer, step, extra, tokenizer_dir, rng):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -457,6 +480,32 @@ def open_run(prog, out, inputs: dict, is_main: bool):
         recover(ckpt)
     dist.barrier()
     return ckpt, is_complete(ckpt)
+
+
+def data_fingerprint(files: dict, records: dict) -> dict:
+    """{flag: {"path", "bytes", "sha256", "records"}} of the run's data files ({flag: path}) and
+    their record counts ({flag: n}): stored in every checkpoint, compared on resume."""
+    out = {}
+    for flag, path in files.items():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[flag] = {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": h.hexdigest(),
+                     "records": records.get(flag)}
+    return out
+
+
+def check_resume_data(prog, ckpt, old: dict, new: dict):
+    """Resuming on other data would silently mix two runs (the step order is a function of the
+    records): refuse, naming the file and what changed. A checkpoint without a fingerprint passes."""
+    for flag, now in new.items():
+        then = (old or {}).get(flag)
+        if then and then.get("sha256") != now["sha256"]:
+            what = [f"{k} {then.get(k)} -> {now[k]}" for k in ("records", "bytes") if then.get(k) != now[k]]
+            what.append(f"sha256 {then.get('sha256', '?')[:12]} -> {now['sha256'][:12]}")
+            raise RunError(f"{prog}: {flag} {now['path']} changed since {ckpt} was written ({', '.join(what)}); "
+                           f"resume with the data it was trained on, or start a new --out")
 
 
 def stop_non_finite(prog, step, what, ckpt, saved, is_main):

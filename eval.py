@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import answers
 import benchmarks
+import cli
 import data
 from config import load_function, parse_config
 
@@ -381,6 +382,10 @@ def main(argv=None):
     if not cfg.model or not (cfg.data or cfg.bench) or not cfg.out:
         raise SystemExit("eval.py: give --model CKPT [...], --data FILE [...] and/or --bench NAME=PATH [...], "
                          "and --out DIR")
+    try:   # outputs never touch inputs: --out is, holds or lies inside no --model
+        cli.check_paths("eval.py", {"--out": cfg.out}, [("--model", m) for m in cfg.model])
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if cfg.n > 1 and cfg.temperature <= 0:
         raise SystemExit("eval.py: --n > 1 needs --temperature > 0 (greedy samples are identical)")
     if not 0 < cfg.top_p <= 1:
@@ -411,4 +416,4 @@ def _cuda():
 
 
 if __name__ == "__main__":
-    main()
+    cli.main("eval.py", main)

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 import dist
 import eval as eval_lib
@@ -393,7 +394,7 @@ def train(cfg: GRPOConfig, d):
     torch.manual_seed(cfg.seed)
     metric_fn = load_function(cfg.extra_metrics, "--extra_metrics") if cfg.extra_metrics else None
     eval_metrics = [eval_lib.Metric(s.partition(":")[2], load_function(s, "--eval_metric")) for s in cfg.eval_metric]
-    tok, rcfg, records, test, policy, ref, optimizer, start = setup(cfg, d)
+    tok, rcfg, records, test, policy, ref, optimizer, start, fingerprint = setup(cfg, d)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     ckpt, log_path, saved = os.path.join(cfg.out, "checkpoint"), os.path.join(cfg.out, "log.jsonl"), start
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.is_main, desc="grpo")
@@ -427,10 +428,13 @@ def train(cfg: GRPOConfig, d):
             ev = evaluate(policy, tok, test, cfg, d, rcfg, eval_metrics)
             if d.is_main:
                 checkpoint.append_log(log_path, {"step": done, **ev})
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            checkpoint.save(ckpt, policy, optimizer, done, extra={"config": asdict(cfg)},
+        stop = training.stop_requested(d)                              # SIGTERM / SIGINT on any rank: stop here
+        if done % cfg.save_every == 0 or done == cfg.steps or stop:
+            checkpoint.save(ckpt, policy, optimizer, done, extra={"config": asdict(cfg), "data": fingerprint},
                             tokenizer_dir=os.path.join(cfg.out, "tokenizer"))
             saved = done
+        if stop and done < cfg.steps:
+            raise training.preempted(PROG, stop, done, ckpt)
     if d.is_main:
         checkpoint.export_final(ckpt, cfg.out)
         print(f"{PROG}: done, {cfg.steps} steps; final model in {cfg.out} (training state in {ckpt})", flush=True)
@@ -442,5 +446,5 @@ def main(cfg: GRPOConfig):
 
 
 if __name__ == "__main__":
-    checkpoint.cli(lambda: main(parse_args()))
+    cli.main(PROG, lambda: main(parse_args()))
     dist.exit_worker()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import checkpoint
+import cli
 import data
 import dist
 import eval as eval_lib
@@ -135,7 +136,8 @@ def lr_at(step, cfg: GRPOConfig):
 # the start of a run
 
 RESUME_FREE = ("steps", "save_every", "eval_every", "eval_limit", "eval_metric", "threads", "device", "test",
-               "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk")   # may change on resume
+               "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk",
+               "out")   # may change on resume (out: a run directory moved or copied elsewhere resumes)
 
 
 def build_models(cfg: GRPOConfig, d, path):
@@ -158,15 +160,17 @@ def build_models(cfg: GRPOConfig, d, path):
 
 def setup(cfg: GRPOConfig, d):
     """Inputs checked (before anything is written), out/ opened, the policy, its AdamW and the frozen
-    reference (the initial --model, fp32, sharded like the policy: KL starts at 0) built or resumed."""
+    reference (the initial --model, fp32, sharded like the policy: KL starts at 0) built or resumed.
+    Also returns the fingerprint of --train (checkpoint.data_fingerprint) that every save stores."""
     how = "run `python pipeline.py --only task base reflect sft` first, or pass --model / --train"
     checkpoint.require(PROG, os.path.join(cfg.model, "tokenizer.json"), "the model to train", how)
     checkpoint.require(PROG, cfg.train, "training prompts", how)
     if cfg.eval_every:
         checkpoint.require(PROG, cfg.test, "--test records for the in-run evaluation", "pass --test FILE")
-    tok = data.Tokenizer.from_dir(cfg.model)
-    tok.image_cfg = checkpoint.image_config(PROG, cfg.model, cfg.max_pixels)   # written on save (install_tokenizer)
-    checkpoint.check_special_tokens(PROG, cfg.model, tok)
+    with cli.reading(PROG, "--model", cfg.model):
+        tok = data.Tokenizer.from_dir(cfg.model)
+        tok.image_cfg = checkpoint.image_config(PROG, cfg.model, cfg.max_pixels)   # written on save (install_tokenizer)
+        checkpoint.check_special_tokens(PROG, cfg.model, tok)
     try:
         records = data.load_records(cfg.train)
         test = eval_lib.load_datasets([cfg.test], [], "", cfg.eval_limit)[0] if cfg.eval_every else None
@@ -178,9 +182,11 @@ def setup(cfg: GRPOConfig, d):
         if not test.records:
             raise checkpoint.RunError(f"{PROG}: --test {cfg.test}: no record with a readable answer")
     rcfg = reward_config(cfg)
+    fingerprint = checkpoint.data_fingerprint({"--train": cfg.train}, {"--train": len(records)})
     ckpt, resume = checkpoint.open_run(PROG, cfg.out, {"--model": cfg.model}, d.is_main)
-    policy, ref, optimizer = build_models(cfg, d, ckpt if resume else cfg.model)
-    start = training.resume(PROG, ckpt, policy, optimizer, asdict(cfg), RESUME_FREE) if resume else 0
+    with cli.reading(PROG, "checkpoint" if resume else "--model", ckpt if resume else cfg.model):
+        policy, ref, optimizer = build_models(cfg, d, ckpt if resume else cfg.model)
+    start = training.resume(PROG, ckpt, policy, optimizer, asdict(cfg), RESUME_FREE, fingerprint) if resume else 0
     if d.is_main:
         checkpoint.install_tokenizer(PROG, cfg.model, cfg.out, cfg.max_pixels)
         checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg)})
@@ -188,4 +194,4 @@ def setup(cfg: GRPOConfig, d):
               f"prompts, world size {d.world_size}, {model_lib.count_params(policy, trainable_only=True):,} "
               f"trainable parameters, device {d.device}", flush=True)
     dist.barrier()
-    return tok, rcfg, records, test, policy, ref, optimizer, start
+    return tok, rcfg, records, test, policy, ref, optimizer, start, fingerprint

@@ -83,6 +83,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 import answers
+import cli
 import data
 import reward
 from config import load_function, parse_config
@@ -751,6 +752,14 @@ def check_config(cfg):
         raise SystemExit(f"reflect_data.py: --correct-frac must be <= 1 (< 0 = no mix), got {cfg.correct_frac}")
     if not cfg.timeout_s > 0:
         raise SystemExit(f"reflect_data.py: --timeout_s must be > 0, got {cfg.timeout_s}")
+    rejected, settings, summary = paths(cfg)
+    try:   # outputs never touch inputs (symlinks resolved): not the data, not inside a checkpoint directory
+        cli.check_paths("reflect_data.py", {"--out": cfg.out, "--out (rejected)": rejected, "--out (settings)": settings,
+                                            "--summary": summary},
+                        {"--data": cfg.data, "--policy": cfg.policy,
+                         "--teacher-model": cfg.teacher_model if cfg.teacher == "local" else ""}, out_dirs=())
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not os.path.isfile(cfg.data):
         hint = f"; make it with: {MAKE_DEFAULTS}" if cfg.data == DEFAULT_DATA else ""
         raise SystemExit(f"reflect_data.py: --data {cfg.data}: no such file{hint}")
@@ -899,4 +908,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.main("reflect_data.py", main)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 import dist
 import model as model_lib
@@ -258,14 +259,17 @@ def setup(cfg: SFTConfig, d):
             checkpoint.install_tokenizer(PROG, tok_dir + ".new", cfg.out, cfg.max_pixels)
             shutil.rmtree(tok_dir + ".new")
     dist.barrier()
-    tokenizer = data.Tokenizer.from_dir(tok_dir)
-    tokenizer.image_cfg = checkpoint.image_config(PROG, tok_dir)    # the run's, as install_tokenizer wrote it
-    if resume or cfg.init != "tiny":
-        model = model_lib.from_pretrained(ckpt if resume else cfg.init, device=d.device)
-        checkpoint.check_special_tokens(PROG, ckpt if resume else cfg.init, tokenizer)
-    else:
-        model = build_tiny(tokenizer, cfg).to(d.device)
+    src, flag = (ckpt, "checkpoint") if resume else (cfg.init, "--init") if cfg.init != "tiny" else (tok_dir, "tokenizer")
+    with cli.reading(PROG, flag, src):
+        tokenizer = data.Tokenizer.from_dir(tok_dir)
+        tokenizer.image_cfg = checkpoint.image_config(PROG, tok_dir)    # the run's, as install_tokenizer wrote it
+        if resume or cfg.init != "tiny":
+            model = model_lib.from_pretrained(src, device=d.device)
+            checkpoint.check_special_tokens(PROG, src, tokenizer)
+        else:
+            model = build_tiny(tokenizer, cfg).to(d.device)
     examples = load_examples(cfg.data, tokenizer, SYSTEM_PROMPTS[cfg.system_prompt], cfg.max_len)
+    fingerprint = checkpoint.data_fingerprint({"--data": cfg.data}, {"--data": len(examples)})
     if len(examples) < cfg.batch_size:
         raise checkpoint.RunError(f"{PROG}: {cfg.data} has {len(examples)} examples < --batch_size {cfg.batch_size}")
     if cfg.freeze_vision:
@@ -275,12 +279,12 @@ def setup(cfg: SFTConfig, d):
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), cfg.vision_lr_scale)
     step = training.resume(PROG, ckpt, model, optimizer, asdict(cfg), free=(
         "max_steps", "epochs", "save_every", "threads", "micro_batch_size", "share_prefix", "out", "tokenizer_corpus",
-        "max_len")) if resume else 0
+        "max_len"), data=fingerprint) if resume else 0
     if d.is_main:
         checkpoint.start_log(cfg.out, resume, step, asdict(cfg))
         if resume:
             print(f"{PROG}: resuming from {ckpt} at step {step}")
-    return tokenizer, model, optimizer, examples, step, ckpt, tok_dir
+    return tokenizer, model, optimizer, examples, step, ckpt, tok_dir, fingerprint
 
 
 def train(cfg: SFTConfig):
@@ -291,7 +295,7 @@ def _train(cfg: SFTConfig, d):
     if d.device.type == "cpu" and cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    tokenizer, model, optimizer, examples, step, ckpt, tok_dir = setup(cfg, d)
+    tokenizer, model, optimizer, examples, step, ckpt, tok_dir, fingerprint = setup(cfg, d)
     log_path = os.path.join(cfg.out, "log.jsonl")
     steps_per_epoch = len(examples) // cfg.batch_size
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -302,7 +306,7 @@ def _train(cfg: SFTConfig, d):
 
     def save(step):
         checkpoint.save(ckpt, model, optimizer, step, tokenizer_dir=tok_dir,
-                        extra={"config": asdict(cfg), "epoch": step // steps_per_epoch})
+                        extra={"config": asdict(cfg), "epoch": step // steps_per_epoch, "data": fingerprint})
 
     bar = tqdm(total=max_steps, initial=step, disable=not d.is_main, desc="sft", dynamic_ncols=True)
     cached_epoch, batches, saved = -1, None, step
@@ -344,9 +348,13 @@ def _train(cfg: SFTConfig, d):
                                              "elapsed_s": round(time.time() - t0, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-        if step % cfg.save_every == 0 or step == max_steps:
+        stop = training.stop_requested(d)                              # SIGTERM / SIGINT on any rank: stop here
+        if step % cfg.save_every == 0 or step == max_steps or stop:
             save(step)
             saved = step
+        if stop and step < max_steps:
+            bar.close()
+            raise training.preempted(PROG, stop, step, ckpt)
     bar.close()
     if d.is_main:
         checkpoint.export_final(ckpt, cfg.out)
@@ -363,5 +371,5 @@ def parse_args(argv=None) -> SFTConfig:
 
 
 if __name__ == "__main__":
-    checkpoint.cli(lambda: train(parse_args()))
+    cli.main(PROG, lambda: train(parse_args()))
     dist.exit_worker()

@@ -169,7 +169,9 @@ def test_out_must_not_be_an_input(tmp_path):
         with pytest.raises(checkpoint.RunError, match="overwrite its own input"):
             checkpoint.check_out_dir("grpo.py", out, {"--model": m})
     checkpoint.check_out_dir("grpo.py", str(tmp_path / "model2"), {"--model": m})
-    checkpoint.check_out_dir("grpo.py", str(tmp_path), {"--model": m})   # the model inside out/: fine
+    # the input inside out/ (--init RUN/checkpoint --out RUN): a save would replace it
+    with pytest.raises(checkpoint.RunError, match=r"contains --model .*overwrite its own input"):
+        checkpoint.check_out_dir("grpo.py", str(tmp_path), {"--model": m})
 
 
 def test_preprocessor_config_travels_from_the_model_to_every_save_and_the_export(tmp_path):
