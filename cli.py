@@ -59,7 +59,7 @@ def is_disk_full(e) -> bool:
 
 
 def free_space(path) -> str:
-    """'1.2 GB free on /mnt' for the file system holding path (its nearest existing parent)."""
+    """'1.2 GB free' on the file system holding path (its nearest existing parent)."""
     import shutil
     p = os.path.abspath(path or ".")
     while not os.path.exists(p) and os.path.dirname(p) != p:
@@ -70,7 +70,7 @@ def free_space(path) -> str:
         return "free space unknown"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if free < 1024 or unit == "TB":
-            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+            return (f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}") + " free"
         free /= 1024
 
 
@@ -84,7 +84,7 @@ def disk_full_message(path, e=None) -> str:
 
 def message(prog, e) -> str:
     """The one line shown for e, prefixed with prog once."""
-    if is_disk_full(e):
+    if is_disk_full(e) and "no space left on the device" not in str(e):   # (not already checkpoint.save's line)
         text = disk_full_message(getattr(e, "filename", None) or "", e)
     elif isinstance(e, OSError) and e.filename and e.strerror:
         other = f" -> {e.filename2}" if e.filename2 else ""
@@ -125,6 +125,9 @@ def main(prog, fn):
 
 
 def _leave(text, status, quiet=False):
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()                                                    # the message starts a line of its own
     sys.stdout.flush()
     if not quiet:
         print(text, file=sys.stderr, flush=True)
