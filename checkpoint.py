@@ -346,11 +346,13 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
     except BaseException as e:
         if rank == 0:                                                  # a full disk keeps no partial checkpoint.tmp/
             shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, Exception) or not cli_lib.is_disk_full(e):
+        os_error = next((x for x in cli_lib._chain(e) if isinstance(x, OSError)), None)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not (os_error or cli_lib.is_disk_full(e)):
             raise
+        why = cli_lib.disk_full_message(tmp, e) if cli_lib.is_disk_full(e) else cli_lib.describe(os_error)
         kept = f"the previous checkpoint {path} (step {saved_step(path)}) is kept" if is_complete(path) else \
             "no earlier checkpoint exists"
-        raise RunError(f"saving step {step}: {cli_lib.disk_full_message(tmp, e)}; {kept}") from e
+        raise RunError(f"saving step {step}: {why}; {kept}") from e
 
 
 def _save(path, tmp, rank, model, optimizer, step, extra, tokenizer_dir, rng):

@@ -76,7 +76,8 @@ def free_space(path) -> str:
 
 def disk_full_message(path, e=None) -> str:
     """'no space left on the device writing PATH (N MB free there): free some space, then rerun'."""
-    name = next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None) if e else None
+    name = next((x.filename2 or x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None) \
+        if e else None                                                 # shutil's copies: filename2 is the target
     where = name or path
     return (f"no space left on the device writing {where} ({free_space(where)} there): free some space "
             f"or use another --out, then rerun the same command")
@@ -84,6 +85,12 @@ def disk_full_message(path, e=None) -> str:
 
 def message(prog, e) -> str:
     """The one line shown for e, prefixed with prog once."""
+    text = describe(e)
+    return text if text.startswith(prog + ":") else f"{prog}: {text}"
+
+
+def describe(e) -> str:
+    """e as one line of text: a full disk with the free space, an OSError with its path."""
     if is_disk_full(e) and "no space left on the device" not in str(e):   # (not already checkpoint.save's line)
         text = disk_full_message(getattr(e, "filename", None) or "", e)
     elif isinstance(e, OSError) and e.filename and e.strerror:
@@ -93,8 +100,7 @@ def message(prog, e) -> str:
         text = str(e) or type(e).__name__
         f = _file_in_traceback(e) if isinstance(e, (UnicodeError, OSError)) and os.sep not in text else None
         text = f"{f}: {text}" if f else text
-    text = " ".join(text.split("\n")) if text.count("\n") < 3 else text.strip()
-    return text if text.startswith(prog + ":") else f"{prog}: {text}"
+    return " ".join(text.split("\n")) if text.count("\n") < 3 else text.strip()
 
 
 def _file_in_traceback(e):

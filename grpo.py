@@ -428,12 +428,15 @@ def train(cfg: GRPOConfig, d):
             ev = evaluate(policy, tok, test, cfg, d, rcfg, eval_metrics)
             if d.is_main:
                 checkpoint.append_log(log_path, {"step": done, **ev})
-        stop = training.stop_requested(d)                              # SIGTERM / SIGINT on any rank: stop here
-        if done % cfg.save_every == 0 or done == cfg.steps or stop:
-            checkpoint.save(ckpt, policy, optimizer, done, extra={"config": asdict(cfg), "data": fingerprint},
-                            tokenizer_dir=os.path.join(cfg.out, "tokenizer"))
+        save = lambda: checkpoint.save(ckpt, policy, optimizer, done, extra={"config": asdict(cfg), "data": fingerprint},
+                                       tokenizer_dir=os.path.join(cfg.out, "tokenizer"))
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save()
             saved = done
+        stop = training.stop_requested(d)                              # SIGTERM / SIGINT on any rank: stop here
         if stop and done < cfg.steps:
+            if saved != done:
+                save()
             raise training.preempted(PROG, stop, done, ckpt)
     if d.is_main:
         checkpoint.export_final(ckpt, cfg.out)

@@ -255,9 +255,11 @@ def setup(cfg: SFTConfig, d):
         if resume or cfg.init != "tiny":
             checkpoint.install_tokenizer(PROG, ckpt if resume else cfg.init, cfg.out, cfg.max_pixels)
         else:
-            data.train_tokenizer(tokenizer_texts(cfg.data, cfg.tokenizer_corpus), tok_dir + ".new", vocab_size=cfg.vocab_size)
-            checkpoint.install_tokenizer(PROG, tok_dir + ".new", cfg.out, cfg.max_pixels)
-            shutil.rmtree(tok_dir + ".new")
+            try:
+                data.train_tokenizer(tokenizer_texts(cfg.data, cfg.tokenizer_corpus), tok_dir + ".new", vocab_size=cfg.vocab_size)
+                checkpoint.install_tokenizer(PROG, tok_dir + ".new", cfg.out, cfg.max_pixels)
+            finally:                                                   # also on a full disk: no partial copy left
+                shutil.rmtree(tok_dir + ".new", ignore_errors=True)
     dist.barrier()
     src, flag = (ckpt, "checkpoint") if resume else (cfg.init, "--init") if cfg.init != "tiny" else (tok_dir, "tokenizer")
     with cli.reading(PROG, flag, src):
@@ -348,11 +350,13 @@ def _train(cfg: SFTConfig, d):
                                              "elapsed_s": round(time.time() - t0, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-        stop = training.stop_requested(d)                              # SIGTERM / SIGINT on any rank: stop here
-        if step % cfg.save_every == 0 or step == max_steps or stop:
+        if step % cfg.save_every == 0 or step == max_steps:
             save(step)
             saved = step
+        stop = training.stop_requested(d)                              # SIGTERM / SIGINT on any rank: stop here
         if stop and step < max_steps:
+            if saved != step:
+                save(step)
             bar.close()
             raise training.preempted(PROG, stop, step, ckpt)
     bar.close()

@@ -70,12 +70,15 @@ def test_out_containing_the_input_is_refused_by_every_script(dataset, run2, tmp_
     """--init RUN/checkpoint --out RUN was accepted and the first save replaced the input weights.
     Now every script refuses any overlap of its output with a model input, in both directions and
     through symlinks, before writing anything; and an --out that is an existing file is one line."""
-    ckpt = os.path.join(run2, "checkpoint")
+    inp = str(tmp_path / "inp")                                       # a directory holding the model as checkpoint/
+    shutil.copytree(os.path.join(run2, "checkpoint"), os.path.join(inp, "checkpoint"),
+                    ignore=shutil.ignore_patterns("train_state.json", "train", "rng_*"))
+    ckpt = os.path.join(inp, "checkpoint")
     weights = os.path.join(ckpt, "model.safetensors")
-    before, listing = sha256(weights), sorted(os.listdir(run2))
+    before, listing = sha256(weights), sorted(os.listdir(ckpt))
     link = tmp_path / "link"
-    link.symlink_to(run2)
-    for out in (run2, str(link)):                                     # the input inside --out
+    link.symlink_to(inp)
+    for out in (inp, str(link)):                                      # the input inside --out
         argv = _args(dataset, out, steps=4)
         argv[argv.index("--init") + 1] = ckpt
         code, err = one_line("sft.py", lambda: sft.train(sft.parse_args(argv)), capsys)
@@ -95,7 +98,7 @@ def test_out_containing_the_input_is_refused_by_every_script(dataset, run2, tmp_
     data_link.symlink_to(dataset)
     with pytest.raises(SystemExit, match=r"reflect_data.py: --out .* is --data"):
         reflect_data.main(["--policy", ckpt, "--data", dataset, "--out", str(data_link)])
-    assert sha256(weights) == before and sorted(os.listdir(run2)) == listing
+    assert sha256(weights) == before and sorted(os.listdir(ckpt)) == listing and os.listdir(inp) == ["checkpoint"]
     # an existing file as --out: one line, not a FileExistsError traceback
     f = tmp_path / "file"
     f.write_text("x")
