@@ -2,8 +2,9 @@
 The run directory of sft.py and grpo.py: one layout, one set of rules for resuming.
 
     out/
-      lock                 "pid host" of the run using out/: a second run on out/ fails at once
-                           naming that pid; a lock left by a dead pid (kill -9) is taken over
+      lock                 "pid host dev:inode" of the run using out/: a second run on out/ fails at
+                           once naming that pid; a lock left by a dead pid (kill -9), or copied
+                           along with the directory (another dev:inode), is taken over
       run_config.json      the run's config (fresh runs; also stored in checkpoint/train_state.json)
       log.jsonl            one strict-JSON line per step (non-finite numbers are written as null)
       tokenizer/           the run's tokenizer, installed once at the start: the source every save
@@ -130,7 +131,7 @@ def lock_run_dir(prog, out):
     (same host, pid gone): taken over. Released by release_lock (and at exit)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "lock")
-    me = f"{os.getpid()} {socket.gethostname()}"
+    me = f"{os.getpid()} {socket.gethostname()} {_dir_id(out)}"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -138,10 +139,12 @@ def lock_run_dir(prog, out):
             try:
                 with open(path) as f:
                     pid_s, _, host = f.read().strip().partition(" ")
+                host, _, where = host.partition(" ")
                 pid = int(pid_s)
             except (OSError, ValueError):
-                pid, host = None, ""                                     # torn / vanished: stale
-            if pid is not None and (host != socket.gethostname() or _alive(pid)) and pid != os.getpid():
+                pid, host, where = None, "", ""                          # torn / vanished: stale
+            copied = bool(where) and where != _dir_id(out)               # cp -r of a running run: not its lock
+            if pid is not None and not copied and (host != socket.gethostname() or _alive(pid)) and pid != os.getpid():
                 where = f"pid {pid}" + (f" on {host}" if host != socket.gethostname() else "")
                 raise RunError(f"{prog}: {out} is in use by {where} (lock file {path}); wait for it to "
                                f"finish, stop it, or use another --out") from None
@@ -156,6 +159,11 @@ def lock_run_dir(prog, out):
         atexit.register(release_lock, out)
         return path
     raise RunError(f"{prog}: could not take the lock {path} (another run keeps taking it)")
+
+
+def _dir_id(path):
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def _alive(pid):

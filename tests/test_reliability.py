@@ -142,7 +142,17 @@ def test_grpo_run_copied_elsewhere_resumes_and_changed_train_is_refused(world, t
     run, copy = str(tmp_path / "run"), str(tmp_path / "copy")
     args = lambda out, steps: grpo.parse_args(_loop_args(world, out, steps, train=train, max_new_tokens=6))
     grpo.main(args(run, 1))
-    shutil.copytree(run, copy)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:   # copied while a run held it: the copy's lock is the original's, not the copy's
+        checkpoint.lock_run_dir("grpo.py", run)
+        lock = open(os.path.join(run, "lock")).read().split(" ")
+        open(os.path.join(run, "lock"), "w").write(" ".join([str(holder.pid)] + lock[1:]))
+        shutil.copytree(run, copy)
+        with pytest.raises(checkpoint.RunError, match=f"in use by pid {holder.pid}"):
+            checkpoint.lock_run_dir("grpo.py", run)
+    finally:
+        holder.kill()
+        holder.wait()
     lines = open(train).readlines()
     open(train, "w").writelines(lines[:len(lines) // 2])
     with pytest.raises(checkpoint.RunError, match=r"--train .* changed since .*records 48 -> 24"):
