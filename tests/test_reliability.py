@@ -272,19 +272,21 @@ def test_sigterm_stops_after_the_step_and_resumes_to_the_same_weights(dataset, t
     assert [r["step"] for r in data.read_jsonl(os.path.join(stopped, "log.jsonl"))] == [1, 2, 3, 4, 5]
 
 
-def test_sigterm_exit_status_from_the_command_line(dataset, tmp_path):
-    """`python sft.py` given SIGTERM: exit status 143 and one message naming the checkpoint."""
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_exit_status_from_the_command_line(dataset, tmp_path, sig, status):
+    """`python sft.py` given SIGTERM (SIGINT: Ctrl-C): exit status 143 (130) and one message naming
+    the checkpoint, no KeyboardInterrupt traceback."""
     out = str(tmp_path / "run")
     p = subprocess.Popen([sys.executable, "sft.py"] + _args(dataset, out, steps=400, save_every=1000), cwd=ROOT,
                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not os.path.exists(os.path.join(out, "log.jsonl")) and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 143, err[-2000:]
+    assert p.returncode == status and "Traceback" not in err, err[-2000:]
     step = checkpoint.saved_step(os.path.join(out, "checkpoint"))
-    assert 1 <= step < 400 and f"stopped by SIGTERM after step {step}; checkpoint saved in" in err
+    assert 1 <= step < 400 and f"stopped by {sig.name} after step {step}; checkpoint saved in" in err
     assert len(data.read_jsonl(os.path.join(out, "log.jsonl"))) == step
 
 
