@@ -9,7 +9,7 @@ The edge every script shares with its user (sft.py, grpo.py, eval.py, reflect_da
    OSError (the path; on a full disk also the free space there), and any error raised inside
    `reading` (a file that will not load, named). Preempted (SIGTERM / SIGINT, training.py) prints
    where the checkpoint is and exits 128 + the signal number (143 / 130: what schedulers read as
-   "terminated"). Anything else is a bug and keeps its traceback; SRPO_DEBUG=1 shows the traceback
+   "terminated"); a Ctrl-C elsewhere (KeyboardInterrupt) exits 130 in one line. Anything else is a bug and keeps its traceback; SRPO_DEBUG=1 shows the traceback
    of every error.
 2. check_paths: outputs never touch inputs. --out equal to, inside, or containing an input (after
    resolving symlinks) is refused before anything is written: a save into the model being trained
@@ -124,6 +124,11 @@ def main(prog, fn):
         return fn()
     except Preempted as e:
         _leave(str(e), 128 + e.signum, quiet=os.environ.get("RANK", "0") != "0")
+    except KeyboardInterrupt:                                          # Ctrl-C outside a training loop
+        if os.environ.get("SRPO_DEBUG") == "1":
+            traceback.print_exc()
+        _leave(f"{prog}: interrupted (what was written so far is kept; rerun the same command to go on)", 130,
+               quiet=os.environ.get("RANK", "0") != "0")
     except (ValueError, OSError) as e:
         if os.environ.get("SRPO_DEBUG") == "1":
             traceback.print_exc()
