@@ -272,6 +272,33 @@ def test_sigterm_stops_after_the_step_and_resumes_to_the_same_weights(dataset, t
     assert [r["step"] for r in data.read_jsonl(os.path.join(stopped, "log.jsonl"))] == [1, 2, 3, 4, 5]
 
 
+def test_grpo_sigint_stops_after_the_step_and_resumes_to_the_same_weights(world, tmp_path, monkeypatch):
+    """The same in grpo.py's loop, one process, with SIGINT (Ctrl-C) in the middle of step 2."""
+    import reward
+    monkeypatch.setattr(reward, "score_batch", fake_score_batch)
+    monkeypatch.setenv("SRPO_COMPILE", "0")
+    ref, stopped = str(tmp_path / "ref"), str(tmp_path / "stopped")
+    args = lambda out: grpo.parse_args(_loop_args(world, out, 3, save_every=10, max_new_tokens=6))
+    grpo.main(args(ref))
+    real, n = training.follow_thread_budget, {"calls": 0}
+
+    def signal_in_step_2(device):
+        n["calls"] += 1
+        if n["calls"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(device)
+
+    monkeypatch.setattr(training, "follow_thread_budget", signal_in_step_2)
+    with pytest.raises(cli.Preempted, match=r"stopped by SIGINT after step 2"):
+        grpo.main(args(stopped))
+    assert checkpoint.saved_step(os.path.join(stopped, "checkpoint")) == 2
+    monkeypatch.setattr(training, "follow_thread_budget", real)
+    grpo.main(args(stopped))
+    a, b = load_file(os.path.join(ref, "model.safetensors")), load_file(os.path.join(stopped, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in data.read_jsonl(os.path.join(stopped, "log.jsonl"))] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_exit_status_from_the_command_line(dataset, tmp_path, sig, status):
     """`python sft.py` given SIGTERM (SIGINT: Ctrl-C): exit status 143 (130) and one message naming
