@@ -67,9 +67,10 @@ def copy_data(src, dst):
 # ----------------------------------------------------------------------------- outputs never touch inputs
 
 def test_out_containing_the_input_is_refused_by_every_script(dataset, run2, tmp_path, capsys):
-    """--init RUN/checkpoint --out RUN was accepted and the first save replaced the input weights.
-    Now every script refuses any overlap of its output with a model input, in both directions and
-    through symlinks, before writing anything; and an --out that is an existing file is one line."""
+    """--init RUN/checkpoint --out RUN: the first save would replace the input weights. Every script
+    refuses any overlap of its output with a model input, in both directions and through symlinks,
+    before writing anything (the input's bytes are unchanged); an --out that is an existing file is
+    one line."""
     inp = str(tmp_path / "inp")                                       # a directory holding the model as checkpoint/
     shutil.copytree(os.path.join(run2, "checkpoint"), os.path.join(inp, "checkpoint"),
                     ignore=shutil.ignore_patterns("train_state.json", "train", "rng_*"))
@@ -134,7 +135,8 @@ def test_resume_refuses_changed_data_and_follows_a_moved_run(dataset, tmp_path):
 
 
 def test_grpo_run_copied_elsewhere_resumes_and_changed_train_is_refused(world, tmp_path, monkeypatch):
-    """grpo.py compared --out on resume, so a moved or copied run directory could not be resumed."""
+    """A grpo run directory copied elsewhere (even with the lock of a live run in it) resumes there;
+    the same --train path with half the records is refused."""
     import reward
     monkeypatch.setattr(reward, "score_batch", fake_score_batch)
     monkeypatch.setenv("SRPO_COMPILE", "0")
@@ -167,8 +169,8 @@ def test_grpo_run_copied_elsewhere_resumes_and_changed_train_is_refused(world, t
 
 def test_broken_model_files_are_named_in_one_line(dataset, run2, tmp_path, capsys):
     """A truncated tokenizer.json / config.json / model.safetensors in --init / --model: one line
-    naming the file (tokenizers says only 'EOF while parsing ... line N'); SRPO_DEBUG=1 adds the
-    traceback."""
+    naming the file (the tokenizers library says only 'EOF while parsing ... line N'); SRPO_DEBUG=1
+    adds the traceback."""
     for name, keep in (("tokenizer.json", 0.5), ("config.json", 0.5), ("model.safetensors", 0.3)):
         bad = str(tmp_path / name.replace(".", "_"))
         shutil.copytree(os.path.join(run2, "checkpoint"), bad)
