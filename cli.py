@@ -92,7 +92,7 @@ def message(prog, e) -> str:
 def describe(e) -> str:
     """e as one line of text: a full disk with the free space, an OSError with its path."""
     if is_disk_full(e) and "no space left on the device" not in str(e):   # (not already checkpoint.save's line)
-        text = disk_full_message(getattr(e, "filename", None) or "", e)
+        text = disk_full_message(getattr(e, "filename", None) or _file_in_traceback(e, exists=False) or "", e)
     elif isinstance(e, OSError) and e.filename and e.strerror:
         other = f" -> {e.filename2}" if e.filename2 else ""
         text = f"{e.filename}{other}: {e.strerror}"
@@ -103,9 +103,10 @@ def describe(e) -> str:
     return " ".join(text.split("\n")) if text.count("\n") < 3 else text.strip()
 
 
-def _file_in_traceback(e):
-    """The file being read where e was raised (an open file object, or a PIL image's filename, in
-    the innermost frame that has one), for errors whose message names none (a bad UTF-8 byte)."""
+def _file_in_traceback(e, exists=True):
+    """The file being read or written where e was raised (an open file object, or a PIL image's
+    filename, in the innermost frame that has one), for errors whose message names none (a bad
+    UTF-8 byte; a full disk at flush). exists=False: also a file removed since (a cleaned-up tmp)."""
     tb, frames = e.__traceback__, []
     while tb is not None:
         frames.append(tb.tb_frame)
@@ -113,7 +114,7 @@ def _file_in_traceback(e):
     for frame in reversed(frames):
         for v in frame.f_locals.values():
             name = getattr(v, "name", None) if hasattr(v, "read") else getattr(v, "filename", None)
-            if isinstance(name, str) and os.path.isfile(name):
+            if isinstance(name, str) and (os.path.isfile(name) or not exists and os.path.isdir(os.path.dirname(name) or ".")):
                 return name
     return None
 

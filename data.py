@@ -168,10 +168,15 @@ def write_json_atomic(path, obj):
     """Write obj as strict JSON (non-finite floats as null) to a temporary file, fsync, then rename
     over path: a reader (or a run killed mid-write) sees the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(finite_json(obj), f, indent=1, ensure_ascii=False, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(finite_json(obj), f, indent=1, ensure_ascii=False, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:                                              # e.g. a full disk: no partial file left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

@@ -378,3 +378,23 @@ def test_sigterm_at_a_random_moment_of_a_two_rank_grpo_run(world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s") and "tok_s" not in k} for r in rs]
     assert strip(data.read_jsonl(log_path)) == strip(data.read_jsonl(os.path.join(full, "log.jsonl")))
+
+
+def test_disk_full_without_a_file_name_names_the_file_being_written(tmp_path, capsys, monkeypatch):
+    """A full disk often surfaces at flush / close as OSError(ENOSPC) without a file name: the line
+    names the file being written (found in the traceback) and its file system's free space, and
+    data.write_json_atomic leaves no partial temporary file."""
+    path = str(tmp_path / "run_config.json")
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, s):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_dump = json.dump
+    monkeypatch.setattr(json, "dump", lambda obj, f, **k: real_dump(obj, FullDisk(f), **k))
+    code, err = one_line("grpo.py", lambda: data.write_json_atomic(path, {"a": 1}), capsys)
+    assert code == 1 and f"no space left on the device writing {path}.tmp" in err and " free there" in err, err
+    assert os.listdir(tmp_path) == []
