@@ -340,11 +340,12 @@ def within_quota(counts, kind, frac):
 
 # ----------------------------------------------------------------------------- policy attempts
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, flag="--policy"):
     import torch
     import model as model_lib
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return model_lib.from_pretrained(path, device=device, dtype=dtype).eval(), data.Tokenizer.from_dir(path)
+    with cli.reading("reflect_data.py", flag, path):   # a broken file is named in one line
+        return model_lib.from_pretrained(path, device=device, dtype=dtype).eval(), data.Tokenizer.from_dir(path)
 
 
 def generate(net, tok, conversations, wheres, scfg, batch_size):
@@ -638,7 +639,7 @@ class LocalTeacher:
         import sampler
         if not cfg.teacher_model:
             raise SystemExit("reflect_data.py: --teacher local needs --teacher-model CHECKPOINT_DIR")
-        self.net, self.tok = load_checkpoint(cfg.teacher_model, cfg.device)
+        self.net, self.tok = load_checkpoint(cfg.teacher_model, cfg.device, "--teacher-model")
         self.scfg = sampler.SampleConfig(max_new_tokens=cfg.teacher_max_tokens, temperature=cfg.teacher_temperature,
                                          seed=cfg.seed + 1_000_003)
         self.retries, self.target, self.batch_size = cfg.retries, cfg.target, cfg.batch_size
@@ -897,7 +898,7 @@ def main(argv=None):
     try:
         summary = run(cfg)
     except (ValueError, FileNotFoundError) as e:  # a data error: one line naming file:line and field
-        raise SystemExit(f"reflect_data.py: {e}") from None
+        raise SystemExit(cli.message("reflect_data.py", e)) from None
     if not summary["complete"]:
         raise SystemExit(f"reflect_data.py: {summary['teacher_failures']['count']} teacher failure(s) and "
                          f"{summary['bad_images']['count']} unreadable image(s) left undone: rerun the same "

@@ -184,6 +184,9 @@ def test_broken_model_files_are_named_in_one_line(dataset, run2, tmp_path, capsy
         code, err = one_line("grpo.py", lambda: grpo.main(grpo.parse_args(
             ["--model", bad, "--train", dataset, "--out", str(tmp_path / ("g_" + name))])), capsys)
         assert code == 1 and f in err, err
+        with pytest.raises(SystemExit, match=f"^reflect_data.py: .*{re.escape(f)}"):
+            reflect_data.main(["--policy", bad, "--data", dataset, "--out", str(tmp_path / name / "r.jsonl"),
+                               "--limit", "1"])
     os.environ["SRPO_DEBUG"] = "1"
     try:
         with pytest.raises(SystemExit):
