@@ -139,11 +139,11 @@ def lock_run_dir(prog, out):
             try:
                 with open(path) as f:
                     pid_s, _, host = f.read().strip().partition(" ")
-                host, _, where = host.partition(" ")
+                host, _, dir_id = host.partition(" ")
                 pid = int(pid_s)
             except (OSError, ValueError):
-                pid, host, where = None, "", ""                          # torn / vanished: stale
-            copied = bool(where) and where != _dir_id(out)               # cp -r of a running run: not its lock
+                pid, host, dir_id = None, "", ""                         # torn / vanished: stale
+            copied = bool(dir_id) and dir_id != _dir_id(out)             # cp -r of a running run: not its lock
             if pid is not None and not copied and (host != socket.gethostname() or _alive(pid)) and pid != os.getpid():
                 where = f"pid {pid}" + (f" on {host}" if host != socket.gethostname() else "")
                 raise RunError(f"{prog}: {out} is in use by {where} (lock file {path}); wait for it to "

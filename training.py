@@ -9,9 +9,9 @@ flag (max over ranks: every rank stops after the same step, whichever got the si
 saves a checkpoint and raises Preempted: the script exits 128 + the signal (143 for SIGTERM) after
 naming the checkpoint, and a rerun of the same command resumes from it. The step in flight when
 the signal comes is finished first, so nothing is lost when the scheduler's grace period (torchrun:
-30 s, then SIGKILL) covers a step and a save. More signals
-change nothing (torchrun forwards the one it got, so workers see two); a second Ctrl-C more than
-a second after the first stops at once (KeyboardInterrupt), and SIGKILL always does.
+30 s, then SIGKILL) covers a step and a save. More signals change nothing (torchrun forwards
+the one it got, so workers see two); a second Ctrl-C more than a second after the first stops at
+once (KeyboardInterrupt), and SIGKILL always does.
 """
 import math
 import os

@@ -304,7 +304,8 @@ def test_grpo_sigint_stops_after_the_step_and_resumes_to_the_same_weights(world,
     assert [r["step"] for r in data.read_jsonl(os.path.join(stopped, "log.jsonl"))] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143),
+                                        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_sigterm_exit_status_from_the_command_line(dataset, tmp_path, sig, status):
     """`python sft.py` given SIGTERM (SIGINT: Ctrl-C): exit status 143 (130) and one message naming
     the checkpoint, no KeyboardInterrupt traceback."""
