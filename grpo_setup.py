@@ -78,6 +78,8 @@ class GRPOConfig:
     seed: int = 0
     device: str = ""                        # "" = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
     threads: int = 0                        # CPU: torch threads per process (0 = torch's default)
+    skip_bad_records: bool = False          # drop the --train / --test records that fail the check at start (counted
+                                            # on stderr) instead of refusing the run with their file:line list
 
 
 def parse_args(argv=None) -> GRPOConfig:
@@ -167,11 +169,14 @@ def setup(cfg: GRPOConfig, d):
     tok = data.Tokenizer.from_dir(cfg.model)
     tok.image_cfg = checkpoint.image_config(PROG, cfg.model, cfg.max_pixels)   # written on save (install_tokenizer)
     checkpoint.check_special_tokens(PROG, cfg.model, tok)
-    try:
-        records = data.load_records(cfg.train)
+    system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
+    try:   # every record checked now (data.validate_records), not when a step first draws it
+        records = data.load_records(cfg.train, tok, system_prompt, cfg.skip_bad_records, PROG, quiet=not d.is_main)
         test = eval_lib.load_datasets([cfg.test], [], "", cfg.eval_limit)[0] if cfg.eval_every else None
+        if test is not None:
+            eval_lib.drop_bad_records([test], [tok], system_prompt, PROG, skip=cfg.skip_bad_records, quiet=not d.is_main)
     except ValueError as e:
-        raise checkpoint.RunError(str(e)) from None
+        raise checkpoint.RunError(f"{PROG}: {e}") from None
     if test is not None:   # as eval.py: records with an unreadable ground truth are skipped, and counted
         test.records, bad = eval_lib.check_answers(test.name, test.records)
         test.skipped = len(bad)
