@@ -152,7 +152,7 @@ def test_bad_input_names_file_and_line(dataset, tok, tmp_path):
     missing = json.loads(lines[1])
     missing["messages"][1]["content"][0]["image"] = "images/nope.png"
     p = write("missing.jsonl", [lines[0], "", json.dumps(missing)])  # blank line: the record is on line 3
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl:3: image file not found: .*nope\.png"):
+    with pytest.raises(ValueError, match=r"missing\.jsonl:3: messages\[1\]\.content\[0\]\.image: image file not found: .*nope\.png"):
         sft.load_examples(p, tok, None)
 
     with open(os.path.join(d, "images", "corrupt.png"), "wb") as f:
@@ -160,7 +160,7 @@ def test_bad_input_names_file_and_line(dataset, tok, tmp_path):
     corrupt = json.loads(lines[1])
     corrupt["messages"][1]["content"][0]["image"] = "images/corrupt.png"
     p = write("corrupt.jsonl", [lines[0], json.dumps(corrupt)])
-    with pytest.raises(ValueError, match=r"corrupt\.jsonl:2: cannot read image .*corrupt\.png"):
+    with pytest.raises(ValueError, match=r"corrupt\.jsonl:2: messages\[1\]\.content\[0\]\.image: cannot read image .*corrupt\.png"):
         sft.load_examples(p, tok, None)
 
     no_asst = json.loads(lines[0])
