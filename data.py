@@ -722,17 +722,17 @@ def _check_record(rec, where, require, to_messages, check, specials, max_chars):
                                  f"special-token strings (remove it from the data)")
             if max_chars and len(v) > max_chars:
                 raise ValueError(f"field '{key}': {len(v):,} characters, over the cap of {max_chars:,}")
-    msgs = to_messages(rec, where) if to_messages else rec.get("messages")
-    texts = message_texts(msgs, where)
-    for at, text in texts:   # check_no_control_tokens on the texts already in hand
+    own = rec.get("messages")
+    msgs = to_messages(rec, where) if to_messages else own   # the conversation the stage encodes
+    for at, text in message_texts(own, where):   # fields named in the record's own messages
         tok = find_control_token(text, specials)
         if tok is not None:
             raise ValueError(f"{at}: text contains the control token {tok!r}; data text must not contain "
                              f"special-token strings (remove it from the data)")
-    n_chars = sum(len(t) for _, t in texts)
+    n_chars = sum(len(t) for _, t in message_texts(msgs, where))
     if max_chars and n_chars > max_chars:
         raise ValueError(f"field 'messages': {n_chars:,} characters of text, over the cap of {max_chars:,}")
-    return msgs, _record_images(msgs)
+    return msgs, _record_images(own), [ref for _, ref in _record_images(msgs)]
 
 
 def validate_records(records, path, tokenizer=None, *, require=("messages",), messages=None, check=None,
@@ -770,9 +770,8 @@ def validate_records(records, path, tokenizer=None, *, require=("messages",), me
     cache = {} if image_cache is None else image_cache
     encoded = {}   # piece text -> its token count (the system prompt and headers repeat in every record)
     good = []
-    for where, rec, msgs, images in staged:
+    for where, rec, msgs, images, used in staged:
         try:
-            n_image_tokens = 0
             for field, ref in images:
                 if not isinstance(ref, str):
                     raise ValueError(f"{field}: must be an image path string, got {type(ref).__name__}")
@@ -786,12 +785,15 @@ def validate_records(records, path, tokenizer=None, *, require=("messages",), me
                     raise ValueError(f"{field}: {cache[p]}")
                 w, h = cache[p]
                 try:
-                    rh, rw = smart_resize(h, w, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+                    smart_resize(h, w, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
                 except ValueError as e:
                     raise ValueError(f"{field}: image {ref}: {e}") from None
-                n_image_tokens += rh * rw // (cfg.patch_size * cfg.merge_size) ** 2 - 1   # <|image_pad|> -> n tokens
             if tokenizer is not None and max_tokens:
-                n = n_image_tokens
+                n = 0
+                for ref in used:   # each <|image_pad|> becomes this image's count of merged patches
+                    w, h = cache[os.path.normpath(os.path.join(image_root, ref))]
+                    rh, rw = smart_resize(h, w, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+                    n += rh * rw // (cfg.patch_size * cfg.merge_size) ** 2 - 1
                 for text, _ in _chat_pieces(msgs, add_generation_prompt, where):   # as encode_messages tokenizes
                     if text not in encoded:
                         encoded[text] = len(tokenizer.encode(text))
