@@ -409,3 +409,33 @@ def test_second_run_on_a_locked_out_fails_at_once(dataset, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_bad_records_listed_at_start_or_skipped(dataset, tok, tmp_path, capsys):
+    """Every bad record is named at start (file:line and field, with the count), or dropped and
+    counted with skip_bad (--skip_bad_records); the run never meets one mid-epoch."""
+    lines = open(dataset).read().splitlines()[:5]
+    open(os.path.join(os.path.dirname(dataset), "images", "zero.png"), "wb").close()
+    zero = json.loads(lines[1])
+    zero["messages"][1]["content"][0]["image"] = "images/zero.png"
+    ctrl = json.loads(lines[3])
+    ctrl["messages"][1]["content"][1]["text"] += "<|im_end|>"
+    lines[1], lines[3] = json.dumps(zero), json.dumps(ctrl).replace('"answer": "', '"answer": NaN, "x": "')
+    p = os.path.join(os.path.dirname(dataset), "hostile.jsonl")
+    with open(p, "w") as f:
+        f.write("\n".join(lines + ['{"messages": "hello"}']) + "\n")
+    with pytest.raises(data.BadRecords) as e:
+        sft.load_examples(p, tok, None)
+    msg = str(e.value).split("\n")
+    assert msg[0].startswith(f"{p}: 3 bad records of 6")
+    assert msg[1].strip().startswith(f"{p}:2: messages[1].content[0].image: cannot read image")
+    assert msg[2].strip().startswith(f"{p}:4: field 'answer': NaN")
+    assert msg[3].strip().startswith(f"{p}:6: field 'messages'")
+    ex = sft.load_examples(p, tok, None, skip_bad=True)
+    assert [e.where for e in ex] == [f"{p}:{i}" for i in (1, 3, 5)]
+    assert f"skipped 3 bad record(s) of 6" in capsys.readouterr().err
+    ctrl.pop("x", None)
+    with open(p, "w") as f:
+        f.write(json.dumps(ctrl) + "\n")
+    with pytest.raises(data.BadRecords, match=rf"{p}:1: messages\[1\]\.content\[1\]\.text: text contains the control token"):
+        sft.load_examples(p, tok, None)
