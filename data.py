@@ -147,6 +147,7 @@ def check_image_file(path, max_pixels=MAX_IMAGE_PIXELS):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
+                to_rgb(Image.new(img.mode, (1, 1)))   # a pixel mode preprocessing cannot turn into RGB fails here
                 if 0 < w * h <= max_pixels:
                     if img.format == "PNG":
                         img.verify()
@@ -687,12 +688,24 @@ def _non_finite(x, at=""):
     return None
 
 
+def _check_unicode(text, field):
+    """A lone surrogate (JSON "\\ud800") is not text any tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{field}: not valid Unicode (a lone surrogate at character {e.start + 1})") from None
+
+
 def _record_images(messages):
-    """[(field, ref)] of every image part of a conversation (ref as written: a path, or anything)."""
+    """[(field, ref)] of every image part of a conversation (ref as written: a path, or anything).
+    A video part is refused: the model takes images only."""
     out = []
     for i, msg in enumerate(messages):
         for j, part in enumerate(msg["content"] if isinstance(msg["content"], list) else []):
-            if part.get("type") == "image" or "image" in part or "image_url" in part:
+            is_image = part.get("type") == "image" or "image" in part or "image_url" in part
+            if not is_image and (part.get("type") == "video" or "video" in part):
+                raise ValueError(f"messages[{i}].content[{j}]: a video part; only images are supported")
+            if is_image:
                 key = "image" if "image" in part or "image_url" not in part else "image_url"
                 out.append((f"messages[{i}].content[{j}].{key}", part.get(key)))
     return out
@@ -711,11 +724,21 @@ def _check_record(rec, where, require, to_messages, check, specials, max_chars):
     for key in require:
         if rec.get(key) is None:
             raise ValueError(f"field '{key}' missing")
+    opts = rec.get("options")   # multiple choice: the reward reads them as texts
+    if opts is not None and not (isinstance(opts, list) and all(isinstance(o, (str, int, float)) and
+                                                                not isinstance(o, bool) for o in opts)):
+        raise ValueError(f"field 'options' must be a list of strings, got {str(opts)[:60]!r}")
     if check:
-        check(rec, where)
+        try:
+            check(rec, where)
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. a TypeError on a field of an unexpected type: this record's problem
+            raise ValueError(f"{type(e).__name__}: {e}") from None
     for key in ("question", "answer"):  # the texts a stage may show a model outside 'messages'
         v = rec.get(key)
         if isinstance(v, str):
+            _check_unicode(v, f"field '{key}'")
             tok = find_control_token(v, specials)
             if tok is not None:
                 raise ValueError(f"field '{key}' contains the control token {tok!r}; data text must not contain "
@@ -725,6 +748,7 @@ def _check_record(rec, where, require, to_messages, check, specials, max_chars):
     own = rec.get("messages")
     msgs = to_messages(rec, where) if to_messages else own   # the conversation the stage encodes
     for at, text in message_texts(own, where):   # fields named in the record's own messages
+        _check_unicode(text, at.removeprefix(f"{where}: "))
         tok = find_control_token(text, specials)
         if tok is not None:
             raise ValueError(f"{at}: text contains the control token {tok!r}; data text must not contain "

@@ -98,6 +98,12 @@ VARIANTS = {
                      r"^field 'answer': NaN / Infinity"),
     "no answer": ({}, json.dumps({k: v for k, v in record(1).items() if k != "answer"}), r"^field 'answer' missing"),
     "unreadable answer": ({}, json.dumps(record(1)).replace('"answer": "3"', '"answer": ""'), r"^field 'answer'"),
+    "lone surrogate": ({}, json.dumps(record(1, question="q")).replace('"text": "q"', '"text": "a \\ud800 b"'),
+                       r"^messages\[0\]\.content\[1\]\.text: not valid Unicode \(a lone surrogate at character 3\)"),
+    "video part": ({}, json.dumps({**record(1), "messages": [{"role": "user", "content": [
+        {"type": "video", "video": "v.mp4"}, {"type": "text", "text": QUESTION}]}]}),
+        r"^messages\[0\]\.content\[0\]: a video part; only images are supported"),
+    "options of the wrong type": ({}, json.dumps(record(1, options=5)), r"^field 'options' must be a list of strings"),
     "invalid JSON": ({}, '{"id": "q1", "messages": [}', r"^invalid JSON"),
     "not an object": ({}, '["q1"]', r"^expected a JSON object, got list"),
 }
