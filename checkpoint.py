@@ -350,7 +350,7 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
         tensors, meta = _rng_state()
         save_file(tensors, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
         with open(os.path.join(tmp, f"rng_rank{rank}.json"), "w") as f:
-            json.dump(meta, f)
+            json.dump(meta, f, allow_nan=False)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
               for g in optimizer.param_groups]
     dist.barrier()

@@ -359,7 +359,7 @@ def train_tokenizer(texts, out_dir, vocab_size=1024):
         "chat_template": CHAT_TEMPLATE,
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
+        json.dump(config, f, indent=2, ensure_ascii=False, allow_nan=False)
     return Tokenizer.from_dir(out_dir)
 
 
@@ -827,7 +827,7 @@ def validate_records(records, path, tokenizer=None, *, require=("messages",), me
             good.append((where, rec))
         except ValueError as e:
             bad.append((where, str(e).removeprefix(f"{where}: ")))
-    bad.sort(key=lambda b: _line_of(b[0]))
+    bad.sort(key=lambda b: line_of(b[0]))
     if bad and (not skip_bad or not good):
         raise BadRecords(path, bad, total, usable=bool(good))
     if bad and not quiet:
@@ -837,7 +837,7 @@ def validate_records(records, path, tokenizer=None, *, require=("messages",), me
     return good, bad
 
 
-def _line_of(where):
+def line_of(where):
     """Sort key of "file:LINE" (anything else sorts last, in order)."""
     head, _, line = where.rpartition(":")
     return (0, head, int(line)) if line.isdigit() else (1, "", 0)

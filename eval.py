@@ -147,7 +147,9 @@ def load_datasets(data_paths, benches, cache_dir, limit):
         recs = benchmarks.LOADERS[name](path, os.path.join(cache_dir, name))
         out.append(Dataset(name, recs, os.path.dirname(os.path.abspath(path)), path=path))
     for d in out:
-        d.records = d.records[:limit] if limit else d.records
+        if limit and len(d.records) > limit:   # bad lines after the last record used do not count
+            last = data.line_of(d.records[limit - 1].get("source", ""))
+            d.records, d.bad = d.records[:limit], [b for b in d.bad if data.line_of(b[0]) < last]
     return out
 
 

@@ -241,8 +241,8 @@ def load_items(path, limit, tokenizer=None, skip_bad=False):
     errors = []
     records = data.read_jsonl_numbered(path, errors=errors)
     if limit and len(records) > limit:   # bad lines after the last record used do not count
-        last = data._line_of(records[limit - 1][0])
-        records, errors = records[:limit], [e for e in errors if data._line_of(e[0]) < last]
+        last = data.line_of(records[limit - 1][0])
+        records, errors = records[:limit], [e for e in errors if data.line_of(e[0]) < last]
     if not records and not errors:
         raise ValueError(f"{path}: no records")
     seen = {}
