@@ -856,20 +856,23 @@ def load_jsonl_validated(path, tokenizer=None, **kw):
 # -----------------------------------------------------------------------------
 # RL prompts (grpo.py): records with a ground truth, their encoded prompts, the order of the steps
 
-def load_records(path, tokenizer=None, system_prompt=None, skip_bad=False, prog="", quiet=False):
+def load_records(path, tokenizer=None, system_prompt=None, skip_bad=False, prog="", quiet=False, bad=None):
     """Records of a JSONL file, each with 'messages' and 'answer', plus '_where' ("file:LINE", for
     errors) and '_root' (the directory their image paths are relative to). Every record is checked
     here, on every rank, before the first step (validate_records on the prompt encode_prompt makes
     with system_prompt, images and, with a tokenizer, the token cap included; every ground truth
     readable by answers.check_ground_truth): a bad record fails at load, naming file:line, or is
-    dropped with skip_bad, instead of stopping one rank mid-rollout when first drawn."""
+    dropped with skip_bad (bad: a list that receives them, (where, reason)), instead of stopping one
+    rank mid-rollout when first drawn."""
     import answers
 
     def ground_truth(r, where):
         answers.check_ground_truth(r["answer"], r.get("options"), where=f"{where}: field 'answer'")
-    good, _ = load_jsonl_validated(path, tokenizer, require=("messages", "answer"), check=ground_truth,
-                                   messages=lambda r, where: prompt_messages(r, system_prompt, where),
-                                   add_generation_prompt=True, skip_bad=skip_bad, prog=prog, quiet=quiet)
+    good, dropped = load_jsonl_validated(path, tokenizer, require=("messages", "answer"), check=ground_truth,
+                                         messages=lambda r, where: prompt_messages(r, system_prompt, where),
+                                         add_generation_prompt=True, skip_bad=skip_bad, prog=prog, quiet=quiet)
+    if bad is not None:
+        bad += dropped
     root = os.path.dirname(os.path.abspath(path))
     return [dict(r, _where=where, _root=root) for where, r in good]
 

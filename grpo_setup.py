@@ -171,7 +171,8 @@ def setup(cfg: GRPOConfig, d):
     checkpoint.check_special_tokens(PROG, cfg.model, tok)
     system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
     try:   # every record checked now (data.validate_records), not when a step first draws it
-        records = data.load_records(cfg.train, tok, system_prompt, cfg.skip_bad_records, PROG, quiet=not d.is_main)
+        skipped = []   # --skip_bad_records: [(where, reason)], listed in run_config.json
+        records = data.load_records(cfg.train, tok, system_prompt, cfg.skip_bad_records, PROG, not d.is_main, skipped)
         test = eval_lib.load_datasets([cfg.test], [], "", cfg.eval_limit)[0] if cfg.eval_every else None
         if test is not None:
             eval_lib.drop_bad_records([test], [tok], system_prompt, PROG, skip=cfg.skip_bad_records, quiet=not d.is_main)
@@ -188,7 +189,8 @@ def setup(cfg: GRPOConfig, d):
     start = training.resume(PROG, ckpt, policy, optimizer, asdict(cfg), RESUME_FREE) if resume else 0
     if d.is_main:
         checkpoint.install_tokenizer(PROG, cfg.model, cfg.out, cfg.max_pixels)
-        checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg)})
+        checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg),
+                                                      "skipped_bad_records": [f"{w}: {r}" for w, r in skipped]})
         print(f"{PROG}: {'resuming at step ' + str(start) if resume else 'starting'}: {len(records)} train "
               f"prompts, world size {d.world_size}, {model_lib.count_params(policy, trainable_only=True):,} "
               f"trainable parameters, device {d.device}", flush=True)

@@ -121,11 +121,11 @@ class Example:
     n_loss: int         # assistant tokens that are predicted (assistant_mask[1:].sum())
 
 
-def load_examples(path, tokenizer, system_prompt, max_len=0, skip_bad=False, quiet=False) -> list[Example]:
+def load_examples(path, tokenizer, system_prompt, max_len=0, skip_bad=False, quiet=False, bad=None) -> list[Example]:
     """Check every record before the first step (data.validate_records on the conversation as
     trained: images checked to decode, at most max_len tokens, an assistant turn to learn from;
-    errors name file:line; skip_bad drops bad records instead), then encode each once for its
-    length and number of loss tokens. Pixels are not kept."""
+    errors name file:line; skip_bad drops bad records instead, bad: a list that receives them), then
+    encode each once for its length and number of loss tokens. Pixels are not kept."""
     root = os.path.dirname(os.path.abspath(path))
 
     def conversation(rec, where):
@@ -139,8 +139,10 @@ def load_examples(path, tokenizer, system_prompt, max_len=0, skip_bad=False, qui
             messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
         return messages
     cap = min(max_len, data.MAX_TOKENS) if max_len else data.MAX_TOKENS
-    good, _ = data.load_jsonl_validated(path, tokenizer, messages=conversation, image_root=root, max_tokens=cap,
-                                        skip_bad=skip_bad, prog=PROG, quiet=quiet)
+    good, dropped = data.load_jsonl_validated(path, tokenizer, messages=conversation, image_root=root, max_tokens=cap,
+                                              skip_bad=skip_bad, prog=PROG, quiet=quiet)
+    if bad is not None:
+        bad += dropped
     examples = []
     for where, rec in good:
         messages = conversation(rec, where)
@@ -275,8 +277,9 @@ def setup(cfg: SFTConfig, d):
     else:
         model = build_tiny(tokenizer, cfg).to(d.device)
     try:   # every record checked now (data.validate_records), not when a step first draws it
+        skipped = []   # --skip_bad_records: [(where, reason)], listed in run_config.json
         examples = load_examples(cfg.data, tokenizer, SYSTEM_PROMPTS[cfg.system_prompt], cfg.max_len,
-                                 cfg.skip_bad_records, quiet=not d.is_main)
+                                 cfg.skip_bad_records, not d.is_main, skipped)
     except ValueError as e:
         raise checkpoint.RunError(f"{PROG}: {e}") from None
     if len(examples) < cfg.batch_size:
@@ -290,7 +293,8 @@ def setup(cfg: SFTConfig, d):
         "max_steps", "epochs", "save_every", "threads", "micro_batch_size", "share_prefix", "out", "tokenizer_corpus",
         "max_len")) if resume else 0
     if d.is_main:
-        checkpoint.start_log(cfg.out, resume, step, asdict(cfg))
+        checkpoint.start_log(cfg.out, resume, step, {**asdict(cfg),
+                                                     "skipped_bad_records": [f"{w}: {r}" for w, r in skipped]})
         if resume:
             print(f"{PROG}: resuming from {ckpt} at step {step}")
     return tokenizer, model, optimizer, examples, step, ckpt, tok_dir

@@ -753,11 +753,13 @@ def test_bad_record_refused_before_the_first_step(world, tmp_path, name):
     assert not os.path.exists(out / "log.jsonl") and not os.path.exists(out / "checkpoint")
 
 
-def test_skip_bad_records_trains_on_the_rest(world, tmp_path, capsys):
+def test_skip_bad_records_trains_on_the_rest(world, tmp_path, capsys, monkeypatch):
     from test_bad_records import VARIANTS, write_set
+    monkeypatch.setenv("SRPO_COMPILE", "0")
     path = write_set(tmp_path / "d", *VARIANTS["truncated png"][:2])
     out = str(tmp_path / "o")
     grpo.main(grpo.parse_args(_loop_args(world, out, 1, train=path, skip_bad_records=1, prompts_per_step=2,
-                                         group_size=2, micro_batch=4)))
+                                         group_size=2, micro_batch=4, max_new_tokens=4)))
     assert [r["step"] for r in _steps_logged(out)] == [1]
+    assert json.load(open(os.path.join(out, "run_config.json")))["skipped_bad_records"][0].startswith(f"{path}:2: ")
     assert f"grpo.py: {path}: skipped 1 bad record(s) of 3 (--skip_bad_records): {path}:2: " in capsys.readouterr().err
