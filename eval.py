@@ -13,7 +13,10 @@ responses per question with sampler.generate_texts, score each with reward.py an
 as a table on stdout (n = questions; case columns count responses, n per question when sampling),
 metrics.json + one predictions JSONL per (checkpoint, dataset) in --out. metrics.json is written
 only when every checkpoint and dataset is done (its presence means "complete"; a stale one is
-removed first), and every checkpoint is checked before any work starts.
+removed first), and every checkpoint is checked before any work starts. Every record is checked
+before the first batch (data.validate_records under each checkpoint's tokenizer): a bad one (an
+unreadable image, a control token, NaN, ...) is reported with file:line and not scored, the rest
+are (metrics.json: skipped_bad_record and each result's bad_records); predictions are strict JSON.
 
 Datasets: project JSONL files (--data, e.g. the built-in task's test.jsonl) and benchmarks read
 from local files in their published formats (--bench NAME=PATH, see benchmarks.py).

@@ -310,11 +310,12 @@ def test_reward_preset_flag():
             ev.reward_config("code")
 
 
-def test_bad_records_are_reported_and_the_rest_scored(tiny, tmp_path, capsys):
+def test_bad_records_are_reported_and_the_rest_scored(tiny, tmp_path, capsys, monkeypatch):
     """One bad image (and a NaN answer, a control token, messages that are not a list) costs only
     its own record: the others are scored, the bad ones named with file:line in metrics.json and on
     stderr; predictions are strict JSON. A file with no usable record stops eval.py, no predictions."""
     import data
+    monkeypatch.setenv("SRPO_COMPILE", "0")
     ck, test = tiny
     root = os.path.dirname(test)
     recs = data.read_jsonl(test)
