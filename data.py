@@ -766,11 +766,11 @@ def validate_records(records, path, tokenizer=None, *, require=("messages",), me
     """Check every record before any work: records [(where "file:LINE", record)] -> (good, bad),
     good the usable (where, record) pairs in order, bad [(where, reason)].
 
-    A record is bad when: a number is NaN / Infinity; a `require`d field is missing; check(record,
-    where) raises ValueError (a caller's own rules, e.g. a readable ground truth); 'question' /
+    A record is bad when: a number is NaN / Infinity; a `require`d field is missing; 'options' is not
+    a list of texts; check(record, where) raises (a caller's own rules, e.g. a readable ground truth); 'question' /
     'answer' or the text of its conversation (messages(record, where), default record['messages'],
-    the conversation the stage encodes) is malformed, holds a control-token string, or is longer
-    than 64 x max_tokens characters; an image is missing, unreadable, cut, over max_image_pixels or
+    the conversation the stage encodes) is malformed, holds a control-token string or a lone
+    surrogate, has a video part, or is longer than 64 x max_tokens characters; an image is missing, unreadable, cut, over max_image_pixels or
     of an aspect ratio the preprocessing refuses; with a tokenizer, the encoded conversation (its
     image tokens included, as encode_messages counts them) is over max_tokens. Each distinct image
     file is checked once (check_image_file; image_cache: a dict shared between calls).

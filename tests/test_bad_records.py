@@ -201,3 +201,11 @@ def test_outputs_are_strict_json(tmp_path):
     strict = dict(parse_constant=lambda c: pytest.fail(f"{c} written"))
     assert [json.loads(l, **strict) for l in open(p)] == [{"a": 1.5}]
     assert json.loads(open(tmp_path / "m.json").read(), **strict) == {"a": None}
+
+
+def test_benchmark_nan_answer_refused():
+    """eval.py --bench: a published file's NaN answer is refused naming the row, not read as the text "nan"."""
+    import benchmarks
+    with pytest.raises(ValueError, match=r"b\.jsonl:3: field 'answer': NaN / Infinity is not a JSON number"):
+        benchmarks.text_field(json.loads('{"answer": NaN}'), "answer", "b.jsonl:3")
+    assert benchmarks.text_field({"answer": 2.5}, "answer", "b.jsonl:3") == "2.5"
