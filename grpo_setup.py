@@ -1,7 +1,9 @@
 """
 grpo.py's command line and start: GRPOConfig (every field a flag, its comment the --help), the
 checks that refuse a bad value before anything runs, the flags' reward config and lr schedule, and
-setup (inputs checked, out/ opened, the policy, its optimizer and the reference built or resumed).
+setup (inputs checked: every --train / --test record by data.validate_records, so a bad one stops the
+run at start or is dropped with --skip_bad_records, never met mid-run; out/ opened, the policy, its
+optimizer and the reference built or resumed).
 The algorithm and the training loop are grpo.py's; the 7B recipe on 8 GPUs is in API.md.
 """
 import math

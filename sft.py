@@ -26,6 +26,9 @@ The idea:
   as an uninterrupted run. At the end the HF files (config.json, model.safetensors,
   tokenizer.json, ...) are also copied into out/ itself, loadable by transformers;
 - a non-finite loss or gradient stops the run before the optimizer step (exit status 1);
+- every record is checked before the first step (data.validate_records: images decode, no control
+  tokens, no NaN, at most --max_len tokens, ...): a bad one stops the run at start naming file:line
+  and field, or is dropped and counted with --skip_bad_records;
 - metrics (loss, lr, grad norm, tokens/s) go to out/log.jsonl, progress to a tqdm bar.
 Images are re-encoded per micro-batch (cheap), so memory does not grow with the data set.
 """
