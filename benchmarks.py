@@ -109,6 +109,8 @@ def text_field(row, name, where):
     v = field(row, name, where)
     if isinstance(v, bool) or not isinstance(v, (str, int, float)):
         raise ValueError(f"{where}: field {name!r} must be a string, got {type(v).__name__}")
+    if isinstance(v, float) and not math.isfinite(v):   # Python's json reads NaN / Infinity; str() would make "nan"
+        raise ValueError(f"{where}: field {name!r}: NaN / Infinity is not a JSON number; write a string")
     return str(v).strip()
 
 

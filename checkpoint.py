@@ -383,7 +383,7 @@ def _save(path, tmp, rank, model, optimizer, step, extra, tokenizer_dir, rng):
         tensors, meta = _rng_state()
         save_file(tensors, os.path.join(tmp, f"rng_rank{rank}.safetensors"))
         with open(os.path.join(tmp, f"rng_rank{rank}.json"), "w") as f:
-            json.dump(meta, f)
+            json.dump(meta, f, allow_nan=False)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
               for g in optimizer.param_groups]
     dist.barrier()

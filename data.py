@@ -19,11 +19,18 @@
   the real control token (a question could end its own turn or fake an image), and refuses
   conversations longer than max_tokens (default MAX_TOKENS), so one huge record cannot make the
   trainer or the sampler allocate tens of GB. Errors name the record (`where`, e.g. file:line).
+- validate_records checks every record of a file before the first step (schema, NaN / Infinity,
+  control tokens, length caps, every image opened, pixel-capped and checked to decode): a bad
+  record is refused at start with file:line and the reason (BadRecords lists the first 20 and the
+  count) or, with skip_bad (--skip_bad_records), dropped and counted, never found when first drawn.
 """
 import json
 import math
 import os
 import re
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +42,9 @@ from PIL import Image
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# a source image over this many pixels is refused before any pixel is decoded: a few hundred KB of
+# PNG can declare 400M pixels (a decompression bomb); PIL itself only warns from 89M
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 @dataclass
@@ -104,32 +114,85 @@ def load_image(path, where=""):
         raise FileNotFoundError(f"{prefix}image file not found: {path}")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{img.width}x{img.height} pixels, over the cap of {MAX_IMAGE_PIXELS}")
             img.load()
             return to_rgb(img)
     except Exception as e:  # PIL raises several types for corrupt/truncated files
         raise ValueError(f"{prefix}cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+def _image_header(path, where=""):
+    """An image opened for its size only (no pixel decoded); errors as load_image's."""
+    prefix = f"{where}: " if where else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{prefix}image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img
+    except Exception as e:
+        raise ValueError(f"{prefix}cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def check_image_file(path, max_pixels=MAX_IMAGE_PIXELS):
+    """(width, height) of an image file once it is known to decode; ValueError saying why not. The
+    size comes from the header and is capped before any pixel is decoded (decompression bombs);
+    then PNG is checked with verify() (every chunk's CRC, up to the end marker: a cut or corrupted
+    file shows, at a third of the cost of decoding), JPEG is decoded at 1/8 scale (the whole
+    entropy-coded stream is still read, so a cut file shows), any other format fully."""
+    if not os.path.isfile(path):
+        raise ValueError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                to_rgb(Image.new(img.mode, (1, 1)))   # a pixel mode preprocessing cannot turn into RGB fails here
+                if 0 < w * h <= max_pixels:
+                    if img.format == "PNG":
+                        img.verify()
+                    else:
+                        if img.format == "JPEG":
+                            img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+                        img.load()
+    except Exception as e:  # PIL raises several types for empty, cut, corrupt or huge files
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if w * h > max_pixels:
+        raise ValueError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the cap of {max_pixels:,} "
+                         f"(a decompression bomb?); shrink it")
+    if w * h == 0:
+        raise ValueError(f"image {path} has no pixels ({w}x{h})")
+    return w, h
+
+
 # -----------------------------------------------------------------------------
 # JSONL
 
 
-def read_jsonl_numbered(path, allow_torn_tail=False):
+def read_jsonl_numbered(path, allow_torn_tail=False, errors=None):
     """[(where "file:LINE", record)] for every non-blank line. allow_torn_tail: ignore an
-    unterminated, unparsable last line (a writer that crashed mid-append) instead of raising."""
+    unterminated, unparsable last line (a writer that crashed mid-append) instead of raising.
+    errors: a list: a bad line (invalid UTF-8 or JSON, not an object) is appended to it as
+    (where, reason) and skipped, instead of raised (validate_records reports them with the rest)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSONL file not found: {path}")
     with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is reported with its line number
         lines = f.read().split(b"\n")
     torn = lines[-1] != b""  # the file does not end with a newline
     records = []
+
+    def bad(i, reason):
+        if errors is None:
+            raise ValueError(f"{path}:{i}: {reason}")
+        errors.append((f"{path}:{i}", reason))
     for i, raw in enumerate(lines, start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if torn and i == len(lines) and allow_torn_tail:
                 break  # a torn write can cut a multi-byte character in half
-            raise ValueError(f"{path}:{i}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+            bad(i, f"not valid UTF-8 (byte {e.start + 1} of the line)")
+            continue
         if not line.strip():
             continue
         try:
@@ -138,11 +201,16 @@ def read_jsonl_numbered(path, allow_torn_tail=False):
             if torn and i == len(lines):
                 if allow_torn_tail:
                     break
-                raise ValueError(f"{path}:{i}: last line is incomplete (torn write?): {e.msg} "
-                                 f"at column {e.colno}") from e
-            raise ValueError(f"{path}:{i}: invalid JSON: {e.msg} at column {e.colno}") from e
+                bad(i, f"last line is incomplete (torn write?): {e.msg} at column {e.colno}")
+                continue
+            bad(i, f"invalid JSON: {e.msg} at column {e.colno}")
+            continue
+        except RecursionError:  # [[[[...]]]] nested deeper than Python's stack
+            bad(i, "invalid JSON: nested too deeply")
+            continue
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            bad(i, f"expected a JSON object, got {type(rec).__name__}")
+            continue
         records.append((f"{path}:{i}", rec))
     return records
 
@@ -181,8 +249,9 @@ def write_json_atomic(path, obj):
 
 
 def append_jsonl(path, record):
-    """Append one record as one line with a single write(), then flush + fsync."""
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    """Append one record as one strict-JSON line (NaN / Infinity refused: ValueError) with a single
+    write(), then flush + fsync."""
+    line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         n = os.write(fd, line)
@@ -295,7 +364,7 @@ def train_tokenizer(texts, out_dir, vocab_size=1024):
         "chat_template": CHAT_TEMPLATE,
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
+        json.dump(config, f, indent=2, ensure_ascii=False, allow_nan=False)
     return Tokenizer.from_dir(out_dir)
 
 
@@ -504,7 +573,8 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=None, add_generat
     by image_cfg (None: the tokenizer's processor settings, tokenizer.image_cfg).
     Returns input_ids (T,), assistant_mask (T,) (True on assistant content + its <|im_end|>),
     pixel_values (N, 1176) or None (always None with pixels=False: only the tokens are wanted, e.g.
-    to count them; the images are still read and checked), image_grid_thw (n_img, 3) or None.
+    to count them; only the images' headers are read: validate_records checks that they decode),
+    image_grid_thw (n_img, 3) or None.
     Refuses (ValueError naming `where`): malformed messages, control-token strings in their text,
     unreadable or degenerate images, more than max_tokens tokens (0 = no cap)."""
     texts = message_texts(messages, where)
@@ -518,7 +588,7 @@ def encode_messages(messages, tokenizer, image_root, image_cfg=None, add_generat
         if isinstance(ref, Image.Image):
             img = ref
         elif isinstance(ref, str):
-            img = load_image(os.path.join(image_root, ref), where)
+            img = (load_image if pixels else _image_header)(os.path.join(image_root, ref), where)
         else:
             raise ValueError(f"{where}: image must be a path string or a PIL image, got {type(ref).__name__}")
         try:
@@ -589,24 +659,227 @@ def collate(encoded, pad_id, left_pad):
 
 
 # -----------------------------------------------------------------------------
+# record validation: every record of a file checked before the first step, not when first drawn
+
+MAX_LISTED = 20  # bad records named one by one in a BadRecords message; the rest are counted
+
+
+class BadRecords(ValueError):
+    """validate_records refused records: .bad = [(where, reason)], .total = records in the file.
+    One bad record is one line (file:line, field, reason); more are a count, then one line each."""
+
+    def __init__(self, path, bad, total, usable=True):
+        self.path, self.bad, self.total = path, bad, total
+        hint = ("fix them, or pass --skip_bad_records to drop them" if usable else
+                f"no usable record in {path}")
+        lines = [f"{where}: {reason}" for where, reason in bad[:MAX_LISTED]]
+        if len(bad) == 1:
+            super().__init__(f"{lines[0]} (1 bad record of {total}; {hint.replace('them', 'it')})")
+        else:
+            more = [f"... and {len(bad) - MAX_LISTED} more"] if len(bad) > MAX_LISTED else []
+            super().__init__("\n  ".join([f"{path}: {len(bad)} bad records of {total} ({hint}):"] + lines + more))
+
+
+def _non_finite(x, at=""):
+    """Field path of the first NaN / Infinity in a parsed JSON value (Python's json reads them), or None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return at
+    items = (((f"{at}.{k}" if at else str(k)), v) for k, v in x.items()) if isinstance(x, dict) else \
+        ((f"{at}[{i}]", v) for i, v in enumerate(x)) if isinstance(x, list) else ()
+    for sub, v in items:
+        hit = _non_finite(v, sub)
+        if hit:
+            return hit
+    return None
+
+
+def _check_unicode(text, field):
+    """A lone surrogate (JSON "\\ud800") is not text any tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{field}: not valid Unicode (a lone surrogate at character {e.start + 1})") from None
+
+
+def _record_images(messages):
+    """[(field, ref)] of every image part of a conversation (ref as written: a path, or anything).
+    A video part is refused: the model takes images only."""
+    out = []
+    for i, msg in enumerate(messages):
+        for j, part in enumerate(msg["content"] if isinstance(msg["content"], list) else []):
+            is_image = part.get("type") == "image" or "image" in part or "image_url" in part
+            if not is_image and (part.get("type") == "video" or "video" in part):
+                raise ValueError(f"messages[{i}].content[{j}]: a video part; only images are supported")
+            if is_image:
+                key = "image" if "image" in part or "image_url" not in part else "image_url"
+                out.append((f"messages[{i}].content[{j}].{key}", part.get(key)))
+    return out
+
+
+def _check_record(rec, where, require, to_messages, check, specials, max_chars):
+    """The checks of one record that need no image and no tokenizer -> (its messages, [(field, ref)]).
+    Raises ValueError with the reason (without `where`)."""
+    try:
+        json.dumps(rec, allow_nan=False)   # C speed; the field is looked for only when there is one
+        at = None
+    except ValueError:
+        at = _non_finite(rec)
+    if at:
+        raise ValueError(f"field '{at}': NaN / Infinity is not a JSON number; write a finite number or a string")
+    for key in require:
+        if rec.get(key) is None:
+            raise ValueError(f"field '{key}' missing")
+    opts = rec.get("options")   # multiple choice: the reward reads them as texts
+    if opts is not None and not (isinstance(opts, list) and all(isinstance(o, (str, int, float)) and
+                                                                not isinstance(o, bool) for o in opts)):
+        raise ValueError(f"field 'options' must be a list of strings, got {str(opts)[:60]!r}")
+    if check:
+        try:
+            check(rec, where)
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. a TypeError on a field of an unexpected type: this record's problem
+            raise ValueError(f"{type(e).__name__}: {e}") from None
+    for key in ("question", "answer"):  # the texts a stage may show a model outside 'messages'
+        v = rec.get(key)
+        if isinstance(v, str):
+            _check_unicode(v, f"field '{key}'")
+            tok = find_control_token(v, specials)
+            if tok is not None:
+                raise ValueError(f"field '{key}' contains the control token {tok!r}; data text must not contain "
+                                 f"special-token strings (remove it from the data)")
+            if max_chars and len(v) > max_chars:
+                raise ValueError(f"field '{key}': {len(v):,} characters, over the cap of {max_chars:,}")
+    own = rec.get("messages")
+    msgs = to_messages(rec, where) if to_messages else own   # the conversation the stage encodes
+    for at, text in message_texts(own, where):   # fields named in the record's own messages
+        _check_unicode(text, at.removeprefix(f"{where}: "))
+        tok = find_control_token(text, specials)
+        if tok is not None:
+            raise ValueError(f"{at}: text contains the control token {tok!r}; data text must not contain "
+                             f"special-token strings (remove it from the data)")
+    n_chars = sum(len(t) for _, t in message_texts(msgs, where))
+    if max_chars and n_chars > max_chars:
+        raise ValueError(f"field 'messages': {n_chars:,} characters of text, over the cap of {max_chars:,}")
+    return msgs, _record_images(own), [ref for _, ref in _record_images(msgs)]
+
+
+def validate_records(records, path, tokenizer=None, *, require=("messages",), messages=None, check=None,
+                     image_root=None, add_generation_prompt=False, max_tokens=MAX_TOKENS,
+                     max_image_pixels=MAX_IMAGE_PIXELS, skip_bad=False, bad=(), prog="", quiet=False,
+                     image_cache=None):
+    """Check every record before any work: records [(where "file:LINE", record)] -> (good, bad),
+    good the usable (where, record) pairs in order, bad [(where, reason)].
+
+    A record is bad when: a number is NaN / Infinity; a `require`d field is missing; 'options' is not
+    a list of texts; check(record, where) raises (a caller's own rules, e.g. a readable ground truth); 'question' /
+    'answer' or the text of its conversation (messages(record, where), default record['messages'],
+    the conversation the stage encodes) is malformed, holds a control-token string or a lone
+    surrogate, has a video part, or is longer than 64 x max_tokens characters; an image is missing, unreadable, cut, over max_image_pixels or
+    of an aspect ratio the preprocessing refuses; with a tokenizer, the encoded conversation (its
+    image tokens included, as encode_messages counts them) is over max_tokens. Each distinct image
+    file is checked once (check_image_file; image_cache: a dict shared between calls).
+    bad: problems found before (e.g. read_jsonl_numbered(errors=...)), reported with the rest.
+    Any bad record raises BadRecords (file:line and reason of the first MAX_LISTED, and the count)
+    unless skip_bad, which drops them and reports the count on stderr (quiet: not even that); no
+    usable record at all raises BadRecords either way."""
+    image_root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+    specials = tokenizer.special_tokens if tokenizer is not None else QWEN_SPECIAL_TOKENS
+    cfg = tokenizer.image_cfg if tokenizer is not None else ImageConfig()
+    max_chars = 64 * max_tokens if max_tokens else 0  # no tokenizer makes fewer tokens than 1 per 64 characters
+    bad, staged = list(bad), []
+    total = len(records) + len(bad)
+    for where, rec in records:
+        try:
+            staged.append((where, rec, *_check_record(rec, where, require, messages, check, specials, max_chars)))
+        except ValueError as e:
+            bad.append((where, str(e).removeprefix(f"{where}: ")))
+        except RecursionError:
+            bad.append((where, "nested too deeply"))
+    cache = {} if image_cache is None else image_cache
+    encoded = {}   # piece text -> its token count (the system prompt and headers repeat in every record)
+    good = []
+    for where, rec, msgs, images, used in staged:
+        try:
+            for field, ref in images:
+                if not isinstance(ref, str):
+                    raise ValueError(f"{field}: must be an image path string, got {type(ref).__name__}")
+                p = os.path.normpath(os.path.join(image_root, ref))
+                if p not in cache:
+                    try:
+                        cache[p] = check_image_file(p, max_image_pixels)
+                    except ValueError as e:
+                        cache[p] = str(e)
+                if isinstance(cache[p], str):
+                    raise ValueError(f"{field}: {cache[p]}")
+                w, h = cache[p]
+                try:
+                    smart_resize(h, w, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+                except ValueError as e:
+                    raise ValueError(f"{field}: image {ref}: {e}") from None
+            if tokenizer is not None and max_tokens:
+                n = 0
+                for ref in used:   # each <|image_pad|> becomes this image's count of merged patches
+                    w, h = cache[os.path.normpath(os.path.join(image_root, ref))]
+                    rh, rw = smart_resize(h, w, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+                    n += rh * rw // (cfg.patch_size * cfg.merge_size) ** 2 - 1
+                for text, _ in _chat_pieces(msgs, add_generation_prompt, where):   # as encode_messages tokenizes
+                    if text not in encoded:
+                        encoded[text] = len(tokenizer.encode(text))
+                    n += encoded[text]
+                if n > max_tokens:
+                    raise ValueError(f"field 'messages': {n} tokens (text and images), over the cap of {max_tokens}")
+            good.append((where, rec))
+        except ValueError as e:
+            bad.append((where, str(e).removeprefix(f"{where}: ")))
+    bad.sort(key=lambda b: line_of(b[0]))
+    if bad and (not skip_bad or not good):
+        raise BadRecords(path, bad, total, usable=bool(good))
+    if bad and not quiet:
+        first = "; ".join(f"{w}: {r}" for w, r in bad[:3])
+        print(f"{prog + ': ' if prog else ''}{path}: skipped {len(bad)} bad record(s) of {total} "
+              f"(--skip_bad_records): {first}{' ...' if len(bad) > 3 else ''}", file=sys.stderr, flush=True)
+    return good, bad
+
+
+def line_of(where):
+    """Sort key of "file:LINE" (anything else sorts last, in order)."""
+    head, _, line = where.rpartition(":")
+    return (0, head, int(line)) if line.isdigit() else (1, "", 0)
+
+
+def load_jsonl_validated(path, tokenizer=None, **kw):
+    """read_jsonl_numbered + validate_records: a line that is not JSON is a bad record like the rest.
+    -> (good [(where, record)], bad [(where, reason)]); an empty file raises ValueError."""
+    errors = []
+    records = read_jsonl_numbered(path, errors=errors)
+    if not records and not errors:
+        raise ValueError(f"{path}: no records (empty file)")
+    return validate_records(records, path, tokenizer, bad=errors, **kw)
+
+
+# -----------------------------------------------------------------------------
 # RL prompts (grpo.py): records with a ground truth, their encoded prompts, the order of the steps
 
-def load_records(path):
+def load_records(path, tokenizer=None, system_prompt=None, skip_bad=False, prog="", quiet=False, bad=None):
     """Records of a JSONL file, each with 'messages' and 'answer', plus '_where' ("file:LINE", for
-    errors) and '_root' (the directory their image paths are relative to). Every ground truth is
-    checked here (answers.check_ground_truth), on every rank: one bad record fails at load, naming
-    file:line, instead of stopping a single rank mid-rollout while the others wait."""
+    errors) and '_root' (the directory their image paths are relative to). Every record is checked
+    here, on every rank, before the first step (validate_records on the prompt encode_prompt makes
+    with system_prompt, images and, with a tokenizer, the token cap included; every ground truth
+    readable by answers.check_ground_truth): a bad record fails at load, naming file:line, or is
+    dropped with skip_bad (bad: a list that receives them, (where, reason)), instead of stopping one
+    rank mid-rollout when first drawn."""
     import answers
-    records = []
-    for where, r in read_jsonl_numbered(path):
-        for key in ("messages", "answer"):
-            if key not in r:
-                raise ValueError(f"{where}: record {r.get('id', '?')} has no field '{key}'")
+
+    def ground_truth(r, where):
         answers.check_ground_truth(r["answer"], r.get("options"), where=f"{where}: field 'answer'")
-        records.append(dict(r, _where=where, _root=os.path.dirname(os.path.abspath(path))))
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
+    good, dropped = load_jsonl_validated(path, tokenizer, require=("messages", "answer"), check=ground_truth,
+                                         messages=lambda r, where: prompt_messages(r, system_prompt, where),
+                                         add_generation_prompt=True, skip_bad=skip_bad, prog=prog, quiet=quiet)
+    if bad is not None:
+        bad += dropped
+    root = os.path.dirname(os.path.abspath(path))
+    return [dict(r, _where=where, _root=root) for where, r in good]
 
 
 def encode_prompt(record, tokenizer, system_prompt):

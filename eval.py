@@ -13,7 +13,10 @@ responses per question with sampler.generate_texts, score each with reward.py an
 as a table on stdout (n = questions; case columns count responses, n per question when sampling),
 metrics.json + one predictions JSONL per (checkpoint, dataset) in --out. metrics.json is written
 only when every checkpoint and dataset is done (its presence means "complete"; a stale one is
-removed first), and every checkpoint is checked before any work starts.
+removed first), and every checkpoint is checked before any work starts. Every record is checked
+before the first batch (data.validate_records under each checkpoint's tokenizer): a bad one (an
+unreadable image, a control token, NaN, ...) is reported with file:line and not scored, the rest
+are (metrics.json: skipped_bad_record and each result's bad_records); predictions are strict JSON.
 
 Datasets: project JSONL files (--data, e.g. the built-in task's test.jsonl) and benchmarks read
 from local files in their published formats (--bench NAME=PATH, see benchmarks.py).
@@ -100,25 +103,37 @@ class Dataset:
     records: list
     image_root: str               # image paths of the records are relative to this
     skipped: int = 0              # records dropped for an unreadable ground truth
+    path: str = ""                # the file it was read from
+    bad: list = field(default_factory=list)   # [(where, reason)]: records dropped by data.validate_records
 
 
 # ----------------------------------------------------------------------------- datasets
 
-def read_project_jsonl(path):
-    """Records of a project JSONL file, each with source = file:line; ids must be unique."""
-    recs, seen = [], {}
-    for where, r in data.read_jsonl_numbered(path):
-        for key in ("id", "answer"):
-            v = r.get(key)
-            if isinstance(v, bool) or not isinstance(v, (str, int, float)) or str(v).strip() == "":
-                raise ValueError(f"{where}: field '{key}' missing, empty or not a string/number")
-        rid = str(r["id"])
-        if rid in seen:
-            raise ValueError(f"{where}: duplicate id {rid!r} (first at {seen[rid]})")
+def read_project_jsonl(path, bad=None):
+    """Records of a project JSONL file, each with source = file:line; ids must be unique. bad: a
+    list: a line that is not a JSON object, or a record without a usable id / answer or with an id
+    seen before, is appended as (where, reason) and skipped instead of raised."""
+    recs, seen, problems = [], {}, []
+    for where, r in data.read_jsonl_numbered(path, errors=problems if bad is not None else None):
+        try:
+            for key in ("id", "answer"):
+                v = r.get(key)
+                if isinstance(v, bool) or not isinstance(v, (str, int, float)) or str(v).strip() == "":
+                    raise ValueError(f"{where}: field '{key}' missing, empty or not a string/number")
+            rid = str(r["id"])
+            if rid in seen:
+                raise ValueError(f"{where}: duplicate id {rid!r} (first at {seen[rid]})")
+        except ValueError as e:
+            if bad is None:
+                raise
+            problems.append((where, str(e).removeprefix(f"{where}: ")))
+            continue
         seen[rid] = where
         recs.append(dict(r, source=where))
-    if not recs:
+    if not recs and not problems:
         raise ValueError(f"{path}: no records (empty file)")
+    if bad is not None:
+        bad += problems
     return recs
 
 
@@ -127,15 +142,18 @@ def load_datasets(data_paths, benches, cache_dir, limit):
     out = []
     for path in data_paths:
         name = os.path.splitext(os.path.basename(path))[0]
-        out.append(Dataset(name, read_project_jsonl(path), os.path.dirname(os.path.abspath(path))))
+        bad = []   # kept for drop_bad_records, which reports them with the rest
+        out.append(Dataset(name, read_project_jsonl(path, bad), os.path.dirname(os.path.abspath(path)), path=path, bad=bad))
     for spec in benches:
         name, _, path = spec.partition("=")
         if name not in benchmarks.LOADERS or not path:
             raise SystemExit(f"--bench {spec!r}: expected NAME=PATH with NAME in {sorted(benchmarks.LOADERS)}")
         recs = benchmarks.LOADERS[name](path, os.path.join(cache_dir, name))
-        out.append(Dataset(name, recs, os.path.dirname(os.path.abspath(path))))
+        out.append(Dataset(name, recs, os.path.dirname(os.path.abspath(path)), path=path))
     for d in out:
-        d.records = d.records[:limit] if limit else d.records
+        if limit and len(d.records) > limit:   # bad lines after the last record used do not count
+            last = data.line_of(d.records[limit - 1].get("source", ""))
+            d.records, d.bad = d.records[:limit], [b for b in d.bad if data.line_of(b[0]) < last]
     return out
 
 
@@ -173,6 +191,45 @@ def check_answers(name, records):
     if bad:
         print(f"[eval] {name}: {len(bad)} record(s) with an unparsable answer skipped, e.g. {bad[:3]}", file=sys.stderr)
     return good, bad
+
+
+def drop_bad_records(datasets, tokenizers, system_prompt, prog="eval.py", skip=True, quiet=False):
+    """Check every record before the first batch (data.validate_records on the prompt it is given:
+    fields, NaN / Infinity, control tokens, length and token caps under every tokenizer, images
+    opened and checked to decode): bad ones leave d.records for d.bad, reported on stderr, so one
+    bad record costs its own score, not the evaluation. skip=False (grpo.py without
+    --skip_bad_records) refuses them instead; a data set left with no record raises data.BadRecords."""
+    for d in datasets:
+        pairs = [(r.get("source") or f"{d.name}: record {r.get('id')}", r) for r in d.records]
+        if d.records or d.bad:
+            cache, bad = {}, list(d.bad)
+            for tok in tokenizers:   # a record must encode under every checkpoint's tokenizer
+                pairs, bad = data.validate_records(
+                    pairs, d.path or d.name, tok, messages=lambda r, where: data.prompt_messages(r, system_prompt, where),
+                    image_root=d.image_root, add_generation_prompt=True, skip_bad=skip, bad=bad, quiet=True,
+                    image_cache=cache)
+            d.records, d.bad = [r for _, r in pairs], bad
+        if d.bad and not quiet:
+            print(f"[{prog}] {d.name}: {len(d.bad)} bad record(s) skipped, not scored:\n  " +
+                  "\n  ".join(f"{w}: {why}" for w, why in d.bad[:data.MAX_LISTED]) +
+                  (f"\n  ... and {len(d.bad) - data.MAX_LISTED} more" if len(d.bad) > data.MAX_LISTED else ""),
+                  file=sys.stderr, flush=True)
+
+
+def checkpoint_tokenizers(ckpts, max_pixels):
+    """The distinct (tokenizer, image settings) of the checkpoints, each loaded once."""
+    import hashlib
+    import model as qwen
+    out = {}
+    for ckpt in ckpts:
+        try:
+            tok = data.Tokenizer.from_dir(ckpt)
+            tok.image_cfg = qwen.image_config(ckpt, max_pixels)
+            with open(tok.path, "rb") as f:
+                out.setdefault((hashlib.sha256(f.read()).hexdigest(), repr(tok.image_cfg)), tok)
+        except Exception as e:
+            raise SystemExit(f"eval.py: --model {ckpt}: cannot load: {type(e).__name__}: {e}") from None
+    return list(out.values())
 
 
 # ----------------------------------------------------------------------------- generation and scoring
@@ -278,7 +335,7 @@ def aggregate(preds, n):
 
 
 BUILTIN_KEYS = ["n_questions", "n_samples", "first_acc", "final_acc", "format", "mean_len", "mean_reward",
-                "truncated", *CASES, "skipped_bad_answer", "seconds"]
+                "truncated", *CASES, "skipped_bad_answer", "skipped_bad_record", "seconds"]
 
 
 def format_table(rows):
@@ -336,6 +393,8 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu", metrics=(), reward_cfg
     if os.path.exists(metrics_path):  # a stale result must not survive a run that fails below
         os.remove(metrics_path)
     os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
+    sys_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.prompt == "reflect" else data.SYSTEM_PROMPT_SINGLE
+    drop_bad_records(datasets, checkpoint_tokenizers(ckpts, cfg.max_pixels), sys_prompt)
     for d in datasets:
         d.records, bad = check_answers(d.name, d.records)
         d.skipped = len(bad)
@@ -355,14 +414,16 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu", metrics=(), reward_cfg
                 continue
             t0 = time.time()
             preds = evaluate_model(m, tok, d, cfg, reward_cfg, metrics)
-            result = dict(aggregate(preds, cfg.n), skipped_bad_answer=d.skipped, seconds=round(time.time() - t0, 1))
+            result = dict(aggregate(preds, cfg.n), skipped_bad_answer=d.skipped, skipped_bad_record=len(d.bad),
+                          seconds=round(time.time() - t0, 1))
             safe = f"{cname}__{d.name}".replace("/", "_").replace(":", "_")
             tmp = os.path.join(out_dir, "predictions", safe + ".jsonl.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 for p in preds:
-                    f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
+                    f.write(json.dumps(data.finite_json(asdict(p)), ensure_ascii=False, allow_nan=False) + "\n")
             os.replace(tmp, tmp[:-len(".tmp")])
-            rows.append(dict(checkpoint=cname, path=os.path.abspath(ckpt), dataset=d.name, metrics=result))
+            rows.append(dict(checkpoint=cname, path=os.path.abspath(ckpt), dataset=d.name, metrics=result,
+                             bad_records=[f"{w}: {why}" for w, why in d.bad]))
             print(f"[eval] {cname} on {d.name}: final_acc {result['final_acc']:.3f} ({result['seconds']} s)", file=sys.stderr)
         del m
     data.write_json_atomic(metrics_path, dict(config=asdict(cfg), results=rows))
@@ -406,7 +467,10 @@ def main(argv=None):
         datasets = load_datasets(cfg.data, cfg.bench, os.path.join(cfg.out, "bench_images"), cfg.limit)
     except (ValueError, FileNotFoundError) as e:  # a data error: one line naming file:line and field
         raise SystemExit(f"eval.py: {e}") from None
-    rows = evaluate(cfg.model, datasets, cfg, cfg.out, device, metrics, rcfg)
+    try:
+        rows = evaluate(cfg.model, datasets, cfg, cfg.out, device, metrics, rcfg)
+    except data.BadRecords as e:  # a data set with no usable record: nothing to score
+        raise SystemExit(f"eval.py: {e}") from None
     print(format_table(rows))
 
 

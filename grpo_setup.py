@@ -1,7 +1,9 @@
 """
 grpo.py's command line and start: GRPOConfig (every field a flag, its comment the --help), the
 checks that refuse a bad value before anything runs, the flags' reward config and lr schedule, and
-setup (inputs checked, out/ opened, the policy, its optimizer and the reference built or resumed).
+setup (inputs checked: every --train / --test record by data.validate_records, so a bad one stops the
+run at start or is dropped with --skip_bad_records, never met mid-run; out/ opened, the policy, its
+optimizer and the reference built or resumed).
 The algorithm and the training loop are grpo.py's; the 7B recipe on 8 GPUs is in API.md.
 """
 import math
@@ -79,6 +81,8 @@ class GRPOConfig:
     seed: int = 0
     device: str = ""                        # "" = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
     threads: int = 0                        # CPU: torch threads per process (0 = torch's default)
+    skip_bad_records: bool = False          # drop the --train / --test records that fail the check at start (counted
+                                            # on stderr) instead of refusing the run with their file:line list
 
 
 def parse_args(argv=None) -> GRPOConfig:
@@ -171,11 +175,15 @@ def setup(cfg: GRPOConfig, d):
         tok = data.Tokenizer.from_dir(cfg.model)
         tok.image_cfg = checkpoint.image_config(PROG, cfg.model, cfg.max_pixels)   # written on save (install_tokenizer)
         checkpoint.check_special_tokens(PROG, cfg.model, tok)
-    try:
-        records = data.load_records(cfg.train)
+    system_prompt = data.SYSTEM_PROMPT_REFLECT if cfg.reward == "srpo" else data.SYSTEM_PROMPT_SINGLE
+    try:   # every record checked now (data.validate_records), not when a step first draws it
+        skipped = []   # --skip_bad_records: [(where, reason)], listed in run_config.json
+        records = data.load_records(cfg.train, tok, system_prompt, cfg.skip_bad_records, PROG, not d.is_main, skipped)
         test = eval_lib.load_datasets([cfg.test], [], "", cfg.eval_limit)[0] if cfg.eval_every else None
+        if test is not None:
+            eval_lib.drop_bad_records([test], [tok], system_prompt, PROG, skip=cfg.skip_bad_records, quiet=not d.is_main)
     except ValueError as e:
-        raise checkpoint.RunError(str(e)) from None
+        raise checkpoint.RunError(f"{PROG}: {e}") from None
     if test is not None:   # as eval.py: records with an unreadable ground truth are skipped, and counted
         test.records, bad = eval_lib.check_answers(test.name, test.records)
         test.skipped = len(bad)
@@ -189,7 +197,8 @@ def setup(cfg: GRPOConfig, d):
     start = training.resume(PROG, ckpt, policy, optimizer, asdict(cfg), RESUME_FREE, fingerprint) if resume else 0
     if d.is_main:
         checkpoint.install_tokenizer(PROG, cfg.model, cfg.out, cfg.max_pixels)
-        checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg)})
+        checkpoint.start_log(cfg.out, resume, start, {**asdict(cfg), "reward_config": asdict(rcfg),
+                                                      "skipped_bad_records": [f"{w}: {r}" for w, r in skipped]})
         print(f"{PROG}: {'resuming at step ' + str(start) if resume else 'starting'}: {len(records)} train "
               f"prompts, world size {d.world_size}, {model_lib.count_params(policy, trainable_only=True):,} "
               f"trainable parameters, device {d.device}", flush=True)

@@ -912,7 +912,7 @@ def write_pretrained(model, directory, tokenizer_dir=None, state_dict=None):
     dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config.to_hf(dtype), f, indent=2)
+        json.dump(config.to_hf(dtype), f, indent=2, allow_nan=False)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                      PREPROCESSOR_CONFIG):
@@ -973,4 +973,4 @@ def write_image_config(directory, cfg):
          "image_mean": list(data.IMAGE_MEAN), "image_std": list(data.IMAGE_STD), "do_resize": True,
          "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True}
     with open(os.path.join(directory, PREPROCESSOR_CONFIG), "w") as f:
-        json.dump(d, f, indent=2)
+        json.dump(d, f, indent=2, allow_nan=False)

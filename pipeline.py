@@ -408,7 +408,7 @@ def check_seeds(run, seed, task_seed, quick):
             sys.exit(f"[pipeline] {run} was made with {have}, not {want}: use another --run")
     else:
         with open(path, "w") as f:
-            json.dump(want, f)
+            json.dump(want, f, allow_nan=False)
 
 
 def main(argv=None):
@@ -456,19 +456,19 @@ def main(argv=None):
     def on_done(name, seconds):
         times[name] = times.get(name, 0.0) + seconds
         with open(times_path, "w") as f:
-            json.dump(times, f, indent=1)
+            json.dump(times, f, indent=1, allow_nan=False)
     try:
         run_plan([p for p in plan if a.only is None or p[0] in a.only], a.jobs, env, f"{run}/logs", on_done, a.threads)
     finally:  # this command's wall time, also when a stage failed (the rerun adds its own)
         wall_s = wall_before + time.time() - t_start
         with open(wall_path, "w") as f:
-            json.dump({"wall_s": wall_s}, f)
+            json.dump({"wall_s": wall_s}, f, allow_nan=False)
     if not all(os.path.exists(f"{run}/eval/{p}/metrics.json") for p in ("single", "reflect")):
         return  # --only without the eval stages: no table yet
     prov = collect_provenance(a.seed, a.task_seed, f"{a.threads} split between the running stages (--jobs {a.jobs})",
                               started, times, wall_s)
     with open(f"{run}/provenance.json", "w") as f:
-        json.dump({**asdict(prov), "total_s": prov.total_s}, f, indent=1)
+        json.dump({**asdict(prov), "total_s": prov.total_s}, f, indent=1, allow_nan=False)
     report = "## provenance\n\n" + provenance_md(prov) + "\n## results\n\n" + results_table(run)
     with open(f"{run}/results.md", "w") as f:
         f.write(report)

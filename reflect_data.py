@@ -181,6 +181,8 @@ class ReflectConfig:
     top_p: float = 1.0            # policy sampling nucleus
     seed: int = 0                 # sampling seed (policy; local teacher uses a derived one)
     device: str = ""              # default: cuda if available, else cpu
+    skip_bad_records: bool = False  # drop the records that fail the check at start (counted in the summary)
+                                    # instead of refusing the run with their file:line list
 
 
 @dataclass
@@ -231,32 +233,39 @@ def prompt_images(messages, image_root):
     return out
 
 
-def load_items(path, limit):
-    """Items of the training file (first `limit` records if > 0); errors name file:line:field.
-    A question carrying a control-token string is refused here, before any work."""
+def load_items(path, limit, tokenizer=None, skip_bad=False):
+    """Items of the training file (first `limit` records if > 0), every record checked before any
+    work by data.validate_records (id, answer, the policy's prompt: control tokens, length and,
+    with a tokenizer, token caps, images checked to decode); a bad record is refused, naming
+    file:line and field, or dropped with skip_bad. -> (items, bad [(where, reason)])"""
     root = os.path.dirname(os.path.abspath(path))
-    items, seen = [], set()
-    for where, rec in data.read_jsonl_numbered(path)[:limit or None]:
+    errors = []
+    records = data.read_jsonl_numbered(path, errors=errors)
+    if limit and len(records) > limit:   # bad lines after the last record used do not count
+        last = data.line_of(records[limit - 1][0])
+        records, errors = records[:limit], [e for e in errors if data.line_of(e[0]) < last]
+    if not records and not errors:
+        raise ValueError(f"{path}: no records")
+    seen = {}
+
+    def id_and_answer(rec, where):
         for field in ("id", "answer"):
             if not isinstance(rec.get(field), (str, int, float)) or str(rec[field]).strip() == "":
                 raise ValueError(f"{where}: field '{field}' missing or empty")
         rid = str(rec["id"])
         if rid in seen:
-            raise ValueError(f"{where}: field 'id': duplicate id {rid!r}")
-        seen.add(rid)
+            raise ValueError(f"{where}: field 'id': duplicate id {rid!r} (first at {seen[rid]})")
+        seen[rid] = where
+    good, bad = data.validate_records(records, path, tokenizer, require=("id", "answer"), check=id_and_answer,
+                                      messages=lambda r, w: data.prompt_messages(r, data.SYSTEM_PROMPT_SINGLE, w),
+                                      image_root=root, add_generation_prompt=True, skip_bad=skip_bad, bad=errors,
+                                      prog="reflect_data.py")
+    items = []
+    for where, rec in good:
         msgs = data.prompt_messages(rec, data.SYSTEM_PROMPT_SINGLE, where)
-        data.check_no_control_tokens(msgs, where)
-        question = record_question(rec, where)
-        if data.find_control_token(question):
-            raise ValueError(f"{where}: field 'question' contains the control token {data.find_control_token(question)!r}")
-        try:
-            images = prompt_images(msgs, root)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        items.append(Item(id=rid, record=rec, where=where, question=question, images=images, gt=str(rec["answer"])))
-    if not items:
-        raise ValueError(f"{path}: no records")
-    return items
+        items.append(Item(id=str(rec["id"]), record=rec, where=where, question=record_question(rec, where),
+                          images=prompt_images(msgs, root), gt=str(rec["answer"])))
+    return items, bad
 
 
 def image_problem(it):
@@ -782,7 +791,9 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
     out_dir = os.path.dirname(os.path.abspath(cfg.out))
     os.makedirs(out_dir, exist_ok=True)
 
-    items = load_items(cfg.data, cfg.limit)
+    tok_file = os.path.join(cfg.policy, "tokenizer.json")   # the policy's tokenizer counts the prompts' tokens
+    items, bad_records = load_items(cfg.data, cfg.limit, data.Tokenizer.from_dir(cfg.policy) if os.path.isfile(tok_file)
+                                    else None, cfg.skip_bad_records)
     written, rejected = load_done(cfg.out, rejected_path)
     check_settings(cfg, settings_path, earlier_output=bool(written or rejected))
     open(cfg.out, "a").close()  # the output exists (maybe empty) even if nothing passes
@@ -839,7 +850,7 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
     bar.close()
 
     summary = make_summary(cfg, teacher.name, len(items), counts, Counter(r.get("reason", "?") for r in rejected),
-                           len(todo), run_written, run_rejected, failures, bad_images)
+                           len(todo), run_written, run_rejected, failures, bad_images, bad_records)
     # summary.json means "every record is decided" (pipeline.py takes it as the stage's done mark):
     # with items left over (teacher failures, unreadable images) the summary goes to *.incomplete.json
     incomplete = summary_path[:-len(".json")] + ".incomplete.json" if summary_path.endswith(".json") \
@@ -853,8 +864,9 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
 
 
 def make_summary(cfg, teacher_name, n_records, counts, old_rejected, n_todo, run_written, run_rejected, failures,
-                 bad_images=None):
-    """Everything so far (this run and earlier ones) + what this run did + what failed."""
+                 bad_images=None, bad_records=()):
+    """Everything so far (this run and earlier ones) + what this run did + what failed. bad_records:
+    the records --skip_bad_records dropped at the start [(where, reason)]."""
     total = counts["correct"] + counts["wrong"]
     bad_images = bad_images or {}
     return dict(
@@ -870,6 +882,8 @@ def make_summary(cfg, teacher_name, n_records, counts, old_rejected, n_todo, run
                               ids=sorted(failures)[:100], note="not recorded as done: the next run retries them"),
         bad_images=dict(count=len(bad_images), examples=[bad_images[k] for k in sorted(bad_images)[:10]],
                         note="skipped, not recorded as done: fix the images and rerun"),
+        skipped_bad_records=dict(count=len(bad_records), examples=[f"{w}: {why}" for w, why in bad_records[:data.MAX_LISTED]],
+                                 note="failed the check at start (--skip_bad_records): fix them and rerun to use them"),
     )
 
 

@@ -26,6 +26,9 @@ The idea:
   as an uninterrupted run. At the end the HF files (config.json, model.safetensors,
   tokenizer.json, ...) are also copied into out/ itself, loadable by transformers;
 - a non-finite loss or gradient stops the run before the optimizer step (exit status 1);
+- every record is checked before the first step (data.validate_records: images decode, no control
+  tokens, no NaN, at most --max_len tokens, ...): a bad one stops the run at start naming file:line
+  and field, or is dropped and counted with --skip_bad_records;
 - metrics (loss, lr, grad norm, tokens/s) go to out/log.jsonl, progress to a tqdm bar.
 Images are re-encoded per micro-batch (cheap), so memory does not grow with the data set.
 """
@@ -81,6 +84,8 @@ class SFTConfig:
     max_pixels: int = 0         # images: 0 = --init's preprocessor_config.json (else 28*28*1280); > 0 overrides
     threads: int = 1            # CPU only: torch threads per process (0 = torch's default). 1 is robust
                                 # on a shared machine: spinning OpenMP threads on busy cores cost up to 10x
+    skip_bad_records: bool = False  # drop the records that fail the check at start (counted on stderr)
+                                    # instead of refusing the run with their file:line list
 
 
 def check_config(cfg: SFTConfig, world_size=1):
@@ -120,27 +125,36 @@ class Example:
     n_loss: int         # assistant tokens that are predicted (assistant_mask[1:].sum())
 
 
-def load_examples(path, tokenizer, system_prompt, max_len=0) -> list[Example]:
-    """Read and encode every record once: checks each one (errors name file:line) and records
-    its length and number of loss tokens. Pixels are not kept."""
+def load_examples(path, tokenizer, system_prompt, max_len=0, skip_bad=False, quiet=False, bad=None) -> list[Example]:
+    """Check every record before the first step (data.validate_records on the conversation as
+    trained: images checked to decode, at most max_len tokens, an assistant turn to learn from;
+    errors name file:line; skip_bad drops bad records instead, bad: a list that receives them), then
+    encode each once for its length and number of loss tokens. Pixels are not kept."""
     root = os.path.dirname(os.path.abspath(path))
-    examples = []
-    for where, rec in data.read_jsonl_numbered(path):
+
+    def conversation(rec, where):
         messages = rec.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where}: field 'messages' missing or not a non-empty list")
+        data.message_texts(messages, where)   # every message an object with a role and a content
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: no assistant message to learn from (field 'messages')")
         if system_prompt is not None:
-            messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m.get("role") != "system"]
+            messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+        return messages
+    cap = min(max_len, data.MAX_TOKENS) if max_len else data.MAX_TOKENS
+    good, dropped = data.load_jsonl_validated(path, tokenizer, messages=conversation, image_root=root, max_tokens=cap,
+                                              skip_bad=skip_bad, prog=PROG, quiet=quiet)
+    if bad is not None:
+        bad += dropped
+    examples = []
+    for where, rec in good:
+        messages = conversation(rec, where)
         enc = data.encode_messages(messages, tokenizer, root, where=where, pixels=False)  # pixels: per micro-batch
         n_loss = int(enc["assistant_mask"][1:].sum())
         if n_loss == 0:
             raise ValueError(f"{where}: no assistant message to learn from (field 'messages')")
-        length = len(enc["input_ids"])
-        if max_len and length > max_len:
-            raise ValueError(f"{where}: {length} tokens > max_len {max_len}")
-        examples.append(Example(messages, root, where, length, n_loss))
-    if not examples:
-        raise ValueError(f"{path}: no records")
+        examples.append(Example(messages, root, where, len(enc["input_ids"]), n_loss))
     return examples
 
 
@@ -270,7 +284,12 @@ def setup(cfg: SFTConfig, d):
             checkpoint.check_special_tokens(PROG, src, tokenizer)
         else:
             model = build_tiny(tokenizer, cfg).to(d.device)
-    examples = load_examples(cfg.data, tokenizer, SYSTEM_PROMPTS[cfg.system_prompt], cfg.max_len)
+    try:   # every record checked now (data.validate_records), not when a step first draws it
+        skipped = []   # --skip_bad_records: [(where, reason)], listed in run_config.json
+        examples = load_examples(cfg.data, tokenizer, SYSTEM_PROMPTS[cfg.system_prompt], cfg.max_len,
+                                 cfg.skip_bad_records, not d.is_main, skipped)
+    except ValueError as e:
+        raise checkpoint.RunError(f"{PROG}: {e}") from None
     fingerprint = checkpoint.data_fingerprint({"--data": cfg.data}, {"--data": len(examples)})
     if len(examples) < cfg.batch_size:
         raise checkpoint.RunError(f"{PROG}: {cfg.data} has {len(examples)} examples < --batch_size {cfg.batch_size}")
@@ -283,7 +302,8 @@ def setup(cfg: SFTConfig, d):
         "max_steps", "epochs", "save_every", "threads", "micro_batch_size", "share_prefix", "out", "tokenizer_corpus",
         "max_len"), data=fingerprint) if resume else 0
     if d.is_main:
-        checkpoint.start_log(cfg.out, resume, step, asdict(cfg))
+        checkpoint.start_log(cfg.out, resume, step, {**asdict(cfg),
+                                                     "skipped_bad_records": [f"{w}: {r}" for w, r in skipped]})
         if resume:
             print(f"{PROG}: resuming from {ckpt} at step {step}")
     return tokenizer, model, optimizer, examples, step, ckpt, tok_dir, fingerprint

@@ -492,11 +492,11 @@ def make_task(out_dir, cfg=TaskConfig()):
         draw_scene(r["scene"]).save(os.path.join(out_dir, r["image"]))
     splits = [(train_path, train), (test_path, test)] + ([(val_path, val)] if cfg.n_val > 0 else [])
     for path, records in splits:
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
     write_atomic(os.path.join(out_dir, "tokenizer_corpus.jsonl"),
-                 "".join(json.dumps(t) + "\n" for t in tokenizer_corpus(train)))
+                 "".join(json.dumps(t, allow_nan=False) + "\n" for t in tokenizer_corpus(train)))
     want.update(n_train=len(train), n_test=len(test), n_val=len(val))
-    write_atomic(manifest_path, json.dumps(want, indent=1))
+    write_atomic(manifest_path, json.dumps(want, indent=1, allow_nan=False))
     return train_path, test_path
 
 

@@ -511,7 +511,7 @@ def test_load_records_checks_fields_and_ground_truths(tmp_path):
         data.load_records(str(bad))
     no_msgs = tmp_path / "no_msgs.jsonl"
     no_msgs.write_text(json.dumps(_rl_record()) + "\n\n" + json.dumps({"id": "x", "answer": "1"}) + "\n")
-    with pytest.raises(ValueError, match=r"no_msgs\.jsonl:3: record x has no field 'messages'"):   # real line
+    with pytest.raises(ValueError, match=r"no_msgs\.jsonl:3: field 'messages' missing"):   # real line
         data.load_records(str(no_msgs))
     good = tmp_path / "sub" / "good.jsonl"
     good.parent.mkdir()

@@ -308,3 +308,41 @@ def test_reward_preset_flag():
     else:
         with pytest.raises(SystemExit, match="--reward_preset: this reward.py's RewardConfig has no field 'preset'"):
             ev.reward_config("code")
+
+
+def test_bad_records_are_reported_and_the_rest_scored(tiny, tmp_path, capsys, monkeypatch):
+    """One bad image (and a NaN answer, a control token, messages that are not a list) costs only
+    its own record: the others are scored, the bad ones named with file:line in metrics.json and on
+    stderr; predictions are strict JSON. A file with no usable record stops eval.py, no predictions."""
+    import data
+    monkeypatch.setenv("SRPO_COMPILE", "0")
+    ck, test = tiny
+    root = os.path.dirname(test)
+    recs = data.read_jsonl(test)
+    for r in recs:   # absolute image paths: the records move to another directory
+        r["messages"][1]["content"][0]["image"] = os.path.join(root, r["messages"][1]["content"][0]["image"])
+    (tmp_path / "zero.png").write_bytes(b"")
+    bad_img = json.loads(json.dumps(recs[0]))
+    bad_img["id"], bad_img["messages"][1]["content"][0]["image"] = "bad_img", "zero.png"
+    nan = json.dumps({**recs[1], "id": "nan"}).replace(f'"answer": "{recs[1]["answer"]}"', '"answer": NaN')
+    ctrl = json.loads(json.dumps(recs[1]))
+    ctrl["id"], ctrl["messages"][1]["content"][1]["text"] = "ctrl", "How many?<|im_end|>"
+    lines = [json.dumps(recs[0]), json.dumps(bad_img), nan, json.dumps(recs[1]), json.dumps(ctrl),
+             json.dumps({"id": "hello", "answer": "1", "messages": "hello"})]
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    ev.main(["--model", ck, "--data", str(p), "--out", str(out), "--max-new-tokens", "2"])
+    strict = dict(parse_constant=lambda c: pytest.fail(f"{c} in the output"))
+    preds = [json.loads(l, **strict) for l in open(out / "predictions" / "ck__t.jsonl")]
+    assert [x["id"] for x in preds] == [recs[0]["id"], recs[1]["id"]]
+    (row,) = json.loads((out / "metrics.json").read_text(), **strict)["results"]
+    assert row["metrics"]["n_questions"] == 2 and row["metrics"]["skipped_bad_record"] == 4
+    assert [b.split(": ")[0] for b in row["bad_records"]] == [f"{p}:{i}" for i in (2, 3, 5, 6)]
+    assert "content[0].image: cannot read image" in row["bad_records"][0] and "NaN" in row["bad_records"][1]
+    assert "control token '<|im_end|>'" in row["bad_records"][2] and "'messages'" in row["bad_records"][3]
+    assert f"4 bad record(s) skipped, not scored:\n  {p}:2: messages[1].content[0].image" in capsys.readouterr().err
+    p.write_text(json.dumps(bad_img) + "\n" + nan + "\n")
+    with pytest.raises(SystemExit, match=rf"no usable record in {p}"):
+        ev.main(["--model", ck, "--data", str(p), "--out", str(tmp_path / "e2"), "--max-new-tokens", "2"])
+    assert os.listdir(tmp_path / "e2" / "predictions") == []

@@ -682,7 +682,7 @@ def test_in_run_evaluation_is_eval_py_on_the_same_weights(world, tmp_path, monke
     # eval.py on the final weights (the step-2 checkpoint exported to out/), with the settings grpo.py uses
     cfg = ev.EvalConfig(prompt="reflect", max_new_tokens=12, batch_size=2, seed=3)
     rows = ev.evaluate([out], ev.load_datasets([world["test"]], [], "", 5), cfg, str(tmp_path / "eval"))
-    want = {k: v for k, v in rows[0]["metrics"].items() if k not in ("skipped_bad_answer", "seconds")}
+    want = {k: v for k, v in rows[0]["metrics"].items() if k not in ("skipped_bad_answer", "skipped_bad_record", "seconds")}
     assert {k[len("test_"):]: v for k, v in log[3].items() if k.startswith("test_")} == want
     assert want["mean_len"] > 0
     with pytest.raises(ValueError, match="--eval_every 1: needs --test FILE"):
@@ -731,3 +731,35 @@ def test_dynamic_sampling_rounds(monkeypatch, K, kept_per_round, rounds):
         assert (roll.tokens[rows, :4 + r] == r + 1).all() and (roll.tokens[rows, 4 + r:] == 0).all()
         assert (roll.logp_old[rows, 4 + r:] == 0).all()
     assert int(roll.keep.sum()) == G * sum(kept_per_round[:rounds])
+
+
+# bad records: refused before the first step, or dropped with --skip_bad_records (data.validate_records)
+
+@pytest.mark.parametrize("name", ["zero-byte image", "truncated png", "truncated jpeg", "bomb over PIL's limit",
+                                  "control token in the question text", "messages not a list",
+                                  "3.6M-character question", "NaN answer"])
+def test_bad_record_refused_before_the_first_step(world, tmp_path, name):
+    """A bad record anywhere in --train stops the run at start, naming file:line and the field,
+    before anything is written to --out (it used to crash the step that first drew it, and again
+    on every resume)."""
+    import re
+    from test_bad_records import VARIANTS, write_set
+    files, line, want = VARIANTS[name]
+    path = write_set(tmp_path / "d", files, line)
+    out = tmp_path / "o"
+    with pytest.raises(checkpoint.RunError) as e:
+        grpo.main(grpo.parse_args(_loop_args(world, str(out), 1, train=path)))
+    assert str(e.value).startswith(f"grpo.py: {path}:2: ") and re.search(want, str(e.value).split(":2: ", 1)[1])
+    assert not os.path.exists(out / "log.jsonl") and not os.path.exists(out / "checkpoint")
+
+
+def test_skip_bad_records_trains_on_the_rest(world, tmp_path, capsys, monkeypatch):
+    from test_bad_records import VARIANTS, write_set
+    monkeypatch.setenv("SRPO_COMPILE", "0")
+    path = write_set(tmp_path / "d", *VARIANTS["truncated png"][:2])
+    out = str(tmp_path / "o")
+    grpo.main(grpo.parse_args(_loop_args(world, out, 1, train=path, skip_bad_records=1, prompts_per_step=2,
+                                         group_size=2, micro_batch=4, max_new_tokens=4)))
+    assert [r["step"] for r in _steps_logged(out)] == [1]
+    assert json.load(open(os.path.join(out, "run_config.json")))["skipped_bad_records"][0].startswith(f"{path}:2: ")
+    assert f"grpo.py: {path}: skipped 1 bad record(s) of 3 (--skip_bad_records): {path}:2: " in capsys.readouterr().err

@@ -518,7 +518,7 @@ def test_sampler_policy_and_local_teacher(task_dir, tiny_ckpt, tmp_path):
     import sampler
     cfg = rd.ReflectConfig(policy=tiny_ckpt, data=str(task_dir / "train.jsonl"), max_new_tokens=6, device="cpu",
                            teacher="local", teacher_model=tiny_ckpt, teacher_max_tokens=6, retries=1, seed=5)
-    items = rd.load_items(cfg.data, 3)
+    items, _ = rd.load_items(cfg.data, 3)
     pol = rd.SamplerPolicy(cfg)
     texts = pol.attempts(items)
     tok = data.Tokenizer.from_dir(tiny_ckpt)
@@ -722,27 +722,28 @@ def test_settings_checked_on_resume(task_dir, tmp_path):
         rd.run(cfg_for(tmp_path, data_path, correct_frac=0.3, limit=9), policy=ScriptedPolicy(plan))
 
 
-def test_bad_image_skipped_and_counted(tmp_path):
-    """One unreadable image and one 1x300 strip: those items are reported and skipped (not recorded,
-    so a fixed image is picked up next run); the others are written."""
+def test_bad_image_refused_at_start_or_skipped_and_counted(tmp_path):
+    """One unreadable image and one 1x300 strip: refused before any work, both named with file:line
+    and field; with --skip_bad_records those records are dropped and counted in the summary and the
+    others written; once fixed, a rerun takes them."""
     data_path = dots_task(tmp_path / "d", 4)
     (tmp_path / "d" / "img" / "q1.png").write_bytes(b"not a png")
     Image.new("RGB", (300, 1), "white").save(tmp_path / "d" / "img" / "q2.png")
     cfg = rd.ReflectConfig(data=str(data_path), out=str(tmp_path / "o" / "r.jsonl"), correct_frac=-1)
+    with pytest.raises(data.BadRecords, match=r"2 bad records of 4") as e:
+        rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
+    assert [w.rsplit(":", 1)[1] for w, _ in e.value.bad] == ["2", "3"]   # q1, q2 (q0 is line 1)
+    assert "content[0].image: cannot read image" in e.value.bad[0][1] and "aspect ratio" in e.value.bad[1][1]
+    assert not os.path.exists(tmp_path / "o" / "r.jsonl")              # refused before anything was written
+    cfg.skip_bad_records = True
     s = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
-    assert s["bad_images"]["count"] == 2 and s["this_run"]["bad_images"] == 2
-    assert "q1.png" in s["bad_images"]["examples"][0] and "aspect ratio" in s["bad_images"]["examples"][1]
+    assert s["skipped_bad_records"]["count"] == 2 and "q1.png" in s["skipped_bad_records"]["examples"][0]
     assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "o" / "r.jsonl")) == ["q0", "q3"]
-    # not every record decided: no summary.json (a pipeline's "done" mark), an incomplete one instead
-    assert not s["complete"] and not (tmp_path / "o" / "summary.json").exists()
-    assert json.loads((tmp_path / "o" / "summary.incomplete.json").read_text()) == s
+    assert s["complete"] and s["records"] == 2
     Image.new("RGB", (56, 56), "white").save(tmp_path / "d" / "img" / "q1.png")  # fixed: the rerun takes it
-    s2 = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
-    assert s2["this_run"]["todo"] == 2 and s2["written"]["total"] == 3 and s2["bad_images"]["count"] == 1
     Image.new("RGB", (56, 56), "white").save(tmp_path / "d" / "img" / "q2.png")
-    s3 = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
-    assert s3["complete"] and s3["written"]["total"] == 4 and (tmp_path / "o" / "summary.json").exists()
-    assert not (tmp_path / "o" / "summary.incomplete.json").exists()
+    s2 = rd.run(cfg, policy=WrongByOne(), teacher=ListTeacher({}))
+    assert s2["this_run"]["todo"] == 2 and s2["written"]["total"] == 4 and s2["skipped_bad_records"]["count"] == 0
 
 
 def test_openai_retry_after_trickle_and_control(tmp_path, monkeypatch):

@@ -152,7 +152,7 @@ def test_bad_input_names_file_and_line(dataset, tok, tmp_path):
     missing = json.loads(lines[1])
     missing["messages"][1]["content"][0]["image"] = "images/nope.png"
     p = write("missing.jsonl", [lines[0], "", json.dumps(missing)])  # blank line: the record is on line 3
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl:3: image file not found: .*nope\.png"):
+    with pytest.raises(ValueError, match=r"missing\.jsonl:3: messages\[1\]\.content\[0\]\.image: image file not found: .*nope\.png"):
         sft.load_examples(p, tok, None)
 
     with open(os.path.join(d, "images", "corrupt.png"), "wb") as f:
@@ -160,7 +160,7 @@ def test_bad_input_names_file_and_line(dataset, tok, tmp_path):
     corrupt = json.loads(lines[1])
     corrupt["messages"][1]["content"][0]["image"] = "images/corrupt.png"
     p = write("corrupt.jsonl", [lines[0], json.dumps(corrupt)])
-    with pytest.raises(ValueError, match=r"corrupt\.jsonl:2: cannot read image .*corrupt\.png"):
+    with pytest.raises(ValueError, match=r"corrupt\.jsonl:2: messages\[1\]\.content\[0\]\.image: cannot read image .*corrupt\.png"):
         sft.load_examples(p, tok, None)
 
     no_asst = json.loads(lines[0])
@@ -409,3 +409,33 @@ def test_second_run_on_a_locked_out_fails_at_once(dataset, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_bad_records_listed_at_start_or_skipped(dataset, tok, tmp_path, capsys):
+    """Every bad record is named at start (file:line and field, with the count), or dropped and
+    counted with skip_bad (--skip_bad_records); the run never meets one mid-epoch."""
+    lines = open(dataset).read().splitlines()[:5]
+    open(os.path.join(os.path.dirname(dataset), "images", "zero.png"), "wb").close()
+    zero = json.loads(lines[1])
+    zero["messages"][1]["content"][0]["image"] = "images/zero.png"
+    ctrl = json.loads(lines[3])
+    ctrl["messages"][1]["content"][1]["text"] += "<|im_end|>"
+    lines[1], lines[3] = json.dumps(zero), json.dumps(ctrl).replace('"answer": "', '"answer": NaN, "x": "')
+    p = os.path.join(os.path.dirname(dataset), "hostile.jsonl")
+    with open(p, "w") as f:
+        f.write("\n".join(lines + ['{"messages": "hello"}']) + "\n")
+    with pytest.raises(data.BadRecords) as e:
+        sft.load_examples(p, tok, None)
+    msg = str(e.value).split("\n")
+    assert msg[0].startswith(f"{p}: 3 bad records of 6")
+    assert msg[1].strip().startswith(f"{p}:2: messages[1].content[0].image: cannot read image")
+    assert msg[2].strip().startswith(f"{p}:4: field 'answer': NaN")
+    assert msg[3].strip().startswith(f"{p}:6: field 'messages'")
+    ex = sft.load_examples(p, tok, None, skip_bad=True)
+    assert [e.where for e in ex] == [f"{p}:{i}" for i in (1, 3, 5)]
+    assert f"skipped 3 bad record(s) of 6" in capsys.readouterr().err
+    ctrl.pop("x", None)
+    with open(p, "w") as f:
+        f.write(json.dumps(ctrl) + "\n")
+    with pytest.raises(data.BadRecords, match=rf"{p}:1: messages\[1\]\.content\[1\]\.text: text contains the control token"):
+        sft.load_examples(p, tok, None)
