@@ -56,6 +56,7 @@ class EvalConfig:
     reward_preset: str = ""       # reward.RewardConfig(preset=...): paper | code; "" = reward.py's default
     device: str = ""              # default: cuda if available, else cpu
     max_pixels: int = 0           # images: 0 = each checkpoint's preprocessor_config.json (else 28*28*1280); > 0 overrides
+    report: str = ""              # FILE.html: also write the HTML report of this evaluation (support/report.py)
 
 
 @dataclass
@@ -403,6 +404,10 @@ def main(argv=None):
         raise SystemExit(f"eval.py: {e}") from None
     rows = evaluate(cfg.model, datasets, cfg, cfg.out, device, metrics, rcfg)
     print(format_table(rows))
+    if cfg.report:  # the page of every item, the models side by side; curves of the checkpoints' training logs
+        from support import report
+        report.write_eval_report(cfg.report, [cfg.out],
+                                 curves_png=report.curves_of([os.path.join(c, "log.jsonl") for c in cfg.model]))
 
 
 def _cuda():

@@ -411,6 +411,18 @@ def check_seeds(run, seed, task_seed, quick):
             json.dump(want, f)
 
 
+def write_report(run, prov: Provenance):
+    """run/report.html: every evaluated model's responses to the test items side by side, with the
+    run's provenance and its curves (support/report.py)."""
+    from support import report
+    dirs = [f"{run}/eval/{p}" for p in ("single", "reflect", "blind", "ablation") if os.path.exists(f"{run}/eval/{p}/metrics.json")]
+    png = f"{run}/curves.png"
+    report.write_eval_report(f"{run}/report.html", dirs, title=f"SRPO pipeline {os.path.basename(run)}",
+                             provenance=dict(seed=prov.seed, task_seed=prov.task_seed, torch=prov.torch,
+                                             finished=prov.finished),
+                             curves_png=open(png, "rb").read() if os.path.exists(png) else None)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Run the whole SRPO pipeline on the built-in task", allow_abbrev=False)
     ap.add_argument("--run", default=None, help="output directory (default runs/demo, or runs/demo-seedN with --seed N)")
@@ -475,8 +487,9 @@ def main(argv=None):
     logs = [p for p in (f"{run}/base/log.jsonl", f"{run}/sft/log.jsonl", f"{run}/srpo/log.jsonl", f"{run}/grpo/log.jsonl")
             if os.path.exists(p)]
     subprocess.call([sys.executable, "curves.py", *logs, "--out", f"{run}/curves.png"], cwd=HERE)
+    write_report(run, prov)
     print(report)
-    print(f"[pipeline] results in {run}/results.md, curves in {run}/curves.png; wall time {wall_s:.0f} s "
+    print(f"[pipeline] results in {run}/results.md and {run}/report.html, curves in {run}/curves.png; wall time {wall_s:.0f} s "
           f"({wall_s / 60:.1f} min) on {prov.cpus} CPUs")
 
 
