@@ -51,6 +51,7 @@ ROLLOUT_GROUPS = 4      # groups of a step shown by grpo.py --report_every
 CASE_COLOURS = {"w2r": "#2e9e44", "r2r": "#8cc9f0", "r2w": "#d63a3a", "w2w": "#b0b0b0",
                 "single": "#e7d9a8", "none": "#eeeeee"}
 COMPONENTS = ["format", "accuracy", "effectiveness", "reflection", "length", "total"]   # reward.Score fields
+LABELS = ["format", "accuracy", "I_eff", "I_ref", "f_len", "total"]                     # their names on the page
 
 
 @dataclass
@@ -218,8 +219,8 @@ def eval_pages(eval_dirs):
             recs, root = records[row["dataset"]]
             by_id = {str(r["id"]): r for r in recs}
             count = count_tokens_of(row.get("path", ""))
-            note = row.get("path", "") + ("; each question was asked with the NEXT item's image (blind control)"
-                                          if cfg.get("shuffle_images") else "")
+            note = "; ".join(filter(None, [row.get("path", ""), "each question was asked with the NEXT item's image "
+                                           "(blind control)" if cfg.get("shuffle_images") else ""]))
             col, off = eval_column(column_name(row, cfg), preds, by_id, rcfg, count, note)
             if off:
                 notes.append(f"{col.name}: the recomputed reward differs from the stored one for {off} response(s)"
@@ -264,7 +265,7 @@ table.sum{border-collapse:collapse;font-variant-numeric:tabular-nums} .sum td,.s
 .head{display:flex;gap:12px;align-items:flex-start} .head img{max-width:160px;cursor:zoom-in;image-rendering:pixelated;border:1px solid #ddd}
 .head img.big{max-width:480px;width:480px;cursor:zoom-out} .q{white-space:pre-wrap;flex:1}
 .gt{font-weight:600} .cols{display:flex;gap:8px;overflow-x:auto;margin-top:6px}
-.cell{flex:1 0 260px;max-width:520px;border-top:6px solid #ccc;background:#fcfcfc;padding:4px 6px;font-size:13px}
+.cell{flex:1 0 220px;max-width:520px;border-top:6px solid #ccc;background:#fcfcfc;padding:4px 6px;font-size:13px}
 .cell h3{font-size:13px;margin:2px 0} .part{margin:3px 0} .part b{color:#555;font-weight:600}
 .txt{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,monospace;font-size:12px}
 .ok{color:#1a7f37} .bad{color:#c62828} table.comp{font-size:12px;border-collapse:collapse;margin-top:4px}
@@ -382,7 +383,7 @@ def script_json(obj):
 
 def page_data(items, columns):
     cells = lambda c: {i: {k: clip(v) for k, v in x.items()} for i, x in c.cells.items()}
-    return dict(colours=CASE_COLOURS, components=COMPONENTS, show=SHOW_CHARS, per=PAGE_ITEMS,
+    return dict(colours=CASE_COLOURS, components=LABELS, show=SHOW_CHARS, per=PAGE_ITEMS,
                 items=[dict(id=i.id, question=clip(i.question), answer=clip(i.answer), image=i.image, note=i.note,
                             dropped=i.dropped) for i in items],
                 columns=[dict(name=c.name, note=c.note, cells=cells(c)) for c in columns])
@@ -423,6 +424,9 @@ file size: __SIZE__</div>
 {''.join(f'<div class="note">{e(n)}</div>' for n in notes)}
 <h2>summary</h2>{summary_html(summary)}
 <div class="legend">reflection case (first answer -> final answer, w = wrong, r = right): {legend}</div>
+<div class="prov">reward components (reward.py): format R_format, accuracy R_accuracy, I_eff the reflection's
+effectiveness (w2r pays most, r2w is penalised), I_ref a proper reflection, f_len the length reward
+(total = the others + length_weight x f_len); a second answer exists only after a reflection.</div>
 <ul class="prov">{cols}</ul>
 {curves}
 <h2>items</h2>
@@ -483,7 +487,7 @@ def write_eval_report(out_path, eval_dirs, provenance=None, curves_png=None, tit
         raise ValueError(f"report: nothing to show in {eval_dirs} (no evaluation of a records file)")
     cfgs = [read_eval_dir(d)[0] for d in eval_dirs]
     prov = dict(commit=git_commit(), **(provenance or {}))
-    prov.setdefault("seed", ", ".join(sorted({str(c.get("seed")) for c in cfgs})))
+    prov.setdefault("seed", ", ".join(sorted({str(c.get("seed", "?")) for c in cfgs})))
     prov["evaluations"] = ", ".join(os.path.abspath(d) for d in eval_dirs)
     written = []
     for k, (name, (items, cols, notes)) in enumerate(pages.items()):
