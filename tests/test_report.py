@@ -199,3 +199,59 @@ def test_hostile_page_in_headless_chromium(tmp_path):
     assert "&lt;script&gt;alert('pwned')&lt;/script&gt;" in dom          # shown as text
     assert "show all (" in dom                                           # the long text is cut, with a button
     assert int(body_attr(dom, "data-items-drawn")) == len(HOSTILE)
+
+
+# ----------------------------------------------------------------------------- grpo.py --report_every
+
+def test_rollout_page_shows_advantages_and_the_dropped_group(tmp_path):
+    """Two groups of G = 2 (paper preset): group 0 one right, one wrong (kept, advantages +-1/sqrt 2 by
+    hand: (r - mean) / unbiased std of two values); group 1 both wrong (accuracy mean 0 < acc_low: dropped)."""
+    import types
+    import torch
+    import grpo
+    from PIL import Image
+    Image.new("RGB", (28, 28), "blue").save(tmp_path / "a.png")
+    recs = [dict(id=f"q{k}", answer="3", _root=str(tmp_path), messages=[dict(role="user", content=[
+        dict(type="image", image="a.png"), dict(type="text", text="How many?")])]) for k in range(2)]
+    texts = ["<think>a</think><answer>3</answer>", "<think>a</think><answer>4</answer>",
+             "<think>a</think><answer>4</answer>", "<think>b</think><answer>5</answer>"]
+    scores = reward.score_batch(texts, ["3"] * 4, "srpo")
+    adv = grpo.group_advantages(torch.tensor([s.total for s in scores]), 2)
+    keep = grpo.accuracy_band_keep(torch.tensor([s.filter_accuracy for s in scores]), 2)
+    roll = types.SimpleNamespace(records=recs, texts=texts, scores=scores, adv=adv, keep=keep, group_size=2,
+                                 lengths=torch.tensor([5, 5, 5, 5]), finish_reasons=["stop"] * 4)
+    cfg = grpo.GRPOConfig(model="m", out=str(tmp_path))
+    out = report.write_rollout_report(str(tmp_path / "step.html"), roll, 7, str(tmp_path), cfg)
+    d = page_json(open(out, encoding="utf-8").read())
+    assert [i["dropped"] for i in d["items"]] == [False, True] and "DROPPED" in d["items"][1]["note"]
+    assert [c["name"] for c in d["columns"]] == ["sample 0", "sample 1"]
+    assert [c["cells"]["0:q0"]["adv"] for c in d["columns"]] == pytest.approx([0.7071, -0.7071], abs=1e-3)
+    assert [c["cells"]["1:q1"]["adv"] for c in d["columns"]] == [0.0, 0.0]
+    assert "reward mean 0.750" in d["items"][0]["note"] and "step: 7" in open(out).read()
+
+
+@pytest.mark.slow
+def test_grpo_report_every_writes_the_steps_page(tmp_path, monkeypatch):
+    """grpo.py --report_every 1 on a tiny random model: one page per step, every sample of the shown groups."""
+    import torch
+    import grpo
+    import model as M
+    import task
+    monkeypatch.setenv("SRPO_COMPILE", "0")
+    train, _ = task.make_task(str(tmp_path / "task"), task.TaskConfig(n_train=8, n_test=1, n_val=1, difficulty=1))
+    recs = data.read_jsonl(train)
+    tok = data.train_tokenizer([json.dumps(r["messages"]) for r in recs] + [data.SYSTEM_PROMPT_REFLECT],
+                               str(tmp_path / "tok"), vocab_size=300)
+    cfg = M.tiny_config(tok.vocab_size, tok.image_pad_id, tok.vision_start_id, tok.vision_end_id, tok.eos_ids,
+                        video_token_id=tok.video_pad_id, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    torch.manual_seed(0)
+    M.save_pretrained(M.Qwen2_5_VL(cfg), str(tmp_path / "init"), tokenizer_dir=str(tmp_path / "tok"))
+    out = tmp_path / "out"
+    grpo.main(grpo.parse_args(["--model", str(tmp_path / "init"), "--train", train, "--out", str(out), "--steps", "2",
+                               "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "6",
+                               "--report_every", "1", "--threads", "1"]))
+    pages = sorted(os.listdir(out / "rollouts"))
+    assert pages == ["step000001.html", "step000002.html"]
+    d = page_json((out / "rollouts" / pages[0]).read_text(encoding="utf-8"))
+    assert len(d["items"]) == 2 and [c["name"] for c in d["columns"]] == ["sample 0", "sample 1"]
+    assert all("adv" in x and "keep" in x for c in d["columns"] for x in c["cells"].values())
