@@ -255,3 +255,28 @@ def test_grpo_report_every_writes_the_steps_page(tmp_path, monkeypatch):
     d = page_json((out / "rollouts" / pages[0]).read_text(encoding="utf-8"))
     assert len(d["items"]) == 2 and [c["name"] for c in d["columns"]] == ["sample 0", "sample 1"]
     assert all("adv" in x and "keep" in x for c in d["columns"] for x in c["cells"].values())
+
+
+@pytest.mark.slow
+def test_eval_py_report_flag(tmp_path):
+    """eval.py --report FILE: the page of that evaluation, one cell per prediction eval.py wrote."""
+    import torch
+    import eval as ev
+    import model as M
+    import task
+    _, test = task.make_task(str(tmp_path / "task"), task.TaskConfig(n_train=2, n_test=2, n_val=1, difficulty=1))
+    recs = data.read_jsonl(test)
+    tok = data.train_tokenizer([json.dumps(r["messages"]) for r in recs] + [data.SYSTEM_PROMPT_REFLECT],
+                               str(tmp_path / "tok"), vocab_size=300)
+    cfg = M.tiny_config(tok.vocab_size, tok.image_pad_id, tok.vision_start_id, tok.vision_end_id, tok.eos_ids,
+                        video_token_id=tok.video_pad_id, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    torch.manual_seed(0)
+    M.save_pretrained(M.Qwen2_5_VL(cfg), str(tmp_path / "ck"), tokenizer_dir=str(tmp_path / "tok"))
+    out = tmp_path / "r.html"
+    ev.main(["--model", str(tmp_path / "ck"), "--data", test, "--out", str(tmp_path / "eval"), "--max-new-tokens", "6",
+             "--report", str(out)])
+    d = page_json(out.read_text(encoding="utf-8"))
+    preds = data.read_jsonl(tmp_path / "eval" / "predictions" / "ck__test.jsonl")
+    assert [c["name"] for c in d["columns"]] == ["ck (reflect)"]
+    assert sorted(d["columns"][0]["cells"]) == sorted(p["id"] for p in preds) == sorted(r["id"] for r in recs)
+    assert "recomputed reward differs" not in out.read_text(encoding="utf-8")
