@@ -13,7 +13,8 @@ responses per question with sampler.generate_texts, score each with reward.py an
 as a table on stdout (n = questions; case columns count responses, n per question when sampling),
 metrics.json + one predictions JSONL per (checkpoint, dataset) in --out. metrics.json is written
 only when every checkpoint and dataset is done (its presence means "complete"; a stale one is
-removed first), and every checkpoint is checked before any work starts.
+removed first), and every checkpoint is checked before any work starts. --report FILE.html also
+writes the results item by item, the checkpoints side by side, as one HTML page (support/report.py).
 
 Datasets: project JSONL files (--data, e.g. the built-in task's test.jsonl) and benchmarks read
 from local files in their published formats (--bench NAME=PATH, see benchmarks.py).

@@ -1,7 +1,7 @@
 """
 The whole SRPO pipeline on the built-in task, one command, on a laptop CPU:
 
-    python pipeline.py                      # -> runs/demo/results.md
+    python pipeline.py                      # -> runs/demo/results.md, runs/demo/report.html
 
     task      task.py          procedural images + questions, train/test splits
     base      sft.py           tiny tokenizer + tiny Qwen2.5-VL trained from scratch (single pass)
