@@ -417,10 +417,13 @@ def write_report(run, prov: Provenance):
     from support import report
     dirs = [f"{run}/eval/{p}" for p in ("single", "reflect", "blind", "ablation") if os.path.exists(f"{run}/eval/{p}/metrics.json")]
     png = f"{run}/curves.png"
-    report.write_eval_report(f"{run}/report.html", dirs, title=f"SRPO pipeline {os.path.basename(run)}",
-                             provenance=dict(seed=prov.seed, task_seed=prov.task_seed, torch=prov.torch,
-                                             finished=prov.finished),
-                             curves_png=open(png, "rb").read() if os.path.exists(png) else None)
+    try:   # results.md is the run's result; a report that cannot be built is said loudly, and does not undo it
+        report.write_eval_report(f"{run}/report.html", dirs, title=f"SRPO pipeline {os.path.basename(run)}",
+                                 provenance=dict(seed=prov.seed, task_seed=prov.task_seed, torch=prov.torch,
+                                                 finished=prov.finished),
+                                 curves_png=open(png, "rb").read() if os.path.exists(png) else None)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"[pipeline] WARNING: {run}/report.html not written: {e}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):

@@ -187,7 +187,9 @@ def read_eval_dir(eval_dir):
     with open(path) as f:
         m = json.load(f)
     out = []
-    for r in m["results"]:
+    for k, r in enumerate(m.get("results") or []):
+        if not all(key in r for key in ("checkpoint", "dataset")):
+            raise ValueError(f"report: {path}: results[{k}] has no 'checkpoint' or 'dataset' (not eval.py's metrics.json)")
         safe = f"{r['checkpoint']}__{r['dataset']}".replace("/", "_").replace(":", "_")
         out.append((r, os.path.join(eval_dir, "predictions", safe + ".jsonl")))
     return m.get("config") or {}, out
@@ -215,6 +217,8 @@ def eval_pages(eval_dirs):
             if row["dataset"] not in records:
                 notes.append(f"{row['checkpoint']} on {row['dataset']}: no records file (a benchmark), not shown")
                 continue
+            if not os.path.exists(pred_path):
+                raise FileNotFoundError(f"report: {pred_path}: missing (eval.py writes it before metrics.json)")
             preds = data.read_jsonl(pred_path)
             recs, root = records[row["dataset"]]
             by_id = {str(r["id"]): r for r in recs}
