@@ -14,12 +14,16 @@ the group passed GRPO's accuracy filter. At the top: first and final accuracy, c
 metrics per column, the provenance (commit, seeds, checkpoints), the training curves (curves.py's
 PNG, embedded: one drawing code for the file and the page) and the file's own size.
 
-    1. collect   eval.py's metrics.json + predictions JSONL (or a grpo.py Rollout) -> items, columns, cells
-    2. score     every response re-scored with reward.score_batch (predictions store only the total;
-                 the recomputed total is checked against the stored one and any difference is shown)
-    3. render    the data as one JSON block inside the page; a small inline script draws a page of
+    1. items     a record -> its question, ground truth and image thumbnail
+    2. cells     a response -> its parts (reward.parse_response) and reward components (reward.Score)
+    3. evals     eval.py's metrics.json + predictions JSONL -> items and columns; every response is
+                 re-scored with reward.score_batch (predictions store only the total; the recomputed
+                 total is checked against the stored one and any difference is shown on the page)
+    4. render    the data as one JSON block inside the page; a small inline script draws a page of
                  items at a time (paging: thousands of items stay fast), with filters (the final
                  answer changed, w2r, r2w, the columns disagree, dropped groups) and column toggles
+    5. entry     write_eval_report (eval.py, pipeline.py, this file's command line) and
+                 write_rollout_report (grpo.py: a step's groups, every sample a column with its advantage)
 
 Safe by construction: model, dataset and teacher strings reach the page only as JSON inside a
 <script type="application/json"> block with <, > and & written as \\u escapes, and the script puts
@@ -72,7 +76,7 @@ class Item:
     dropped: bool = False               # rollouts: the group failed the accuracy filter
 
 
-# ----------------------------------------------------------------------------- 1. collect: records
+# ----------------------------------------------------------------------------- 1. items: a record, its image
 
 def question_text(record):
     """The last user turn's text (text parts joined; images are shown separately)."""
@@ -120,7 +124,7 @@ def make_item(record, image_root):
                 image=uri)
 
 
-# ----------------------------------------------------------------------------- 2. score: one cell
+# ----------------------------------------------------------------------------- 2. cells: one response, scored
 
 def cell(text, score: reward.Score, **extra):
     """One response as the page shows it: its parts, the reward's components and the case.
@@ -177,7 +181,7 @@ def eval_column(name, preds, records_by_id, rcfg, count_tokens, note=""):
     return col, off
 
 
-# ----------------------------------------------------------------------------- 1. collect: evaluations
+# ----------------------------------------------------------------------------- 3. evaluations: eval.py's folders
 
 def read_eval_dir(eval_dir):
     """An eval.py output folder -> (its config, [(result row, predictions path)])."""
@@ -212,7 +216,7 @@ def eval_pages(eval_dirs):
             if name not in records:
                 recs = data.read_jsonl(path)
                 records[name] = (recs, os.path.dirname(os.path.abspath(path)))
-        rcfg, limit = reward_config_of(cfg), cfg.get("limit") or 0
+        rcfg = reward_config_of(cfg)
         for row, pred_path in rows:
             if row["dataset"] not in records:
                 notes.append(f"{row['checkpoint']} on {row['dataset']}: no records file (a benchmark), not shown")
@@ -255,7 +259,7 @@ def summary_rows(columns, items):
     return rows
 
 
-# ----------------------------------------------------------------------------- 3. render
+# ----------------------------------------------------------------------------- 4. render
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0 16px 40px;color:#222}
@@ -481,7 +485,7 @@ def git_commit():
     return pipeline.git_commit()
 
 
-# ----------------------------------------------------------------------------- entry points
+# ----------------------------------------------------------------------------- 5. entry points
 
 def write_eval_report(out_path, eval_dirs, provenance=None, curves_png=None, title="SRPO evaluation"):
     """eval.py output folders -> one page per dataset: out_path for the first (or only) one,
