@@ -418,8 +418,10 @@ def render(title, items, columns, provenance, notes=(), curves_png=None, summary
     legend = "".join(f"<span style='background:{c}'>{e(k)}</span>" for k, c in CASE_COLOURS.items())
     prov = "\n".join(f"{e(str(k))}: {e(str(v))}" for k, v in provenance.items())
     cols = "".join(f"<li>{e(c.name)}: {e(c.note)}</li>" for c in columns if c.note)
-    curves = ("<h2>training curves</h2><img alt='training curves' style='max-width:100%' src='data:image/png;base64,"
-              + base64.b64encode(curves_png).decode() + "'>") if curves_png else ""
+    # folded: the items are what the page is for; the curves are one click away
+    curves = ("<details><summary><b>training curves</b> (curves.py)</summary><img alt='training curves' "
+              "style='max-width:100%' src='data:image/png;base64," + base64.b64encode(curves_png).decode()
+              + "'></details>") if curves_png else ""
     body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">

@@ -103,6 +103,29 @@ def test_components_by_hand():
     assert x["raw"] == bad and x["case"] == "single" and x["rf"] is None
 
 
+def test_cases_and_accuracies_counted_by_hand(tmp_path):
+    """Four items, one per case, ground truth 3: w2r, r2r, r2w, w2w -> one of each; first answer
+    right in 2 of 4 (r2r, r2w), final in 2 of 4 (w2r, r2r); the metric averaged where it is not None."""
+    root = hostile_eval(tmp_path, n_items=4)
+    two = "<think>t</think><answer>{}</answer><reflection>r</reflection><think>u</think><answer>{}</answer>"
+    answers = [("4", "3"), ("3", "3"), ("3", "4"), ("4", "5")]
+    metric = [True, False, None, None]
+    preds = [dict(json.loads(l), response=two.format(*a), metrics={"scene_list_ok": m})
+             for l, a, m in zip(open(root / "predictions" / "<m>__test.jsonl"), answers, metric)]
+    (root / "predictions" / "<m>__test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    out = str(tmp_path / "r.html")
+    report.write_eval_report(out, [str(root)])
+    text = open(out, encoding="utf-8").read()
+    head, rows = summary_cells(text)
+    row = dict(zip(head, rows["&lt;m&gt; (reflect)"]))
+    assert [row[c] for c in ("w2r", "r2r", "r2w", "w2w", "single", "none")] == ["1", "1", "1", "1", "0", "0"]
+    assert (row["first acc"], row["final acc"], row["scene_list_ok"]) == ("0.500", "0.500", "0.500")
+    # paper preset, by hand: format 0.5 + accuracy (0.5 if a1 right) + I_eff + I_ref 0.25 (+ 0.1 f_len)
+    cells = page_json(text)["columns"][0]["cells"]
+    assert [cells[f"<i{k}>"]["s"][:4] for k in range(4)] == [[0.5, 0.0, 0.5, 0.25], [0.5, 0.5, 0.25, 0.25],
+                                                            [0.5, 0.5, -0.25, 0.25], [0.5, 0.0, 0.0, 0.25]]
+
+
 HOSTILE = ["<script>alert('pwned')</script>", "</div></div><h1 id=injected>x</h1>", "<img src=x onerror=alert(1)>",
            "<b><i>unbalanced", "</script><script>document.title='pwned'</script>", "]]> <!-- & &amp; \u2028"]
 
