@@ -273,11 +273,12 @@ table.sum{border-collapse:collapse;font-variant-numeric:tabular-nums} .sum td,.s
 .head{display:flex;gap:12px;align-items:flex-start} .head img{max-width:160px;cursor:zoom-in;image-rendering:pixelated;border:1px solid #ddd}
 .head img.big{max-width:480px;width:480px;cursor:zoom-out} .q{white-space:pre-wrap;flex:1}
 .gt{font-weight:600} .cols{display:flex;gap:8px;overflow-x:auto;margin-top:6px}
-.cell{flex:1 0 220px;max-width:520px;border-top:6px solid #ccc;background:#fcfcfc;padding:4px 6px;font-size:13px}
+.cell{flex:1 0 200px;max-width:520px;border-top:6px solid #ccc;background:#fcfcfc;padding:4px 6px;font-size:13px}
 .cell h3{font-size:13px;margin:2px 0} .part{margin:3px 0} .part b{color:#555;font-weight:600}
 .txt{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,monospace;font-size:12px}
-.ok{color:#1a7f37} .bad{color:#c62828} table.comp{font-size:12px;border-collapse:collapse;margin-top:4px}
-.comp td{padding:0 6px 0 0} button.more{font-size:11px;margin-left:4px} .dropped{background:#fff0f0}
+.ok{color:#1a7f37} .bad{color:#c62828} .comp{font-size:12px;margin-top:4px;font-variant-numeric:tabular-nums}
+.comp span{display:inline-block;margin-right:8px} .comp i{color:#666} .comp .tot{font-weight:600}
+.cell{min-width:0} button.more{font-size:11px;margin-left:4px} .dropped{background:#fff0f0}
 """
 
 # The page's script. It only ever puts data into the page with textContent (never innerHTML).
@@ -311,9 +312,9 @@ function drawCell(col, x) {
     c.append(part('reflection', x.rf), part('second thinking', x.t2 || null), part('second answer', x.a2, x.c2));
   }
   if (x.raw !== undefined) c.append(part('whole response (not in the exact format)', x.raw));
-  const t = el('table', 'comp'), h = el('tr'), v = el('tr');
-  COMP.forEach((k, i) => { h.append(el('td', '', k)); v.append(el('td', '', x.s[i].toFixed(3))); });
-  t.append(h, v); c.append(t);
+  const t = el('div', 'comp');                 // the reward's components, then the total
+  COMP.forEach((k, i) => { const sp = el('span', k === 'total' ? 'tot' : ''); sp.append(el('i', '', k + ' '), x.s[i].toFixed(3)); t.append(sp); });
+  c.append(t);
   const m = Object.entries(x.m || {}).map(([k, val]) => k + ' ' + val).join(', ');
   const extra = [m, x.L !== undefined && x.L !== null ? x.L + ' tokens' : '', x.fin === 'length' ? 'truncated' : ''];
   c.append(el('div', '', extra.filter(Boolean).join(' \u00b7 ')));
