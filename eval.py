@@ -57,7 +57,7 @@ class EvalConfig:
     reward_preset: str = ""       # reward.RewardConfig(preset=...): paper | code; "" = reward.py's default
     device: str = ""              # default: cuda if available, else cpu
     max_pixels: int = 0           # images: 0 = each checkpoint's preprocessor_config.json (else 28*28*1280); > 0 overrides
-    report: str = ""              # FILE.html: also write the HTML report of this evaluation (support/report.py)
+    report: str = ""              # FILE.html: also the HTML report of this evaluation (one page per --data file: FILE, FILE__NAME.html)
 
 
 @dataclass

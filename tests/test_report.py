@@ -226,9 +226,8 @@ def test_hostile_page_in_headless_chromium(tmp_path):
 
 # ----------------------------------------------------------------------------- grpo.py --report_every
 
-def test_rollout_page_shows_advantages_and_the_dropped_group(tmp_path):
-    """Two groups of G = 2 (paper preset): group 0 one right, one wrong (kept, advantages +-1/sqrt 2 by
-    hand: (r - mean) / unbiased std of two values); group 1 both wrong (accuracy mean 0 < acc_low: dropped)."""
+def hand_rollout_page(tmp_path):
+    """Two groups of G = 2 (paper preset): group 0 one right, one wrong; group 1 both wrong. -> the page's path"""
     import types
     import torch
     import grpo
@@ -244,13 +243,26 @@ def test_rollout_page_shows_advantages_and_the_dropped_group(tmp_path):
     roll = types.SimpleNamespace(records=recs, texts=texts, scores=scores, adv=adv, keep=keep, group_size=2,
                                  lengths=torch.tensor([5, 5, 5, 5]), finish_reasons=["stop"] * 4)
     cfg = grpo.GRPOConfig(model="m", out=str(tmp_path))
-    out = report.write_rollout_report(str(tmp_path / "step.html"), roll, 7, str(tmp_path), cfg)
+    return report.write_rollout_report(str(tmp_path / "step.html"), roll, 7, str(tmp_path), cfg)
+
+
+def test_rollout_page_shows_advantages_and_the_dropped_group(tmp_path):
+    """Group 0 is kept, its advantages +-1/sqrt 2 by hand ((r - mean) / unbiased std of two values);
+    group 1 (accuracy mean 0 < acc_low) is dropped, and the page says why."""
+    out = hand_rollout_page(tmp_path)
     d = page_json(open(out, encoding="utf-8").read())
     assert [i["dropped"] for i in d["items"]] == [False, True] and "DROPPED" in d["items"][1]["note"]
     assert [c["name"] for c in d["columns"]] == ["sample 0", "sample 1"]
     assert [c["cells"]["0:q0"]["adv"] for c in d["columns"]] == pytest.approx([0.7071, -0.7071], abs=1e-3)
     assert [c["cells"]["1:q1"]["adv"] for c in d["columns"]] == [0.0, 0.0]
     assert "reward mean 0.750" in d["items"][0]["note"] and "step: 7" in open(out).read()
+
+
+@needs_chromium
+def test_rollout_page_in_headless_chromium(tmp_path):
+    dom, console = open_in_chromium(hand_rollout_page(tmp_path), "#filter=dropped")
+    assert console == [] and body_attr(dom, "data-errors") == "[]"
+    assert int(body_attr(dom, "data-items-drawn")) == 1 and "DROPPED" in dom and "advantage 0.000 (group dropped)" in dom
 
 
 @pytest.mark.slow
