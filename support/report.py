@@ -522,12 +522,13 @@ def write_rollout_report(out_path, roll, step, image_root, cfg, groups=ROLLOUT_G
         std = (sum((x - mean) ** 2 for x in r) / max(G - 1, 1)) ** 0.5
         acc = sum(s.filter_accuracy for s in sc) / G
         kept = bool(roll.keep[g * G])
-        verdict = ("kept" if kept else f"DROPPED: mean accuracy {acc:.3f} outside [{cfg.acc_low}, {cfg.acc_high}], "
-                   f"every sample's advantage would be ~0 (no signal)") if cfg.filter_groups else "kept (filter off)"
+        verdict = ("kept" if kept else f"DROPPED (not trained on): {acc:.3f} is outside [{cfg.acc_low}, {cfg.acc_high}], "
+                   f"the samples are all right or all wrong alike: nothing to compare") if cfg.filter_groups \
+            else "kept (filter off)"
         it = make_item(rec, image_root)
         it.id = f"{g}:{it.id}"     # a prompt can come twice in one step
         it.note = (f"group {g}: reward mean {mean:.3f}, std {std:.3f}; advantage = (reward - mean) / (std + eps); "
-                   f"accuracy filter mean {acc:.3f}: {verdict}")
+                   f"accuracy filter (mean of accuracy + I_eff) {acc:.3f}: {verdict}")
         it.dropped = not kept
         items.append(it)
         for j, i in enumerate(rows):
