@@ -28,12 +28,13 @@ PNG, embedded: one drawing code for the file and the page) and the file's own si
 Safe by construction: model, dataset and teacher strings reach the page only as JSON inside a
 <script type="application/json"> block with <, > and & written as \\u escapes, and the script puts
 them into the page with textContent, never as markup; Python-rendered parts go through
-html.escape. A Content-Security-Policy meta tag allows only inline styles and scripts and data:
-images, so the page makes no network request at all. Long texts are stored up to MAX_STORED
+html.escape. A Content-Security-Policy meta tag allows only inline styles, data: images and the
+page's own two scripts (by their sha256), so the page makes no network request at all. Long texts are stored up to MAX_STORED
 characters and shown up to SHOW_CHARS with a button that expands them.
 """
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
@@ -373,7 +374,16 @@ const __ce = console.error; console.error = (...a) => { __errors.push('console: 
 window.addEventListener('load', () => { document.body.dataset.errors = JSON.stringify(__errors); });
 """
 
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+def script_hash(js):
+    return "'sha256-" + base64.b64encode(hashlib.sha256(js.encode()).digest()).decode() + "'"
+
+
+# The page's policy: no request leaves it (default-src 'none'), images only from data: URIs, and only
+# the page's own two scripts run (by hash): even a string that got past the escaping could not execute.
+CSP = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+       f"script-src {script_hash(ERRORS_JS)} {script_hash(JS)}")
 
 
 def clip(s):
