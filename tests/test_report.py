@@ -314,3 +314,16 @@ def test_eval_py_report_flag(tmp_path):
     assert [c["name"] for c in d["columns"]] == ["ck (reflect)"]
     assert sorted(d["columns"][0]["cells"]) == sorted(p["id"] for p in preds) == sorted(r["id"] for r in recs)
     assert "recomputed reward differs" not in out.read_text(encoding="utf-8")
+
+
+@needs_chromium
+def test_the_page_policy_blocks_a_script_that_got_past_the_escaping(tmp_path):
+    """Second line of defence, and proof that the console check sees faults: a script spliced into
+    the page by hand does not run, and the browser reports the block."""
+    out = str(tmp_path / "r.html")
+    report.write_eval_report(out, [str(hostile_eval(tmp_path))])
+    text = open(out, encoding="utf-8").read().replace("<h1>", "<script>document.title='pwned'</script><h1>", 1)
+    open(out, "w", encoding="utf-8").write(text)
+    dom, console = open_in_chromium(out)
+    assert "pwned" not in re.search(r"<title>(.*?)</title>", dom).group(1)
+    assert any("Content Security Policy" in l for l in console)
