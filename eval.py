@@ -17,6 +17,8 @@ removed first), and every checkpoint is checked before any work starts. Every re
 before the first batch (data.validate_records under each checkpoint's tokenizer): a bad one (an
 unreadable image, a control token, NaN, ...) is reported with file:line and not scored, the rest
 are (metrics.json: skipped_bad_record and each result's bad_records); predictions are strict JSON.
+--report FILE.html also writes the results item by item, the checkpoints side by side, as one HTML
+page (support/report.py).
 
 Datasets: project JSONL files (--data, e.g. the built-in task's test.jsonl) and benchmarks read
 from local files in their published formats (--bench NAME=PATH, see benchmarks.py).
@@ -60,6 +62,7 @@ class EvalConfig:
     reward_preset: str = ""       # reward.RewardConfig(preset=...): paper | code; "" = reward.py's default
     device: str = ""              # default: cuda if available, else cpu
     max_pixels: int = 0           # images: 0 = each checkpoint's preprocessor_config.json (else 28*28*1280); > 0 overrides
+    report: str = ""              # FILE.html: also the HTML report of this evaluation (one page per --data file: FILE, FILE__NAME.html)
 
 
 @dataclass
@@ -472,6 +475,10 @@ def main(argv=None):
     except data.BadRecords as e:  # a data set with no usable record: nothing to score
         raise SystemExit(f"eval.py: {e}") from None
     print(format_table(rows))
+    if cfg.report:  # the page of every item, the models side by side; curves of the checkpoints' training logs
+        from support import report
+        report.write_eval_report(cfg.report, [cfg.out],
+                                 curves_png=report.curves_of([os.path.join(c, "log.jsonl") for c in cfg.model]))
 
 
 def _cuda():

@@ -424,6 +424,10 @@ def train(cfg: GRPOConfig, d):
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['acc_final']:.2f}", len=f"{rec['resp_len']:.0f}",
                          kept=f"{rec['groups_kept']:.2f}", clip=f"{rec['clip_frac']:.3f}")
         done = step + 1
+        if cfg.report_every and done % cfg.report_every == 0 and d.is_main:   # what the group advantage compares
+            from support import report
+            report.write_rollout_report(os.path.join(cfg.out, "rollouts", f"step{done:06d}.html"), roll, done,
+                                        os.path.dirname(os.path.abspath(cfg.train)), cfg)
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             ev = evaluate(policy, tok, test, cfg, d, rcfg, eval_metrics)
             if d.is_main:

@@ -76,6 +76,7 @@ class GRPOConfig:
     eval_every: int = 0                     # greedy evaluation of --test every N steps and at the end (0 = off)
     eval_limit: int = 0                     # the first N records of --test (0 = all)
     eval_metric: list[str] = field(default_factory=list)   # MODULE:FUNCTION per-response metrics (eval.py --metric)
+    report_every: int = 0                   # every N steps: out/rollouts/stepNNNNNN.html, a few groups' samples (0 = off)
     extra_metrics: str = ""                 # "module:function", fn(texts, records) -> {name: (sum, count)}, logged as
                                             # sum / count per step (same names every call), e.g. a task's perception metric
     seed: int = 0
@@ -110,7 +111,7 @@ def check_config(cfg: GRPOConfig, world_size=1):
         ("warmup_frac", 0 <= c.warmup_frac < 1, "must be in [0, 1)"), ("min_lr_frac", 0 <= c.min_lr_frac <= 1, "must be in [0, 1]"),
         ("grad_clip", c.grad_clip >= 0, "must be >= 0 (0 = off)"),
         ("acc_low", 0 <= c.acc_low <= c.acc_high, f"need 0 <= acc_low <= acc_high ({c.acc_high})"),
-        ("eval_every", c.eval_every >= 0, "must be >= 0 (0 = off)"), ("eval_limit", c.eval_limit >= 0, "must be >= 0"),
+        ("eval_every", c.eval_every >= 0, "must be >= 0 (0 = off)"), ("report_every", c.report_every >= 0, "must be >= 0 (0 = off)"), ("eval_limit", c.eval_limit >= 0, "must be >= 0"),
         ("eval_every", c.eval_every == 0 or bool(c.test), "needs --test FILE (the records to evaluate on)"),
         ("length_weight", c.length_weight >= 0 or c.length_weight == -1, "must be >= 0, or -1 (the preset's)")]
     for name, ok, why in rules:
@@ -139,8 +140,8 @@ def lr_at(step, cfg: GRPOConfig):
 # ----------------------------------------------------------------------------------------------
 # the start of a run
 
-RESUME_FREE = ("steps", "save_every", "eval_every", "eval_limit", "eval_metric", "threads", "device", "test",
-               "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk",
+RESUME_FREE = ("steps", "save_every", "eval_every", "report_every", "eval_limit", "eval_metric", "threads", "device",
+               "test", "micro_batch", "rollout_batch", "grad_checkpoint", "logprob_chunk",
                "out")   # may change on resume (out: a run directory moved or copied elsewhere resumes)
 
 

@@ -1,7 +1,7 @@
 """
 The whole SRPO pipeline on the built-in task, one command, on a laptop CPU:
 
-    python pipeline.py                      # -> runs/demo/results.md
+    python pipeline.py                      # -> runs/demo/results.md, runs/demo/report.html
 
     task      task.py          procedural images + questions, train/test splits
     base      sft.py           tiny tokenizer + tiny Qwen2.5-VL trained from scratch (single pass)
@@ -411,6 +411,21 @@ def check_seeds(run, seed, task_seed, quick):
             json.dump(want, f, allow_nan=False)
 
 
+def write_report(run, prov: Provenance):
+    """run/report.html: every evaluated model's responses to the test items side by side, with the
+    run's provenance and its curves (support/report.py)."""
+    from support import report
+    dirs = [f"{run}/eval/{p}" for p in ("single", "reflect", "blind", "ablation") if os.path.exists(f"{run}/eval/{p}/metrics.json")]
+    png = f"{run}/curves.png"
+    try:   # results.md is the run's result; a report that cannot be built is said loudly, and does not undo it
+        report.write_eval_report(f"{run}/report.html", dirs, title=f"SRPO pipeline {os.path.basename(run)}",
+                                 provenance=dict(seed=prov.seed, task_seed=prov.task_seed, torch=prov.torch,
+                                                 finished=prov.finished),
+                                 curves_png=open(png, "rb").read() if os.path.exists(png) else None)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"[pipeline] WARNING: {run}/report.html not written: {e}", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Run the whole SRPO pipeline on the built-in task", allow_abbrev=False)
     ap.add_argument("--run", default=None, help="output directory (default runs/demo, or runs/demo-seedN with --seed N)")
@@ -475,8 +490,9 @@ def main(argv=None):
     logs = [p for p in (f"{run}/base/log.jsonl", f"{run}/sft/log.jsonl", f"{run}/srpo/log.jsonl", f"{run}/grpo/log.jsonl")
             if os.path.exists(p)]
     subprocess.call([sys.executable, "curves.py", *logs, "--out", f"{run}/curves.png"], cwd=HERE)
+    write_report(run, prov)
     print(report)
-    print(f"[pipeline] results in {run}/results.md, curves in {run}/curves.png; wall time {wall_s:.0f} s "
+    print(f"[pipeline] results in {run}/results.md and {run}/report.html, curves in {run}/curves.png; wall time {wall_s:.0f} s "
           f"({wall_s / 60:.1f} min) on {prov.cpus} CPUs")
 
 

@@ -166,6 +166,10 @@ def test_quick_pipeline_end_to_end(tmp_path):
     table = (run / "results.md").read_text()
     assert all(n in table for n in ("base", "sft", "srpo", "grpo", "shuffled images", "scene list"))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the HTML report: the five evaluations side by side (tests/test_report.py checks its content)
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert all(f'"name":"{c}"' in page for c in ("base (single)", "grpo (single)", "sft (reflect)", "srpo (reflect)",
+                                                 "base (single, shuffled images)"))
 
 
 def test_run_plan_starts_each_stage_after_what_it_needs_two_at_a_time(tmp_path):
