@@ -93,7 +93,7 @@ def stages(run, quick, seed=0, task_seed=0):
         # the perception gate: the base model's scene list on val, checked before any RL stage starts
         *([] if quick else [("gate", f"{run}/eval/gate/metrics.json",
                              [py, "eval.py", "--model", f"{run}/base", "--data", f"{task}/val.jsonl", "--prompt", "single",
-                              "--out", f"{run}/eval/gate", "--metric", "task:scene_list_ok", *k["eval"]])]),
+                              "--out", f"{run}/eval/gate", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]])]),
         ("reflect", f"{run}/reflect/summary.json",
          [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{run}/reflect/train.jsonl",
           "--teacher", "rule", *sd, *k["reflect"]]),
@@ -108,14 +108,14 @@ def stages(run, quick, seed=0, task_seed=0):
           "--reward", "grpo", "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"]]),
         ("eval-single", f"{run}/eval/single/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
-          "--out", f"{run}/eval/single", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/single", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
         ("eval-reflect", f"{run}/eval/reflect/metrics.json",
          [py, "eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
-          "--out", f"{run}/eval/reflect", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/reflect", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
         # blind control: the same questions, each with another question's image
         ("eval-blind", f"{run}/eval/blind/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", "--data", test, "--prompt", "single", "--shuffle-images",
-          "--out", f"{run}/eval/blind", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/blind", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
     ]
 
 
@@ -149,7 +149,7 @@ def ablation_stages(run, quick, seed=0):
               *sd, *k["sft"]]),
             ("eval-ablation", f"{run}/eval/ablation/metrics.json",
              [py, "eval.py", "--model", *[f"{ab}/{n}" for n in (*ABLATIONS, "sft-paper")], "--data", test,
-              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "task:scene_list_ok", *k["eval"]])]
+              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]])]
     return out
 
 
@@ -327,8 +327,8 @@ def provenance_md(p: Provenance):
 
 def results_table(run):
     """Collect eval metrics into one markdown table (one row per model) -> str."""
-    head = "| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len | scene list |\n" \
-           "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len | scene list "
+            "| objects |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for prompt in ("single", "reflect", "blind", "ablation"):
         if not os.path.exists(f"{run}/eval/{prompt}/metrics.json"):
@@ -339,7 +339,7 @@ def results_table(run):
                 label = {"blind": "single, shuffled images", "ablation": "reflect"}.get(prompt, prompt)
                 body += (f"| {r['checkpoint']} | {label} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
                          f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} "
-                         f"| {m.get('scene_list_ok', float('nan')):.3f} |\n")
+                         f"| {m.get('scene_list_ok', float('nan')):.3f} | {m.get('scene_objects', float('nan')):.3f} |\n")
     return head + body
 
 
@@ -369,7 +369,7 @@ def summary_table(runs):
     per_run = [eval_rows(r) for r in runs]
     keys = [k for k in per_run[0] if all(k in rows for rows in per_run)]
     head = (f"| model | prompt | final acc per run ({', '.join(os.path.basename(r.rstrip('/')) for r in runs)}) "
-            f"| first acc | final acc | w2r - r2w | scene list |\n|---|---|---|---|---|---|---|\n")
+            f"| first acc | final acc | w2r - r2w | scene list | objects |\n|---|---|---|---|---|---|---|---|\n")
     body = ""
     for k in keys:
         ms = [rows[k] for rows in per_run]
@@ -377,7 +377,8 @@ def summary_table(runs):
         body += (f"| {k[0]} | {k[1]} | {', '.join(format(m['final_acc'], '.3f') for m in ms)} "
                  f"| {cell([m['first_acc'] for m in ms], '.3f')} | {cell([m['final_acc'] for m in ms], '.3f')} "
                  f"| {cell([m['w2r'] - m['r2w'] for m in ms], '.1f')} "
-                 f"| {cell([m.get('scene_list_ok', float('nan')) for m in ms], '.3f')} |\n")
+                 f"| {cell([m.get('scene_list_ok', float('nan')) for m in ms], '.3f')} "
+                 f"| {cell([m.get('scene_objects', float('nan')) for m in ms], '.3f')} |\n")
     return head + body + f"\nmean ± standard error over n = {len(runs)} runs\n"
 
 

@@ -79,7 +79,7 @@ def fake_stages(run, quick, seed=0, task_seed=0):
             ckpts = {"eval-single": ["base", "grpo"], "eval-reflect": ["sft", "srpo"], "eval-blind": ["base"],
                      "gate": ["base"]}[name]
             m = dict(first_acc=0.5, final_acc=0.625, w2r=1, r2w=2, r2r=3, w2w=4, single=0, format=1.0, mean_len=40.0,
-                     scene_list_ok=0.875)
+                     scene_list_ok=0.875, scene_objects=0.95)
             content = json.dumps(dict(results=[dict(checkpoint=c, metrics=m) for c in ckpts]))
         else:
             content = "x"
@@ -111,7 +111,7 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     assert prov["commit"].split()[0] == pipeline.git_commit().split()[0]
     assert md.startswith("## provenance\n") and "--seed 4" in md and f"torch {torch.__version__}" in md
     # one table row per (checkpoint, prompt), values as written by the fake eval stages
-    assert "| base | single | 0.500 | 0.625 | 1 | 2 | 3 | 4 | 0 | 1.000 | 40.0 | 0.875 |" in md
+    assert "| base | single | 0.500 | 0.625 | 1 | 2 | 3 | 4 | 0 | 1.000 | 40.0 | 0.875 | 0.950 |" in md
     assert "| base | single, shuffled images |" in md and "| srpo | reflect |" in md
     assert "base model on val: scene list 0.875 >= 0.85 (perception gate passed)" in md
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -266,7 +266,7 @@ def test_summary_table_mean_and_standard_error_by_hand(tmp_path, capsys):
     def write(run, first, final, w2r, r2w, scene):
         os.makedirs(run / "eval" / "reflect")
         m = dict(first_acc=first, final_acc=final, w2r=w2r, r2w=r2w, r2r=0, w2w=0, single=0, format=1.0,
-                 mean_len=1.0, scene_list_ok=scene)
+                 mean_len=1.0, scene_list_ok=scene, scene_objects=scene + 0.1)
         (run / "eval" / "reflect" / "metrics.json").write_text(json.dumps(dict(results=[dict(checkpoint="srpo", metrics=m)])))
     write(tmp_path / "s0", 0.4, 0.5, 10, 4, 0.9)
     write(tmp_path / "s1", 0.5, 0.6, 20, 2, 0.8)
@@ -275,7 +275,7 @@ def test_summary_table_mean_and_standard_error_by_hand(tmp_path, capsys):
     out = capsys.readouterr().out
     # final 0.5, 0.6, 0.7: mean 0.6, sd 0.1, SE 0.1 / sqrt(3) = 0.0577; w2r - r2w = 6, 18, 24: mean 16,
     # sd sqrt(((-10)^2 + 2^2 + 8^2) / 2) = sqrt(84) = 9.165, SE 5.29
-    assert "| srpo | reflect | 0.500, 0.600, 0.700 | 0.500 ± 0.058 | 0.600 ± 0.058 | 16.0 ± 5.3 | 0.800 ± 0.058 |" in out
+    assert "| srpo | reflect | 0.500, 0.600, 0.700 | 0.500 ± 0.058 | 0.600 ± 0.058 | 16.0 ± 5.3 | 0.800 ± 0.058 | 0.900 ± 0.058 |" in out
     assert "n = 3 runs" in out
     assert pipeline.mean_se([2.0])[0] == 2.0 and pipeline.mean_se([2.0])[1] != pipeline.mean_se([2.0])[1]  # nan
     with pytest.raises(SystemExit, match="no evaluations"):
