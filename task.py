@@ -399,30 +399,20 @@ def tokenizer_corpus(records):
     return texts
 
 
-# Shape sizes, in px from the cell's centre. Each cell is 2 x 2 patches of 14 px, and the vision
-# tower sees a shape only through which pixels of each patch it covers. A circle of radius 10 and a
-# square of half-side 9 differed in 16-18 of a patch's 196 pixels (the square's corners), and a
-# square and a triangle in 13 of each lower patch: the base model learned to tell them apart late
-# in its schedule, at a step that the float rounding of the machine decided. With a small circle,
-# a large square and a tall triangle every pair differs in >= 167 pixels of the cell.
-CIRCLE_R, SQUARE_HALF, TRIANGLE = 8, 12, (12, 12, 11)   # triangle: apex above, half-width, base below
-
-
 def draw_scene(scene):
-    """Render the scene: each object filled, centred in its 28x28 cell, on the grey background."""
+    """Render the scene: each object filled, centred in its 28x28 cell, white background."""
     size = scene["size"]
     img = Image.new("RGB", (size, size), BACKGROUND)
     d = ImageDraw.Draw(img)
-    r, s, (up, half, down) = CIRCLE_R, SQUARE_HALF, TRIANGLE
     for o in scene["objects"]:
         cx, cy = o["col"] * CELL + CELL // 2, o["row"] * CELL + CELL // 2
         fill = COLORS[o["color"]]
         if o["shape"] == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            d.ellipse([cx - 10, cy - 10, cx + 10, cy + 10], fill=fill)
         elif o["shape"] == "square":
-            d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+            d.rectangle([cx - 9, cy - 9, cx + 9, cy + 9], fill=fill)
         elif o["shape"] == "triangle":
-            d.polygon([(cx, cy - up), (cx - half, cy + down), (cx + half, cy + down)], fill=fill)
+            d.polygon([(cx, cy - 11), (cx - 11, cy + 9), (cx + 11, cy + 9)], fill=fill)
         else:
             raise ValueError(f"unknown shape {o['shape']!r}")
     return img
