@@ -6,8 +6,8 @@ responses per question with sampler.generate_texts, score each with reward.py an
     first  accuracy of the first <answer>       final  accuracy of the last <answer>
     w2r r2r r2w w2w   reflection cases (wrong->right, ...)   single / none   one answer / no answer
     format  fraction in the prompt's format      len  mean response length in tokens (incl. the eos)
-    NAME    each --metric MODULE:FUNCTION: FUNCTION(record, response_text) -> True | False | None,
-            averaged over the responses where it is not None (e.g. --metric task:scene_list_ok:
+    NAME    each --metric MODULE:FUNCTION: FUNCTION(record, response_text) -> True | False | a share
+            in [0, 1] | None, averaged over the responses where it is not None (e.g. --metric task:scene_list_ok:
             share of responses whose first scene list is exactly the image's)
 
 as a table on stdout (n = questions; case columns count responses, n per question when sampling),
@@ -49,7 +49,7 @@ class EvalConfig:
     data: list[str] = field(default_factory=list)    # project JSONL files (e.g. the built-in task's test.jsonl)
     bench: list[str] = field(default_factory=list)   # NAME=PATH, NAME in mathvista, mathverse, mathvision, mmmu_pro
     out: str = ""                 # output directory: metrics.json, predictions/, bench_images/
-    metric: list[str] = field(default_factory=list)  # MODULE:FUNCTION, FUNCTION(record, response_text) -> bool | None
+    metric: list[str] = field(default_factory=list)  # MODULE:FUNCTION, FUNCTION(record, response_text) -> bool | float in [0, 1] | None
     prompt: str = "reflect"       # system prompt: "reflect" (two-pass SRPO format) or "single"
     max_new_tokens: int = 256
     batch_size: int = 8           # prompts per sampler call
@@ -282,9 +282,10 @@ def score_predictions(records, gens, cfg, count_tokens, reward_cfg=None, metrics
 
 def run_metric(metric, record, text):
     value = metric.fn(record, text)
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"--metric {metric.name}: must return True, False or None, got {type(value).__name__} "
-                        f"(record {record.get('id')})")
+    ok = value is None or isinstance(value, bool) or (isinstance(value, float) and 0.0 <= value <= 1.0)
+    if not ok:
+        raise TypeError(f"--metric {metric.name}: must return True, False, a float in [0, 1] or None, got "
+                        f"{value!r:.40} (record {record.get('id')})")
     return value
 
 

@@ -90,6 +90,10 @@ def stages(run, quick, seed=0, task_seed=0):
          [py, "sft.py", "--data", train, "--tokenizer_corpus", f"{task}/tokenizer_corpus.jsonl", "--out", f"{run}/base",
           *sd, *k["base"]]),
         *([] if quick else [("compile", f"{run}/logs/compile.json", [py, "pipeline.py", "--warm-compile", run])]),
+        # the perception gate: the base model's scene list on val, checked before any RL stage starts
+        *([] if quick else [("gate", f"{run}/eval/gate/metrics.json",
+                             [py, "eval.py", "--model", f"{run}/base", "--data", f"{task}/val.jsonl", "--prompt", "single",
+                              "--out", f"{run}/eval/gate", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]])]),
         ("reflect", f"{run}/reflect/summary.json",
          [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{run}/reflect/train.jsonl",
           "--teacher", "rule", *sd, *k["reflect"]]),
@@ -104,14 +108,14 @@ def stages(run, quick, seed=0, task_seed=0):
           "--reward", "grpo", "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"]]),
         ("eval-single", f"{run}/eval/single/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
-          "--out", f"{run}/eval/single", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/single", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
         ("eval-reflect", f"{run}/eval/reflect/metrics.json",
          [py, "eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
-          "--out", f"{run}/eval/reflect", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/reflect", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
         # blind control: the same questions, each with another question's image
         ("eval-blind", f"{run}/eval/blind/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", "--data", test, "--prompt", "single", "--shuffle-images",
-          "--out", f"{run}/eval/blind", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/blind", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
     ]
 
 
@@ -145,17 +149,42 @@ def ablation_stages(run, quick, seed=0):
               *sd, *k["sft"]]),
             ("eval-ablation", f"{run}/eval/ablation/metrics.json",
              [py, "eval.py", "--model", *[f"{ab}/{n}" for n in (*ABLATIONS, "sft-paper")], "--data", test,
-              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "task:scene_list_ok", *k["eval"]])]
+              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]])]
     return out
 
 
 # What each stage reads: a stage starts once these are done, so with --jobs 2 the compile stage runs
 # beside base, and the plain-GRPO branch (grpo, eval-single, eval-blind) beside the SRPO branch
-# (reflect, sft, srpo, eval-reflect).
-NEEDS = {"task": [], "base": ["task"], "compile": ["task"], "reflect": ["base"], "sft": ["reflect"], "srpo": ["sft"], "grpo": ["base"],
+# (reflect, sft, srpo, eval-reflect). The RL branches also wait for the perception gate.
+NEEDS = {"task": [], "base": ["task"], "compile": ["task"], "gate": ["base"], "reflect": ["base", "gate"], "sft": ["reflect"],
+         "srpo": ["sft"], "grpo": ["base", "gate"],
          "eval-single": ["grpo"], "eval-reflect": ["srpo"], "eval-blind": ["base"],
          **{name: [init] for name, (_, init) in ABLATIONS.items()}, "reflect-paper": ["base"],
          "sft-paper": ["reflect-paper"], "eval-ablation": [*ABLATIONS, "sft-paper"]}
+
+
+# The perception gate: RL on a base model that does not see the image measures nothing (its answers
+# come from the question's text alone), so the pipeline checks the base model's scene list on val
+# before it spends time on RL. Stages up to the gate run first; the rest only when it passes.
+PERCEPTION_BAR = 0.85
+BEFORE_GATE = ("task", "base", "compile", "gate")
+
+
+def gate_result(run):
+    """-> the base model's scene-list accuracy on val from the gate stage, or None (not run)."""
+    path = f"{run}/eval/gate/metrics.json"
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["results"][0]["metrics"].get("scene_list_ok")
+
+
+def gate_message(value, bar=PERCEPTION_BAR):
+    """One line for the console and results.md: the gate's verdict."""
+    if value >= bar:
+        return f"base model on val: scene list {value:.3f} >= {bar} (perception gate passed)"
+    return (f"the base model does not perceive the scene (scene list {value:.2f} < {bar} on val): RL results "
+            f"would not be meaningful; stopped before RL (--no-gate continues anyway)")
 
 
 def thread_shares(names, cores) -> dict:
@@ -298,8 +327,8 @@ def provenance_md(p: Provenance):
 
 def results_table(run):
     """Collect eval metrics into one markdown table (one row per model) -> str."""
-    head = "| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len | scene list |\n" \
-           "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len | scene list "
+            "| objects |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for prompt in ("single", "reflect", "blind", "ablation"):
         if not os.path.exists(f"{run}/eval/{prompt}/metrics.json"):
@@ -310,7 +339,7 @@ def results_table(run):
                 label = {"blind": "single, shuffled images", "ablation": "reflect"}.get(prompt, prompt)
                 body += (f"| {r['checkpoint']} | {label} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
                          f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} "
-                         f"| {m.get('scene_list_ok', float('nan')):.3f} |\n")
+                         f"| {m.get('scene_list_ok', float('nan')):.3f} | {m.get('scene_objects', float('nan')):.3f} |\n")
     return head + body
 
 
@@ -340,7 +369,7 @@ def summary_table(runs):
     per_run = [eval_rows(r) for r in runs]
     keys = [k for k in per_run[0] if all(k in rows for rows in per_run)]
     head = (f"| model | prompt | final acc per run ({', '.join(os.path.basename(r.rstrip('/')) for r in runs)}) "
-            f"| first acc | final acc | w2r - r2w | scene list |\n|---|---|---|---|---|---|---|\n")
+            f"| first acc | final acc | w2r - r2w | scene list | objects |\n|---|---|---|---|---|---|---|---|\n")
     body = ""
     for k in keys:
         ms = [rows[k] for rows in per_run]
@@ -348,7 +377,8 @@ def summary_table(runs):
         body += (f"| {k[0]} | {k[1]} | {', '.join(format(m['final_acc'], '.3f') for m in ms)} "
                  f"| {cell([m['first_acc'] for m in ms], '.3f')} | {cell([m['final_acc'] for m in ms], '.3f')} "
                  f"| {cell([m['w2r'] - m['r2w'] for m in ms], '.1f')} "
-                 f"| {cell([m.get('scene_list_ok', float('nan')) for m in ms], '.3f')} |\n")
+                 f"| {cell([m.get('scene_list_ok', float('nan')) for m in ms], '.3f')} "
+                 f"| {cell([m.get('scene_objects', float('nan')) for m in ms], '.3f')} |\n")
     return head + body + f"\nmean ± standard error over n = {len(runs)} runs\n"
 
 
@@ -442,6 +472,8 @@ def main(argv=None):
     ap.add_argument("--ablation", action="store_true", help="also run the paper's ablations in miniature "
                     "(SRPO with the code's reward, without f_len, without I_eff, from the base model; stage 1 "
                     "with the paper's SFT target) in the same run directory")
+    ap.add_argument("--no-gate", action="store_true", help=f"run the RL stages even when the base model's scene "
+                    f"list on val is below {PERCEPTION_BAR} (the perception gate; --quick has no gate)")
     ap.add_argument("--summarize", nargs="+", metavar="RUN", help="print the runs' results side by side with "
                     "mean +- standard error (runs of different --seed), and run nothing")
     ap.add_argument("--warm-compile", metavar="RUN", help=argparse.SUPPRESS)  # the 'compile' stage
@@ -472,8 +504,18 @@ def main(argv=None):
         times[name] = times.get(name, 0.0) + seconds
         with open(times_path, "w") as f:
             json.dump(times, f, indent=1, allow_nan=False)
-    try:
-        run_plan([p for p in plan if a.only is None or p[0] in a.only], a.jobs, env, f"{run}/logs", on_done, a.threads)
+    plan = [p for p in plan if a.only is None or p[0] in a.only]
+    try:  # 1. up to the perception gate, 2. the gate's verdict, 3. RL and the evaluations
+        run_plan([p for p in plan if p[0] in BEFORE_GATE], a.jobs, env, f"{run}/logs", on_done, a.threads)
+        gate = gate_result(run)
+        if gate is not None:
+            print(f"[pipeline] {gate_message(gate)}", flush=True)
+            if gate < PERCEPTION_BAR and not a.no_gate:
+                prov = collect_provenance(a.seed, a.task_seed, f"{a.threads}", started, times, wall_before + time.time() - t_start)
+                with open(f"{run}/results.md", "w") as f:
+                    f.write("## provenance\n\n" + provenance_md(prov) + "\n## results\n\n" + gate_message(gate) + "\n")
+                sys.exit(1)
+        run_plan([p for p in plan if p[0] not in BEFORE_GATE], a.jobs, env, f"{run}/logs", on_done, a.threads)
     finally:  # this command's wall time, also when a stage failed (the rerun adds its own)
         wall_s = wall_before + time.time() - t_start
         with open(wall_path, "w") as f:
@@ -484,7 +526,9 @@ def main(argv=None):
                               started, times, wall_s)
     with open(f"{run}/provenance.json", "w") as f:
         json.dump({**asdict(prov), "total_s": prov.total_s}, f, indent=1, allow_nan=False)
-    report = "## provenance\n\n" + provenance_md(prov) + "\n## results\n\n" + results_table(run)
+    gate = gate_result(run)
+    report = ("## provenance\n\n" + provenance_md(prov) + "\n## results\n\n"
+              + ("" if gate is None else gate_message(gate) + "\n\n") + results_table(run))
     with open(f"{run}/results.md", "w") as f:
         f.write(report)
     logs = [p for p in (f"{run}/base/log.jsonl", f"{run}/sft/log.jsonl", f"{run}/srpo/log.jsonl", f"{run}/grpo/log.jsonl")

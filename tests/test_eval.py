@@ -191,9 +191,13 @@ def test_scene_metric_on_builtin_task_records():
                                  count_tokens=lambda s: 1, metrics=metrics)
     assert plain[0].metrics["scene_list_ok"] is None and "scene_list_ok" not in ev.aggregate(plain, 1)
     assert "scene_list_ok" in ev.format_table([dict(checkpoint="c", dataset="d", metrics=m)])
-    bad = [ev.Metric("count", lambda r, t: 1)]  # not a bool: an error naming the metric
-    with pytest.raises(TypeError, match="--metric count: must return True, False or None, got int"):
-        ev.score_predictions([rec], gens, cfg, count_tokens=len, metrics=bad)
+    for wrong in (1, 1.5, float("nan")):  # not a bool nor a share in [0, 1]: an error naming the metric
+        bad = [ev.Metric("count", lambda r, t, v=wrong: v)]
+        with pytest.raises(TypeError, match="--metric count: must return True, False, a float in"):
+            ev.score_predictions([rec], gens, cfg, count_tokens=len, metrics=bad)
+    share = [ev.Metric("share", lambda r, t: 0.25 if "2" in t else 1.0)]  # a share is averaged like a bool
+    got = ev.aggregate(ev.score_predictions([rec], gens, cfg, count_tokens=len, metrics=share), 3)["share"]
+    assert got == pytest.approx(sum(0.25 if "2" in g.text else 1.0 for g in gens) / 3)
 
 
 # -----------------------------------------------------------------------------

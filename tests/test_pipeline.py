@@ -75,10 +75,11 @@ def fake_stages(run, quick, seed=0, task_seed=0):
     stage's 'done' file (eval stages: a metrics.json; base: also a log.jsonl)."""
     out = []
     for name, done, _ in REAL_STAGES(run, quick, seed, task_seed):
-        if name.startswith("eval-"):
-            ckpts = {"eval-single": ["base", "grpo"], "eval-reflect": ["sft", "srpo"], "eval-blind": ["base"]}[name]
+        if name.startswith("eval-") or name == "gate":
+            ckpts = {"eval-single": ["base", "grpo"], "eval-reflect": ["sft", "srpo"], "eval-blind": ["base"],
+                     "gate": ["base"]}[name]
             m = dict(first_acc=0.5, final_acc=0.625, w2r=1, r2w=2, r2r=3, w2w=4, single=0, format=1.0, mean_len=40.0,
-                     scene_list_ok=0.875)
+                     scene_list_ok=0.875, scene_objects=0.95)
             content = json.dumps(dict(results=[dict(checkpoint=c, metrics=m) for c in ckpts]))
         else:
             content = "x"
@@ -102,7 +103,7 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     assert prov["seed"] == 4 and prov["task_seed"] == 0 and prov["torch"] == torch.__version__
     assert prov["threads"] == f"{len(os.sched_getaffinity(0))} split between the running stages (--jobs 2)"
     assert prov["cpu"] == pipeline.cpu_model()
-    assert set(prov["stage_s"]) == {"task", "base", "compile", "reflect", "sft", "srpo", "grpo", "eval-single",
+    assert set(prov["stage_s"]) == {"task", "base", "compile", "gate", "reflect", "sft", "srpo", "grpo", "eval-single",
                                     "eval-reflect", "eval-blind"}
     assert prov["total_s"] == pytest.approx(sum(prov["stage_s"].values()))
     # the command's own wall time: stages two at a time, so at most the stage sum (+ polling)
@@ -110,8 +111,9 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     assert prov["commit"].split()[0] == pipeline.git_commit().split()[0]
     assert md.startswith("## provenance\n") and "--seed 4" in md and f"torch {torch.__version__}" in md
     # one table row per (checkpoint, prompt), values as written by the fake eval stages
-    assert "| base | single | 0.500 | 0.625 | 1 | 2 | 3 | 4 | 0 | 1.000 | 40.0 | 0.875 |" in md
+    assert "| base | single | 0.500 | 0.625 | 1 | 2 | 3 | 4 | 0 | 1.000 | 40.0 | 0.875 | 0.950 |" in md
     assert "| base | single, shuffled images |" in md and "| srpo | reflect |" in md
+    assert "base model on val: scene list 0.875 >= 0.85 (perception gate passed)" in md
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the run remembers its seeds: resuming it with another seed is refused
     with pytest.raises(SystemExit, match="made with"):
@@ -268,7 +270,7 @@ def test_summary_table_mean_and_standard_error_by_hand(tmp_path, capsys):
     def write(run, first, final, w2r, r2w, scene):
         os.makedirs(run / "eval" / "reflect")
         m = dict(first_acc=first, final_acc=final, w2r=w2r, r2w=r2w, r2r=0, w2w=0, single=0, format=1.0,
-                 mean_len=1.0, scene_list_ok=scene)
+                 mean_len=1.0, scene_list_ok=scene, scene_objects=scene + 0.1)
         (run / "eval" / "reflect" / "metrics.json").write_text(json.dumps(dict(results=[dict(checkpoint="srpo", metrics=m)])))
     write(tmp_path / "s0", 0.4, 0.5, 10, 4, 0.9)
     write(tmp_path / "s1", 0.5, 0.6, 20, 2, 0.8)
@@ -277,8 +279,33 @@ def test_summary_table_mean_and_standard_error_by_hand(tmp_path, capsys):
     out = capsys.readouterr().out
     # final 0.5, 0.6, 0.7: mean 0.6, sd 0.1, SE 0.1 / sqrt(3) = 0.0577; w2r - r2w = 6, 18, 24: mean 16,
     # sd sqrt(((-10)^2 + 2^2 + 8^2) / 2) = sqrt(84) = 9.165, SE 5.29
-    assert "| srpo | reflect | 0.500, 0.600, 0.700 | 0.500 ± 0.058 | 0.600 ± 0.058 | 16.0 ± 5.3 | 0.800 ± 0.058 |" in out
+    assert "| srpo | reflect | 0.500, 0.600, 0.700 | 0.500 ± 0.058 | 0.600 ± 0.058 | 16.0 ± 5.3 | 0.800 ± 0.058 | 0.900 ± 0.058 |" in out
     assert "n = 3 runs" in out
     assert pipeline.mean_se([2.0])[0] == 2.0 and pipeline.mean_se([2.0])[1] != pipeline.mean_se([2.0])[1]  # nan
     with pytest.raises(SystemExit, match="no evaluations"):
         pipeline.main(["--summarize", str(tmp_path / "absent")])
+
+
+def test_perception_gate_stops_before_rl_and_says_why(tmp_path, monkeypatch, capsys):
+    """A base model that does not see the image stops the pipeline before any RL stage, with the
+    reason on the console and in results.md and exit status 1; --no-gate continues; --quick has no gate."""
+    run = tmp_path / "r"
+    (run / "eval" / "gate").mkdir(parents=True)
+    (run / "eval" / "gate" / "metrics.json").write_text(json.dumps(
+        {"results": [{"checkpoint": "base", "metrics": {"scene_list_ok": 0.377, "final_acc": 0.45}}]}))
+    ran = []
+    monkeypatch.setattr(pipeline, "run_plan", lambda plan, *a, **k: ran.append([name for name, _, _ in plan]))
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--run", str(run)])
+    assert e.value.code == 1
+    assert ran == [["task", "base", "compile", "gate"]]          # nothing after the gate ran
+    why = "the base model does not perceive the scene (scene list 0.38 < 0.85 on val)"
+    assert why in capsys.readouterr().out and why in (run / "results.md").read_text()
+    ran.clear()
+    pipeline.main(["--run", str(run), "--no-gate"])              # continues anyway (no evals here: no table)
+    assert ran[0] == ["task", "base", "compile", "gate"] and {"reflect", "grpo", "srpo", "sft"} <= set(ran[1])
+    # a seeing base passes; the quick pipeline (whose base is not meant to see) has no gate stage
+    assert "passed" in pipeline.gate_message(0.9) and pipeline.gate_message(0.85).startswith("base model on val")
+    assert "gate" not in [name for name, _, _ in pipeline.stages("/r", quick=True)]
+    gate = {name: argv for name, _, argv in pipeline.stages("/r", quick=False)}["gate"]
+    assert flag(gate, "--data") == "/r/task/val.jsonl" and flag(gate, "--metric") == "task:scene_list_ok"

@@ -302,3 +302,21 @@ def test_cli(tmp_path):
     assert len(r) == 12 and r[0]["scene"]["grid"] == 6
     assert len(read(os.path.join(out, "val.jsonl"))) == 3
     assert Image.open(os.path.join(out, r[0]["image"])).size == (168, 168)
+
+
+def test_scene_metrics_whole_list_and_per_object_by_hand():
+    """scene_list_ok is all-or-nothing; scene_objects counts the objects named right, extras against."""
+    scene = dict(size=112, grid=4, objects=[dict(color="red", shape="circle", row=0, col=0),
+                                            dict(color="blue", shape="square", row=0, col=1),
+                                            dict(color="red", shape="triangle", row=1, col=0),
+                                            dict(color="green", shape="square", row=2, col=2)])
+    rec = dict(scene=scene)
+    right = "<think>shapes: 1 red circle, 2 red triangle, 3 green square, 4 blue square. red 2</think>"
+    one_off = "<think>shapes: 1 red circle, 2 red square, 3 green square, 4 blue square. red 2</think>"
+    extra = "<think>shapes: 1 red circle, 2 red triangle, 3 green square, 4 blue square, 5 blue circle.</think>"
+    assert task.scene_list_ok(rec, right) and task.scene_objects(rec, right) == 1.0
+    assert not task.scene_list_ok(rec, one_off) and task.scene_objects(rec, one_off) == 3 / 4
+    assert not task.scene_list_ok(rec, extra) and task.scene_objects(rec, extra) == 4 / 5
+    assert task.scene_objects(rec, "no list at all") == 0.0
+    assert task.scene_objects({"question": "not this task"}, right) is None
+
