@@ -78,6 +78,11 @@ QUICK = dict(task=["--n-train", "96", "--n-test", "16", "--n-val", "8"],
              eval=["--limit", "4"])
 
 
+# eval.py --metric of every evaluation: the whole scene listed right, the share of its objects named
+# right, and whether the answer is the one the response's own list implies (task.py)
+TASK_METRICS = ("task:scene_list_ok", "task:scene_objects", "task:answer_follows_list")
+
+
 def stages(run, quick, seed=0, task_seed=0):
     """-> list of (name, file that marks it done, argv). seed goes to every training / sampling
     stage, task_seed to task.py only."""
@@ -93,7 +98,7 @@ def stages(run, quick, seed=0, task_seed=0):
         # the perception gate: the base model's scene list on val, checked before any RL stage starts
         *([] if quick else [("gate", f"{run}/eval/gate/metrics.json",
                              [py, "eval.py", "--model", f"{run}/base", "--data", f"{task}/val.jsonl", "--prompt", "single",
-                              "--out", f"{run}/eval/gate", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]])]),
+                              "--out", f"{run}/eval/gate", "--metric", *TASK_METRICS, *k["eval"]])]),
         ("reflect", f"{run}/reflect/summary.json",
          [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{run}/reflect/train.jsonl",
           "--teacher", "rule", *sd, *k["reflect"]]),
@@ -108,14 +113,14 @@ def stages(run, quick, seed=0, task_seed=0):
           "--reward", "grpo", "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"]]),
         ("eval-single", f"{run}/eval/single/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
-          "--out", f"{run}/eval/single", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
+          "--out", f"{run}/eval/single", "--metric", *TASK_METRICS, *k["eval"]]),
         ("eval-reflect", f"{run}/eval/reflect/metrics.json",
          [py, "eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
-          "--out", f"{run}/eval/reflect", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
+          "--out", f"{run}/eval/reflect", "--metric", *TASK_METRICS, *k["eval"]]),
         # blind control: the same questions, each with another question's image
         ("eval-blind", f"{run}/eval/blind/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", "--data", test, "--prompt", "single", "--shuffle-images",
-          "--out", f"{run}/eval/blind", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]]),
+          "--out", f"{run}/eval/blind", "--metric", *TASK_METRICS, *k["eval"]]),
     ]
 
 
@@ -149,7 +154,7 @@ def ablation_stages(run, quick, seed=0):
               *sd, *k["sft"]]),
             ("eval-ablation", f"{run}/eval/ablation/metrics.json",
              [py, "eval.py", "--model", *[f"{ab}/{n}" for n in (*ABLATIONS, "sft-paper")], "--data", test,
-              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "task:scene_list_ok", "task:scene_objects", *k["eval"]])]
+              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", *TASK_METRICS, *k["eval"]])]
     return out
 
 
@@ -328,7 +333,7 @@ def provenance_md(p: Provenance):
 def results_table(run):
     """Collect eval metrics into one markdown table (one row per model) -> str."""
     head = ("| model | prompt | first acc | final acc | w2r | r2w | r2r | w2w | single | format | mean len | scene list "
-            "| objects |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| objects | follows list |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for prompt in ("single", "reflect", "blind", "ablation"):
         if not os.path.exists(f"{run}/eval/{prompt}/metrics.json"):
@@ -339,7 +344,8 @@ def results_table(run):
                 label = {"blind": "single, shuffled images", "ablation": "reflect"}.get(prompt, prompt)
                 body += (f"| {r['checkpoint']} | {label} | {m['first_acc']:.3f} | {m['final_acc']:.3f} | {m['w2r']} "
                          f"| {m['r2w']} | {m['r2r']} | {m['w2w']} | {m['single']} | {m['format']:.3f} | {m['mean_len']:.1f} "
-                         f"| {m.get('scene_list_ok', float('nan')):.3f} | {m.get('scene_objects', float('nan')):.3f} |\n")
+                         f"| {m.get('scene_list_ok', float('nan')):.3f} | {m.get('scene_objects', float('nan')):.3f} "
+                         f"| {m.get('answer_follows_list', float('nan')):.3f} |\n")
     return head + body
 
 

@@ -381,6 +381,22 @@ def scene_objects(record, response_text):
     return sum((truth & said).values()) / max(sum(truth.values()), sum(said.values()), 1)
 
 
+def answer_follows_list(record, response_text):
+    """eval.py metric: is the response's last answer the one its own first scene list implies (the
+    question applied to the objects it listed)? None for a record that is not from this task or a
+    response without a readable list. Low where the answer is not computed from the list: the base
+    model lists the scene right for >= 0.95 of images and its list implies the right answer for
+    0.99, yet its answer follows its list for less than half of them."""
+    if not isinstance(record.get("scene"), dict):
+        return None
+    items = [it.split() for it in first_scene_list(response_text) or []]
+    if not items or any(len(it) != 2 or it[0] not in COLORS or it[1] not in SHAPES for it in items):
+        return None
+    listed = dict(objects=[dict(color=c, shape=s) for c, s in items])
+    answers = re.findall(r"<answer>(.*?)</answer>", response_text, re.S)
+    return bool(answers) and to_int(answers[-1]) == answer_of(record["kind"], record["params"], listed)
+
+
 def rollout_metrics(texts, records):
     """grpo.py extra metric: {name: (sum, count)} over a rollout batch (perception, which no
     reward checks)."""

@@ -79,7 +79,7 @@ def fake_stages(run, quick, seed=0, task_seed=0):
             ckpts = {"eval-single": ["base", "grpo"], "eval-reflect": ["sft", "srpo"], "eval-blind": ["base"],
                      "gate": ["base"]}[name]
             m = dict(first_acc=0.5, final_acc=0.625, w2r=1, r2w=2, r2r=3, w2w=4, single=0, format=1.0, mean_len=40.0,
-                     scene_list_ok=0.875, scene_objects=0.95)
+                     scene_list_ok=0.875, scene_objects=0.95, answer_follows_list=0.5)
             content = json.dumps(dict(results=[dict(checkpoint=c, metrics=m) for c in ckpts]))
         else:
             content = "x"
@@ -111,7 +111,7 @@ def test_main_writes_provenance_results_and_curves(tmp_path, monkeypatch):
     assert prov["commit"].split()[0] == pipeline.git_commit().split()[0]
     assert md.startswith("## provenance\n") and "--seed 4" in md and f"torch {torch.__version__}" in md
     # one table row per (checkpoint, prompt), values as written by the fake eval stages
-    assert "| base | single | 0.500 | 0.625 | 1 | 2 | 3 | 4 | 0 | 1.000 | 40.0 | 0.875 | 0.950 |" in md
+    assert "| base | single | 0.500 | 0.625 | 1 | 2 | 3 | 4 | 0 | 1.000 | 40.0 | 0.875 | 0.950 | 0.500 |" in md
     assert "| base | single, shuffled images |" in md and "| srpo | reflect |" in md
     assert "base model on val: scene list 0.875 >= 0.85 (perception gate passed)" in md
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -309,3 +309,4 @@ def test_perception_gate_stops_before_rl_and_says_why(tmp_path, monkeypatch, cap
     assert "gate" not in [name for name, _, _ in pipeline.stages("/r", quick=True)]
     gate = {name: argv for name, _, argv in pipeline.stages("/r", quick=False)}["gate"]
     assert flag(gate, "--data") == "/r/task/val.jsonl" and flag(gate, "--metric") == "task:scene_list_ok"
+    assert gate[gate.index("--metric") + 1:][:3] == list(pipeline.TASK_METRICS)

@@ -319,4 +319,13 @@ def test_scene_metrics_whole_list_and_per_object_by_hand():
     assert not task.scene_list_ok(rec, extra) and task.scene_objects(rec, extra) == 4 / 5
     assert task.scene_objects(rec, "no list at all") == 0.0
     assert task.scene_objects({"question": "not this task"}, right) is None
+    # the answer the response's own list implies: "How many red shapes?" over its list
+    rec.update(kind="count_color", params=dict(color="red"))
+    assert task.answer_follows_list(rec, right + "\n<answer>2</answer>") is True
+    assert task.answer_follows_list(rec, one_off + "\n<answer>2</answer>") is True     # its list has 2 red too
+    assert task.answer_follows_list(rec, right + "\n<answer>3</answer>") is False
+    assert task.answer_follows_list(rec, right) is False                                # no answer
+    assert task.answer_follows_list(rec, "<think>shapes: 1 red blob.</think><answer>1</answer>") is None
+    rec.update(kind="count_shape", params=dict(shape="square"))                         # last answer counts
+    assert task.answer_follows_list(rec, one_off + "<answer>1</answer><reflection>x</reflection><answer>3</answer>")
 
