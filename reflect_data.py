@@ -792,8 +792,9 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
     os.makedirs(out_dir, exist_ok=True)
 
     tok_file = os.path.join(cfg.policy, "tokenizer.json")   # the policy's tokenizer counts the prompts' tokens
-    items, bad_records = load_items(cfg.data, cfg.limit, data.Tokenizer.from_dir(cfg.policy) if os.path.isfile(tok_file)
-                                    else None, cfg.skip_bad_records)
+    with cli.reading("reflect_data.py", "--policy", cfg.policy):
+        tok = data.Tokenizer.from_dir(cfg.policy) if os.path.isfile(tok_file) else None
+    items, bad_records = load_items(cfg.data, cfg.limit, tok, cfg.skip_bad_records)
     written, rejected = load_done(cfg.out, rejected_path)
     check_settings(cfg, settings_path, earlier_output=bool(written or rejected))
     open(cfg.out, "a").close()  # the output exists (maybe empty) even if nothing passes
