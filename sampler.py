@@ -633,6 +633,7 @@ def decode_static(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad
     cache = M.KVCache(model.config, R, C, device, dtype)  # (L, R, Hkv, C, hd)
     cache.k[:, :, :, :T] = prompt.k.repeat_interleave(n, dim=1)
     cache.v[:, :, :, :T] = prompt.v.repeat_interleave(n, dim=1)
+    prompt.k = prompt.v = None  # the prompt-only cache is not read again: free it now
     pmask = torch.zeros(R, C, dtype=torch.bool, device=device)
     pmask[:, :T] = attn.repeat_interleave(n, dim=0).bool()
     steps = torch.arange(max_new, device=device)
