@@ -24,13 +24,23 @@ The idea (gpt-fast's generate.py, batched and multimodal):
    serves all batch sizes >= 2, group sizes n >= 2 and key lengths (n = 1 gets its own, and so
    would a batch of 1 row or 1 group, which compaction avoids; each torch thread count too); a
    cold compile takes ~25-90 s here, ~12 s from inductor's cache. SampleConfig(compile=False) or SRPO_COMPILE=0
-   decodes eagerly, as does an FSDP-sharded model; a failing compile (e.g. no C++ compiler) warns
-   and falls back to eager;
+   decodes eagerly, as does an FSDP-sharded model. A compiled step checks itself (SelfChecked):
+   the first call of every new graph is compared with the eager step on the same inputs, and a
+   disagreement or a failing compile warns loudly and decodes eagerly for the rest of the run;
+   inductor's cache key names the CPU's vector ISA (key_compile_cache);
 4. a row stops at its first eos id (its eos token is kept: it is part of the response GRPO
    trains on) or at max_new_tokens. Finished rows are dropped from the batch (their generated
    cache rows are gathered out; a group's prompt cache row when all its rows are done) once they
    are at least `compact_frac` of the rows still decoding, so they stop costing compute; a
    finished row is kept when fewer than 2 rows or 2 groups would remain (no graph of their own).
+
+5. on CUDA the loop is `decode_static` instead (SampleConfig.path; the choice is decode_path):
+   the same sampling with every shape fixed, gpt-fast style: one KV cache row per sample of
+   capacity prompt + max_new_tokens written in place at a position tensor, attention through
+   scaled_dot_product_attention masked by position (finished rows keep decoding, their tokens
+   discarded), sampling on the device with a host sync only every `eos_every` steps, and the
+   step captured once per call as a CUDA graph and replayed for every token. On CPU it runs too
+   (same tokens as the cascade loop and transformers), but the cascade loop is faster there.
 
 Log-probs: for every generated token we return log_softmax(logits / temperature)[token] over
 the FULL vocabulary -- the distribution the policy defines at temperature T, which is what the
@@ -45,6 +55,8 @@ do not depend on the other rows, so dropping finished rows does not change the s
 
 FSDP2: a model sharded with fully_shard is all-gathered once for the whole rollout
 (`unsharded(model)`), instead of once per layer per decoded token, and resharded at the end.
+The price is the whole model in the gathered dtype on every rank while generate runs (2 bytes
+per parameter in bf16: 15.5 GB for Qwen2.5-VL-7B; memory.py's `rollout` term).
 
 Command line:  python sampler.py --model PATH --image IMG --prompt "..."   (streams on a tty)
 """
