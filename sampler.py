@@ -357,6 +357,7 @@ class SelfChecked:
     def __init__(self, compiled, eager, what, dtype, written=lambda args: ()):
         self.compiled, self.eager, self.what, self.dtype, self.written = compiled, eager, what, dtype, written
         self.failed, self.seen = False, -1  # graphs_compiled() at the last check (-1: none yet)
+        self.check_s = 0.0  # seconds spent in the eager reruns of checked calls
 
     def __call__(self, *args):
         if self.failed:
@@ -368,10 +369,12 @@ class SelfChecked:
             return self.fall_back(f"torch.compile failed: {e!r:.300}", args)
         if self.seen == graphs_compiled() and before == self.seen:
             return out
+        t0 = time.perf_counter()
         fast = [t.clone() for t in (out if isinstance(out, tuple) else (out,)) + tuple(self.written(args))]
         ref = self.eager(*args)
         slow = list((ref if isinstance(ref, tuple) else (ref,)) + tuple(self.written(args)))
         bad = disagreement(fast, slow, self.dtype)
+        self.check_s += time.perf_counter() - t0
         if bad:
             return self.fall_back(f"its first call disagrees with the eager step on the same inputs, {bad}. "
                                   f"Likely a stale or foreign inductor cache (TORCHINDUCTOR_CACHE_DIR="
