@@ -582,13 +582,16 @@ def static_step(model, tok, pos, cos_all, sin_all, ck, cv, prompt_mask, T):
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
         h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(R, a.n_head, 1, a.hd)  # (R, H, 1, hd)
+        # the g query heads of a kv head as g query positions of one head: grouped-query attention
+        # as plain attention, K/V read once per kv head, no repeat_interleave and no enable_gqa
+        # (which not every fused SDPA kernel takes together with a mask)
+        q = a.q_proj(h).view(R, a.n_kv, -1, a.hd)  # (R, Hkv, g, hd)
         k = a.k_proj(h).view(R, a.n_kv, 1, a.hd)  # (R, Hkv, 1, hd)
         v = a.v_proj(h).view(R, a.n_kv, 1, a.hd)
         q, k = M.apply_rotary(q, cos, sin), M.apply_rotary(k, cos, sin)
         ck[i].index_copy_(2, slot, k)  # in place at a device position: the same graph for every step
         cv[i].index_copy_(2, slot, v)
-        y = F.scaled_dot_product_attention(q, ck[i], cv[i], attn_mask=mask, enable_gqa=True)  # (R, H, 1, hd)
+        y = F.scaled_dot_product_attention(q, ck[i], cv[i], attn_mask=mask)  # (R, Hkv, g, hd)
         x = x + a.o_proj(y.reshape(R, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(model.norm(x)).float()
