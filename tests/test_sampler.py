@@ -388,6 +388,20 @@ def test_decode_path_choice():
 
 
 @pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu():
+    """bench/gpu_sampler.py's CPU dry run: every contender prints a row, and in fp32 our greedy
+    tokens are transformers' on every row (the benchmark exits non-zero otherwise)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_sampler.py"), "--shape", "tiny", "--device",
+                          "cpu", "--prompts", "2", "--samples", "2", "--new", "8", "--reps", "1"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    for label in ("ours static + graph", "ours static eager", "ours cascade eager", "hf dynamic", "hf static+compile"):
+        assert any(ln.startswith(label) and "ms/step" in ln for ln in res.stdout.splitlines()), (label, res.stdout)
+    assert "2/2 rows identical over 8 tokens" in res.stdout
+
+
+@pytest.mark.slow
 def test_static_path_compiled_matches_eager(models):
     """The compiled static step (what CUDA captures in its graph) on CPU: the same greedy tokens."""
     net, _ = models
