@@ -25,6 +25,7 @@ the ratios, which come from interleaved best-of-3 runs):
     python bench/sampler.py --threads 2 --batch 64
     python bench/sampler.py --batch 64 --new 32    # a quick look
     python bench/sampler.py --processes 6          # the two 8 x 8 rows in 6 fresh processes: mean +- SE
+    python bench/sampler.py --group-only --path static  # the fixed-shape loop (the CUDA default) on CPU
 
 Run of 16:44-16:50 UTC, 1 Dec, quiet machine (load average ~1), `--processes 6`, sampler.py
 unchanged since the 15:16 run below. The bench now has a second 8 x 8 row on the built-in task's
