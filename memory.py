@@ -14,10 +14,16 @@ Every term is a formula over the model config and the run's shapes (bytes per GP
                  the policy, so that both run the same FSDP2 bf16 path (KL 0 at step 0)
     rollout      the whole model all-gathered in bf16 for generation (FSDP2 MixedPrecisionPolicy
                  param_dtype=bf16: the gathered copy is bf16, not fp32)             2 N
+                 sampler.generate gathers it ONCE per call (sampler.unsharded) and keeps it for every
+                 decode step, instead of gathering each layer for every new token: this term is the
+                 price (15.5 GB for Qwen2.5-VL-7B), paid for the length of the rollout only
     kv_cache     bf16 keys + values of every layer for the rows generated at once:
-                 rows x tokens x layers x 2 x kv_heads x head_dim x 2 bytes, where a shared-prefix
-                 cache holds each prompt once per group (rollout_batch x prompt_len + rollout_batch
-                 x G x max_new) and a plain one G times (rollout_batch x G x (prompt_len + max_new))
+                 rows x tokens x layers x 2 x kv_heads x head_dim x 2 bytes. The sampler's static
+                 path (the CUDA default) holds one row per sample of capacity prompt + new tokens:
+                 rollout_batch x G x (prompt_len + max_new), rounded up to 64 tokens per row
+                 (sampler.CAPACITY_MULTIPLE; not counted here); its cascade path (the CPU default,
+                 shared_prefix_cache=1) each prompt once per group: rollout_batch x prompt_len +
+                 rollout_batch x G x max_new
     activations  what autograd keeps for one training micro-batch of B = micro_batch rows of
                  T = prompt_len + max_new tokens, in bf16. Per token and decoder layer a layer saves
                  4 I + 7 H + 2 KV + 2 hd + heads values (I = intermediate, H = hidden, KV = kv_heads x
@@ -52,7 +58,8 @@ class RunShape:
     logprob_chunk: int = 256
     beta: float = 0.0               # > 0 keeps a reference model
     freeze_vision: bool = True
-    shared_prefix_cache: bool = True   # the sampler stores each group's prompt K/V once
+    shared_prefix_cache: bool = False  # 1: the sampler's cascade path (each group's prompt K/V stored once);
+                                       # 0: its static path, the one CUDA runs (the prompt once per sample)
 
 
 @dataclass

@@ -24,13 +24,23 @@ The idea (gpt-fast's generate.py, batched and multimodal):
    serves all batch sizes >= 2, group sizes n >= 2 and key lengths (n = 1 gets its own, and so
    would a batch of 1 row or 1 group, which compaction avoids; each torch thread count too); a
    cold compile takes ~25-90 s here, ~12 s from inductor's cache. SampleConfig(compile=False) or SRPO_COMPILE=0
-   decodes eagerly, as does an FSDP-sharded model; a failing compile (e.g. no C++ compiler) warns
-   and falls back to eager;
+   decodes eagerly, as does an FSDP-sharded model. A compiled step checks itself (SelfChecked):
+   the first call of every new graph is compared with the eager step on the same inputs, and a
+   disagreement or a failing compile warns loudly and decodes eagerly for the rest of the run;
+   inductor's cache key names the CPU's vector ISA (key_compile_cache);
 4. a row stops at its first eos id (its eos token is kept: it is part of the response GRPO
    trains on) or at max_new_tokens. Finished rows are dropped from the batch (their generated
    cache rows are gathered out; a group's prompt cache row when all its rows are done) once they
    are at least `compact_frac` of the rows still decoding, so they stop costing compute; a
    finished row is kept when fewer than 2 rows or 2 groups would remain (no graph of their own).
+
+5. on CUDA the loop is `decode_static` instead (SampleConfig.path; the choice is decode_path):
+   the same sampling with every shape fixed, gpt-fast style: one KV cache row per sample of
+   capacity prompt + max_new_tokens written in place at a position tensor, attention through
+   scaled_dot_product_attention masked by position (finished rows keep decoding, their tokens
+   discarded), sampling on the device with a host sync only every `eos_every` steps, and the
+   step captured once per call as a CUDA graph and replayed for every token. On CPU it runs too
+   (same tokens as the cascade loop and transformers), but the cascade loop is faster there.
 
 Log-probs: for every generated token we return log_softmax(logits / temperature)[token] over
 the FULL vocabulary -- the distribution the policy defines at temperature T, which is what the
@@ -45,6 +55,8 @@ do not depend on the other rows, so dropping finished rows does not change the s
 
 FSDP2: a model sharded with fully_shard is all-gathered once for the whole rollout
 (`unsharded(model)`), instead of once per layer per decoded token, and resharded at the end.
+The price is the whole model in the gathered dtype on every rank while generate runs (2 bytes
+per parameter in bf16: 15.5 GB for Qwen2.5-VL-7B; memory.py's `rollout` term).
 
 Command line:  python sampler.py --model PATH --image IMG --prompt "..."   (streams on a tty)
 """
@@ -60,6 +72,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx.experimental._config as fx_config
+import torch.nn.functional as F
 
 import model as M  # KVCache
 
@@ -77,8 +90,13 @@ class SampleConfig:
     prefill_chunk: int = 8      # prompts per prefill forward
     suppress_ids: tuple = None  # never drawn; None = the model's <|image_pad|>, <|video_pad|> (they
                                 # cannot be fed back as text: a forward takes them for image slots)
-    compile: bool = True        # torch.compile the decode step on CPU (plain modules; eager if it fails
-                                # or the environment sets SRPO_COMPILE=0)
+    compile: bool = True        # torch.compile the decode step (plain modules; eager if it fails, if its
+                                # first call disagrees with the eager step, or if SRPO_COMPILE=0)
+    path: str = "auto"          # decode loop: "cascade" (shared-prompt attention, shrinking batch: the fast
+                                # one on CPU), "static" (fixed shapes, CUDA graph on GPU), "auto" = static
+                                # on CUDA, cascade elsewhere (see decode_path)
+    cuda_graph: bool = True     # static path on CUDA: capture the decode step once, replay it every token
+    eos_every: int = 8          # static path: look every this many steps whether all rows stopped (a host sync)
 
 
 def _check(cfg: SampleConfig):
@@ -88,6 +106,9 @@ def _check(cfg: SampleConfig):
         raise ValueError(f"sampler.py: SampleConfig.temperature must be > 0, got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise ValueError(f"sampler.py: SampleConfig.top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.path not in ("auto", "cascade", "static") or cfg.eos_every < 1:
+        raise ValueError(f"sampler.py: SampleConfig.path must be auto, cascade or static and eos_every >= 1, "
+                         f"got {cfg.path!r}, {cfg.eos_every}")
     if cfg.top_k < 0 or cfg.n < 1 or cfg.prefill_chunk < 1:
         raise ValueError(f"sampler.py: SampleConfig.top_k must be >= 0, n and prefill_chunk >= 1, "
                          f"got {cfg.top_k}, {cfg.n}, {cfg.prefill_chunk}")
@@ -288,24 +309,110 @@ def decode_step(model, tok, cos, sin, pk, pv, p_bias, gk, gv, g_bias, slot, n, f
     return logits, torch.stack(new_k), torch.stack(new_v)
 
 
-_compiled_step = None  # torch.compile(decode_step), built once per process
+# ----------------------------------------------------------------------------- compiled steps check themselves
+
+def key_compile_cache():
+    """Make inductor's cache key name the CPU vector ISA and the MKL instruction set. Its FX graph
+    key does not include them: C++ written for AVX-512 (loops of 16 floats) and loaded from the
+    cache in a process whose vector ISA is AVX2 (ATEN_CPU_CAPABILITY=avx2) is compiled with AVX2's
+    8-float Vectorized and reads and writes the wrong elements (NaN or garbage, no error).
+    bench/inductor_isa_cache.py shows it. Appends to torch.compiler.config.cache_key_tag (part of
+    the key) once per process; a tag the user set is kept in front."""
+    import torch.compiler.config as cc
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    tag = (f"srpo:torch={torch.__version__},isa={pick_vec_isa()},"
+           f"mkl={os.environ.get('MKL_ENABLE_INSTRUCTIONS', '')}")
+    if tag not in cc.cache_key_tag:
+        cc.cache_key_tag = f"{cc.cache_key_tag}|{tag}" if cc.cache_key_tag else tag
+
+
+def graphs_compiled():
+    """Graphs dynamo has compiled (or loaded from the cache) in this process: when it grows, a call
+    ran code that has not been checked yet."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def disagreement(fast, slow, dtype):
+    """None if every tensor of `fast` is within tolerance of `slow`, else a description.
+    Tolerance: max |fast - slow| <= tol * max |slow| per tensor, tol 1e-3 in fp32 (compiled and
+    eager differ by ~1e-6 there: summation order) and 5e-2 in bf16 / fp16 (one rounding ~4e-3)."""
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    for i, (f, e) in enumerate(zip(fast, slow)):
+        f, e = f.float(), e.float()
+        err = float((f - e).abs().max()) if f.numel() else 0.0
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        if not err <= tol * max(scale, 1e-6):  # also catches NaN
+            return f"output {i}: max |compiled - eager| = {err:.3g} > {tol:g} x max |eager| ({scale:.3g})"
+    return None
+
+
+class SelfChecked:
+    """A compiled step that checks itself against the eager step. The first call, and every call
+    that compiles a new graph (or loads one from inductor's cache), also runs the eager step on
+    the same inputs and compares the outputs (and what `written()` reads of the state the step
+    writes); on a disagreement or a failing compile it warns once, loudly, and runs the eager
+    step for the rest of the process. Checked calls return the eager result. A check costs one
+    eager step per graph. written(args) -> tensors the step wrote, compared after each run."""
+
+    def __init__(self, compiled, eager, what, dtype, written=lambda args: ()):
+        self.compiled, self.eager, self.what, self.dtype, self.written = compiled, eager, what, dtype, written
+        self.failed, self.seen = False, -1  # graphs_compiled() at the last check (-1: none yet)
+        self.check_s = 0.0  # seconds spent in the eager reruns of checked calls
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.eager(*args)
+        before = graphs_compiled()
+        try:
+            out = self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 -- any compile failure (e.g. no C++ compiler): eager from now on
+            return self.fall_back(f"torch.compile failed: {e!r:.300}", args)
+        if self.seen == graphs_compiled() and before == self.seen:
+            return out
+        t0 = time.perf_counter()
+        fast = [t.clone() for t in (out if isinstance(out, tuple) else (out,)) + tuple(self.written(args))]
+        ref = self.eager(*args)
+        slow = list((ref if isinstance(ref, tuple) else (ref,)) + tuple(self.written(args)))
+        bad = disagreement(fast, slow, self.dtype)
+        self.check_s += time.perf_counter() - t0
+        if bad:
+            return self.fall_back(f"its first call disagrees with the eager step on the same inputs, {bad}. "
+                                  f"Likely a stale or foreign inductor cache (TORCHINDUCTOR_CACHE_DIR="
+                                  f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}) or a compiler bug", args)
+        self.seen = graphs_compiled()
+        return ref
+
+    def fall_back(self, cause, args):
+        self.failed = True
+        msg = f"sampler.py: WARNING: the compiled {self.what} is not used: {cause}. Decoding eagerly for the rest of this run."
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        print(msg, file=sys.stderr, flush=True)
+        return self.eager(*args)
+
+
+def compile_step(fn, **kw):
+    """torch.compile with inductor's cache keyed by the vector ISA (key_compile_cache); one place
+    that a test can replace."""
+    key_compile_cache()
+    return torch.compile(fn, **kw)
+
+
+_cascade_step = None  # SelfChecked(compiled decode_step), built once per process
 
 
 def decode_fn(model, cfg: SampleConfig):
-    """The decode step to run: compiled (shapes dynamic: one graph while the batch shrinks and the
-    key length grows) for a plain module on CPU when cfg.compile, eager otherwise or if compiling
-    fails (e.g. no C++ compiler). FSDP-sharded models stay eager (hooks in a compiled graph: not
-    tried), and so does CUDA (not measured here)."""
+    """The cascade decode step to run: compiled (shapes dynamic: one graph while the batch shrinks
+    and the key length grows) for a plain module on CPU when cfg.compile, eager otherwise.
+    FSDP-sharded models stay eager (hooks in a compiled graph: not tried), and so does CUDA (the
+    static path is the CUDA one). The compiled step checks itself (SelfChecked)."""
     if (not cfg.compile or os.environ.get("SRPO_COMPILE") == "0" or is_fsdp(model)
             or next(model.parameters()).device.type != "cpu"):
         return decode_step
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(functools.partial(decode_step, fused=True), dynamic=True)
+    global _cascade_step
+    if _cascade_step is None:
+        compiled = compile_step(functools.partial(decode_step, fused=True), dynamic=True)
 
-    def step(*args):
-        global _compiled_step
-        if _compiled_step is not False:
+        def traced(*args):
             # no duck shaping while tracing: sizes that happen to be equal on the first call (a batch
             # of 2 rows and 2 kv heads) stay separate symbols, so one graph serves every batch >= 2.
             # Floats specialized: with dynamic shapes dynamo first traces module float attributes
@@ -314,14 +421,11 @@ def decode_fn(model, cfg: SampleConfig):
             duck, fx_config.use_duck_shape = fx_config.use_duck_shape, False
             try:
                 with torch._dynamo.config.patch(specialize_float=True):
-                    return _compiled_step(*args)
-            except Exception as e:  # noqa: BLE001 -- any compile failure: decode eagerly from now on
-                warnings.warn(f"sampler.py: torch.compile of the decode step failed, decoding eagerly: {e!r:.300}")
-                _compiled_step = False
+                    return compiled(*args)
             finally:
                 fx_config.use_duck_shape = duck
-        return decode_step(*args)
-    return step
+        _cascade_step = SelfChecked(traced, decode_step, "decode step", next(model.parameters()).dtype)
+    return _cascade_step
 
 
 # ----------------------------------------------------------------------------- generate
@@ -370,7 +474,19 @@ def generate(model, batch, eos_ids, cfg: SampleConfig, pad_id=0, stream=None):
         prompt = M.KVCache(model.config, B, T, device, dtype)  # (L, B, Hkv, T, hd)
         logits = prefill(model, input_ids, attn, pos_ids.to(device), pixel_values, grid, prompt, cfg.prefill_chunk)
         next_pos = pos_ids[:, :, -1].to(device) + 1  # (3, B) M-RoPE position of the first new token
-        return decode(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, stream)
+        loop = decode_static if decode_path(cfg, device) == "static" else decode
+        return loop(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, stream)
+
+
+def decode_path(cfg: SampleConfig, device) -> str:
+    """THE choice of decode loop. On CPU the cascade loop is faster (shared prompt read once per
+    group, finished rows dropped, one compiled graph for all shapes: on bench/sampler.py's 8 x 8
+    row the compiled static loop made 341 tokens/s, the cascade loop 1007); on CUDA a fixed-shape
+    step replayed as one CUDA graph removes the ~2700 kernel launches per token that made the
+    cascade loop launch-bound there (bench/gpu_sampler.py compares them)."""
+    if cfg.path != "auto":
+        return cfg.path
+    return "static" if torch.device(device).type == "cuda" else "cascade"
 
 
 def decode(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, stream):
@@ -436,6 +552,134 @@ def decode(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, st
                                gen.k, gen.v, g_bias[:S], slot, n)
         gen.k[:, :, :, step], gen.v[:, :, :, step] = k, v  # (L, K, Hkv, hd)
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
+    return dict(tokens=tokens_out, logprobs=logp_out, lengths=lengths, finish_reasons=reasons)
+
+
+# ----------------------------------------------------------------------------- decode, static shapes (CUDA)
+# The same sampling as decode() with every shape fixed for the whole call (gpt-fast's decode on a
+# CUDA graph): one KV cache row per sample of capacity C >= T + max_new, written in place at a
+# position tensor; attention over all C slots by scaled_dot_product_attention, masked by position
+# (finished rows keep decoding, their tokens discarded, instead of shrinking the batch); sampling
+# on the device, the host looking at the eos flags only every cfg.eos_every steps. The step is
+# then one graph: captured once per call as a CUDA graph and replayed for every token.
+
+CAPACITY_MULTIPLE = 64  # C rounded up: calls whose prompts differ by a few tokens reuse the compiled graph
+
+
+def static_step(model, tok, pos, cos_all, sin_all, ck, cv, prompt_mask, T):
+    """One new token per row, written into the cache in place.
+    tok (R,) long; pos (1,) long this step's index (its keys go to slot T + pos); cos_all, sin_all
+    (R, max_new, hd) rotary of every step; ck, cv (L, R, Hkv, C, hd) the cache, the prompt at
+    [0, T) and the generated tokens after it; prompt_mask (R, C) bool, True on real prompt tokens
+    -> logits (R, V) float32."""
+    R, C = prompt_mask.shape
+    x = model.embed_tokens(tok)  # (R, C_model)
+    cos = cos_all.index_select(1, pos)[:, None]  # (R, 1, 1, hd): index_select, not [pos]: no host sync
+    sin = sin_all.index_select(1, pos)[:, None]
+    slot = T + pos  # (1,)
+    cols = torch.arange(C, device=tok.device)
+    mask = (prompt_mask | ((cols >= T) & (cols <= slot)))[:, None, None]  # (R, 1, 1, C): the prompt + tokens so far
+    for i, layer in enumerate(model.layers):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        # the g query heads of a kv head as g query positions of one head: grouped-query attention
+        # as plain attention, K/V read once per kv head, no repeat_interleave and no enable_gqa
+        # (which not every fused SDPA kernel takes together with a mask)
+        q = a.q_proj(h).view(R, a.n_kv, -1, a.hd)  # (R, Hkv, g, hd)
+        k = a.k_proj(h).view(R, a.n_kv, 1, a.hd)  # (R, Hkv, 1, hd)
+        v = a.v_proj(h).view(R, a.n_kv, 1, a.hd)
+        q, k = M.apply_rotary(q, cos, sin), M.apply_rotary(k, cos, sin)
+        ck[i].index_copy_(2, slot, k)  # in place at a device position: the same graph for every step
+        cv[i].index_copy_(2, slot, v)
+        y = F.scaled_dot_product_attention(q, ck[i], cv[i], attn_mask=mask)  # (R, Hkv, g, hd)
+        x = x + a.o_proj(y.reshape(R, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.norm(x)).float()
+
+
+def static_runner(model, cfg, args, dtype):
+    """step(tok, pos) -> logits over the fixed tensors `args` (cos, sin, ck, cv, prompt_mask, T):
+    compiled when cfg.compile (checked against eager, SelfChecked), and on CUDA captured as a
+    CUDA graph that every call replays (inputs copied into the graph's own tok/pos tensors)."""
+    cos, sin, ck, cv, pmask, T = args
+    fn = static_step
+    if cfg.compile and os.environ.get("SRPO_COMPILE") != "0" and not is_fsdp(model):
+        global _static_step
+        if _static_step is None:  # one per process: graphs are reused by shape, each checked once
+            written = lambda a: (a[5][:, :, :, a[8]], a[6][:, :, :, a[8]])  # noqa: E731  the slot step 0 writes
+            _static_step = SelfChecked(compile_step(static_step, fullgraph=True), static_step,
+                                       "static decode step", dtype, written)
+        fn = _static_step
+    step = lambda tok, pos: fn(model, tok, pos, cos, sin, ck, cv, pmask, T)  # noqa: E731
+    if not (cfg.cuda_graph and ck.is_cuda):
+        return step
+    tok_in = torch.zeros(pmask.shape[0], dtype=torch.long, device=ck.device)
+    pos_in = torch.zeros(1, dtype=torch.long, device=ck.device)
+    try:
+        side = torch.cuda.Stream()  # warm-up on a side stream before capture (lazy inits, compile, the check)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(tok_in, pos_in)  # writes slot T, which step 0 overwrites
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step(tok_in, pos_in)
+    except Exception as e:  # noqa: BLE001 -- e.g. an op that cannot be captured: run the step as is
+        warnings.warn(f"sampler.py: WARNING: CUDA graph capture of the decode step failed, running it uncaptured: {e!r:.300}")
+        return step
+
+    def replay(tok, pos):
+        tok_in.copy_(tok)
+        pos_in.copy_(pos)
+        graph.replay()
+        return logits  # the graph's output tensor, overwritten by the next replay
+    return replay
+
+
+_static_step = None  # SelfChecked(compiled static_step), built once per process
+
+
+def decode_static(model, prompt, attn, logits, next_pos, cfg, eos, suppress, pad_id, stream):
+    """decode() with fixed shapes (see above): same arguments, same returned dict, the same
+    randomness (one uniform per output row and step from cfg.seed)."""
+    n, max_new = cfg.n, cfg.max_new_tokens
+    B, T = attn.shape
+    R, device, dtype = B * n, attn.device, prompt.k.dtype
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # 1. the cache: the prompt's keys/values copied to each of its n rows, capacity rounded up
+    C = -(-(T + max_new) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+    cache = M.KVCache(model.config, R, C, device, dtype)  # (L, R, Hkv, C, hd)
+    cache.k[:, :, :, :T] = prompt.k.repeat_interleave(n, dim=1)
+    cache.v[:, :, :, :T] = prompt.v.repeat_interleave(n, dim=1)
+    prompt.k = prompt.v = None  # the prompt-only cache is not read again: free it now
+    pmask = torch.zeros(R, C, dtype=torch.bool, device=device)
+    pmask[:, :T] = attn.repeat_interleave(n, dim=0).bool()
+    steps = torch.arange(max_new, device=device)
+    cos, sin = M.mrope_cos_sin(next_pos.repeat_interleave(n, 1)[:, :, None] + steps, model.config.text,
+                               dtype)  # (R, max_new, hd)
+    step_fn = static_runner(model, cfg, (cos, sin, cache.k, cache.v, pmask, T), dtype)
+    # 2. the loop: everything stays on the device; the host syncs every eos_every steps
+    logits = logits.repeat_interleave(n, dim=0)  # (R, V)
+    tokens_out = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
+    logp_out = torch.zeros(R, max_new, dtype=torch.float32, device=device)
+    lengths = torch.full((R,), max_new, dtype=torch.long, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)  # stopped on eos
+    rows = torch.arange(R, device=device)
+    for step in range(max_new):
+        uniform = torch.rand(R, generator=generator, device=device)
+        tok, lp = sample_next(logits, cfg, uniform, suppress)
+        tokens_out[:, step] = tok.masked_fill(done, pad_id)
+        logp_out[:, step] = lp.masked_fill(done, 0.0)
+        if stream is not None:
+            stream(step, rows[~done], tok[~done])
+        hit = ~done & torch.isin(tok, eos)
+        lengths.masked_fill_(hit, step + 1)
+        done |= hit
+        if step == max_new - 1 or ((step + 1) % cfg.eos_every == 0 and bool(done.all())):
+            break
+        logits = step_fn(tok.masked_fill(done, pad_id), steps[step:step + 1])
+    reasons = ["stop" if s else "length" for s in done.tolist()]
     return dict(tokens=tokens_out, logprobs=logp_out, lengths=lengths, finish_reasons=reasons)
 
 

@@ -9,7 +9,7 @@
 # grpo.py under torchrun with a reference model (beta > 0) and logp_old recomputed by the training
 # forward; every logged number finite; at step 1 the KL to the reference (identical weights, the same
 # FSDP2 bf16 path) and the clipping are ~0; the sharded checkpoint of the N-GPU run resumes on ONE GPU;
-# eval.py on the GPU; the memory plan prints.
+# eval.py on the GPU; the memory plan prints; bench/gpu_sampler.py (the sampler against transformers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-/tmp/srpo_gpu_check}
@@ -49,6 +49,13 @@ check "grpo.py resumes the $N-GPU sharded checkpoint on 1 GPU (DCP)" \
    && python -c \"import json; s = json.load(open('$D/grpo/checkpoint/train_state.json')); assert s['step'] == 3, s\""
 check "eval.py on $DEV" "run python eval.py --model $D/grpo --data $D/task/test.jsonl --prompt single --out $D/eval --limit 16 --device $DEV"
 check "memory.py prints the 7B plan" "run python memory.py --world_size 8"
+# the sampler on the GPU: 7B shapes, random bf16 weights, ours (static + CUDA graph) vs transformers
+# generate, ms/step against the bandwidth bound (~5-8 min on an H200; GPU_CHECK_SAMPLER=0 skips it)
+if [ "${GPU_CHECK_SAMPLER:-1}" = 1 ]; then
+  if [ "$DEV" = cpu ]; then SHAPE="--shape tiny --device cpu --prompts 2 --samples 2 --new 16 --reps 1"; else SHAPE="--shape 7b"; fi
+  check "bench/gpu_sampler.py $SHAPE (results in $D/gpu_sampler.log)" \
+    "python bench/gpu_sampler.py $SHAPE > $D/gpu_sampler.log 2>&1; rc=\$?; cat $D/gpu_sampler.log; [ \$rc -eq 0 ]"
+fi
 echo "gpu_check: logs in $D/output.log"
 [ "$fail" -eq 0 ] && echo "gpu_check: PASS" || echo "gpu_check: FAIL"
 exit $fail

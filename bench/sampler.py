@@ -25,6 +25,7 @@ the ratios, which come from interleaved best-of-3 runs):
     python bench/sampler.py --threads 2 --batch 64
     python bench/sampler.py --batch 64 --new 32    # a quick look
     python bench/sampler.py --processes 6          # the two 8 x 8 rows in 6 fresh processes: mean +- SE
+    python bench/sampler.py --group-only --path static  # the fixed-shape loop (the CUDA default) on CPU
 
 Run of 16:44-16:50 UTC, 1 Dec, quiet machine (load average ~1), `--processes 6`, sampler.py
 unchanged since the 15:16 run below. The bench now has a second 8 x 8 row on the built-in task's
@@ -313,7 +314,7 @@ def across_processes(args):
     """The two 8 x 8 rows in args.processes fresh processes of this script: each ratio, and per row
     their mean +- SE."""
     cmd = [sys.executable, os.path.abspath(__file__), "--group-only", "--new", str(args.new), "--reps",
-           str(args.reps), "--threads", str(args.threads), "--compile", str(args.compile)]
+           str(args.reps), "--threads", str(args.threads), "--compile", str(args.compile), "--path", args.path]
     labels = ("8 prompts x 8 samples", GRPO_ROW)
     ratios = {label: [] for label in labels}
     for i in range(args.processes):
@@ -338,6 +339,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", type=int, default=1, help="1: torch.compile our decode step (the default of "
                     "SampleConfig), 0: eager")
+    ap.add_argument("--path", default="auto", choices=["auto", "cascade", "static"],
+                    help="SampleConfig.path: our decode loop (auto = cascade on CPU)")
     ap.add_argument("--reps", type=int, default=3, help="best of this many runs, ours and theirs alternating")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default); 1 because "
                     "on a shared, oversubscribed machine 2 threads make every parallel op wait for a "
@@ -375,14 +378,14 @@ def main():
     # contenders before the timed runs, so compile time is reported here and excluded from tok/s.
     warm = make_batch(cfg, 2)
     t0 = time.perf_counter()
-    S.generate(net, warm, [], S.SampleConfig(max_new_tokens=4, compile=compile))
+    S.generate(net, warm, [], S.SampleConfig(max_new_tokens=4, compile=compile, path=args.path))
     print(f"first call (batch 2, 4 tokens; decode step compile={compile}): {time.perf_counter() - t0:.1f}s")
     if not args.no_hf:
         hf_generate(hf, cfg, warm, 4)
     ratios = []
     for B in ([] if args.group_only else args.batch):
         batch = make_batch(cfg, B, seed=B)
-        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, compile=compile)
+        sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, compile=compile, path=args.path)
         ours = lambda: S.generate(net, batch, [], sc)  # noqa: E731
         hf_ = (lambda: hf_generate(hf, cfg, batch, new)) if not args.no_hf else None
         t_warm = timed(ours)  # warm-up (untimed in tok/s), both sides
@@ -391,7 +394,7 @@ def main():
         t_ours, t_hf = best_interleaved(ours, hf_, args.reps)
         if t_warm > 2 * t_ours:
             print(f"  (batch {B}: warm-up call {t_warm:.1f}s: a new compiled graph for this shape)")
-        sc1 = S.SampleConfig(max_new_tokens=1, compile=compile)
+        sc1 = S.SampleConfig(max_new_tokens=1, compile=compile, path=args.path)
         t_first = timed(lambda: S.generate(net, batch, [], sc1), args.reps)
         t_dec = max(t_ours - t_first, 1e-9)
         frac = decode_flops(cfg, batch, new) / t_dec / peak
@@ -408,7 +411,7 @@ def main():
     if not args.no_hf and (64 in args.batch or args.group_only):
         for label, grpo_shaped in (("8 prompts x 8 samples", False), (GRPO_ROW, True)):
             batch = make_batch(cfg, 8, seed=8, grpo_shaped=grpo_shaped)
-            sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, n=8, compile=compile)
+            sc = S.SampleConfig(max_new_tokens=new, temperature=1.0, seed=0, n=8, compile=compile, path=args.path)
             S.generate(net, batch, [], sc)
             hf_generate(hf, cfg, batch, new, n=8)
             t_ours, t_hf = best_interleaved(lambda: S.generate(net, batch, [], sc),
@@ -423,7 +426,7 @@ def main():
     batch = make_batch(cfg, B, seed=B)
     eos = list(range(100, 100 + cfg.text.vocab_size // 64))
     for frac in (0.0, 0.25, 0.5, 2.0):
-        sc = S.SampleConfig(max_new_tokens=new, seed=0, compact_frac=frac, compile=compile)
+        sc = S.SampleConfig(max_new_tokens=new, seed=0, compact_frac=frac, compile=compile, path=args.path)
         out = S.generate(net, batch, eos, sc)
         t = timed(lambda: S.generate(net, batch, eos, sc), args.reps)
         print(f"eos on, batch {B}, compact_frac {frac:4}: {t:.2f}s for {int(out['lengths'].sum())} tokens "

@@ -1,8 +1,10 @@
 """sampler.py against independent references: transformers' Qwen2_5_VLForConditionalGeneration
 (generate, full forward, logits warpers) loaded with the same random weights."""
+import dataclasses
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -223,17 +225,195 @@ def test_compile_fallback_and_off_switches(models, monkeypatch):
 
     def broken(*args):
         raise RuntimeError("InductorError: no C++ compiler")
-    monkeypatch.setattr(S, "_compiled_step", broken)
-    with pytest.warns(UserWarning, match="decoding eagerly"):
+    monkeypatch.setattr(S, "_cascade_step", None)
+    monkeypatch.setattr(S, "compile_step", lambda fn, **kw: broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*Decoding eagerly"):
         out = S.generate(net, batch, eos, S.SampleConfig(**kw))
-    assert S._compiled_step is False  # not retried
+    assert S._cascade_step.failed  # not retried
     assert torch.equal(out["tokens"], eager["tokens"])
 
-    monkeypatch.setattr(S, "_compiled_step", None)
+    monkeypatch.setattr(S, "_cascade_step", None)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called"))
     for sc, env in ((S.SampleConfig(**kw, compile=False), "1"), (S.SampleConfig(**kw), "0")):
         monkeypatch.setenv("SRPO_COMPILE", env)
         assert torch.equal(S.generate(net, batch, eos, sc)["tokens"], eager["tokens"])
+
+
+@pytest.mark.parametrize("path", ["cascade", "static"])
+def test_wrong_compiled_step_warns_once_and_decodes_eagerly(models, monkeypatch, path):
+    """A compiled step that computes garbage (as a stale inductor cache did) is caught by its first
+    call's comparison with the eager step: one loud warning naming the cause, then eager decoding
+    for the rest of the run, with the eager step's output."""
+    net, _ = models
+    batch, eos = make_batch(net.config), list(range(40, 56))
+    kw = dict(max_new_tokens=12, temperature=1.0, n=2, seed=5, path=path)
+    eager = S.generate(net, batch, eos, S.SampleConfig(**kw, compile=False))
+    calls = []
+
+    def wrong_compile(fn, **k):
+        def garbage(*args):  # the eager step, its logits shifted as by misread memory
+            calls.append(1)
+            out = fn(*args)
+            return (out[0] + 3.0, *out[1:]) if isinstance(out, tuple) else out * -1.0
+        return garbage
+    monkeypatch.setattr(S, "compile_step", wrong_compile)
+    monkeypatch.setattr(S, "_cascade_step", None)
+    monkeypatch.setattr(S, "_static_step", None)
+    with pytest.warns(RuntimeWarning, match="disagrees with the eager step on the same inputs.*inductor cache") as rec:
+        out = S.generate(net, batch, eos, S.SampleConfig(**kw))
+        again = S.generate(net, batch, eos, S.SampleConfig(**kw))
+    assert len([w for w in rec if "WARNING" in str(w.message)]) == 1
+    assert len(calls) == 1  # the wrong step ran once, then never again
+    for o in (out, again):
+        assert torch.equal(o["tokens"], eager["tokens"]) and torch.equal(o["lengths"], eager["lengths"])
+
+
+def test_compile_check_tolerance():
+    a = torch.randn(4, 50)
+    assert S.disagreement([a + 1e-5], [a], torch.float32) is None
+    assert "max |compiled - eager|" in S.disagreement([a * 1.01], [a], torch.float32)
+    assert S.disagreement([a * 1.01], [a], torch.bfloat16) is None  # bf16: one rounding is ~4e-3
+    assert S.disagreement([a.masked_fill(a > 2, float("nan"))], [a], torch.bfloat16) is not None or not (a > 2).any()
+    assert S.disagreement([a, a * 0], [a, a], torch.bfloat16) is not None
+
+
+def test_inductor_cache_key_names_the_vector_isa():
+    import torch.compiler.config as cc
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    old = cc.cache_key_tag
+    try:
+        cc.cache_key_tag = "mine"
+        S.key_compile_cache()
+        S.key_compile_cache()  # once
+        assert cc.cache_key_tag.startswith("mine|srpo:") and cc.cache_key_tag.count("srpo:") == 1
+        assert f"isa={pick_vec_isa()}" in cc.cache_key_tag and torch.__version__ in cc.cache_key_tag
+    finally:
+        cc.cache_key_tag = old
+
+
+@pytest.mark.slow
+def test_foreign_isa_cache_entry_not_reused(tmp_path):
+    """bench/inductor_isa_cache.py: a cache entry written for AVX-512 code is reused by a plain
+    process (the bug: wrong numbers on an AVX2-only CPU) and missed once key_compile_cache runs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "bench", "inductor_isa_cache.py"), "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = {ln.split(":")[0]: ln for ln in res.stdout.splitlines() if ln.startswith(("untagged", "tagged"))}
+    assert "cache hit" in lines["untagged"], res.stdout
+    assert "cache miss" in lines["tagged"] and "correct" in lines["tagged"], res.stdout
+
+
+# ----------------------------------------------------------------------------- the static path
+
+def test_static_path_greedy_matches_transformers_and_cascade(models):
+    """The fixed-shape loop (the CUDA default) on CPU, eager: token for token transformers' greedy
+    generate and the cascade loop, with and without per-row eos stops."""
+    net, hf = models
+    cfg = net.config
+    batch = make_batch(cfg)
+    T, N = batch["input_ids"].shape[1], 24
+    sc = S.SampleConfig(max_new_tokens=N, greedy=True, suppress_ids=(), compile=False, path="static")
+    ours = S.generate(net, batch, [], sc, pad_id=PAD)
+    ref = hf.generate(**hf_inputs(batch, cfg), do_sample=False, max_new_tokens=N, eos_token_id=NEVER)[:, T:]
+    assert torch.equal(ours["tokens"], ref)
+    eos = [int(ref[0, 5]), int(ref[2, 11])]
+    stop = S.generate(net, batch, eos, sc, pad_id=PAD)
+    ref = hf.generate(**hf_inputs(batch, cfg), do_sample=False, max_new_tokens=N, eos_token_id=eos,
+                      pad_token_id=PAD)[:, T:]
+    assert torch.equal(stop["tokens"], torch.cat([ref, torch.full((4, N - ref.shape[1]), PAD)], 1))
+    cascade = S.generate(net, batch, eos, dataclasses.replace(sc, path="cascade"), pad_id=PAD)
+    for k in ("tokens", "lengths"):
+        assert torch.equal(stop[k], cascade[k])
+    assert stop["finish_reasons"] == cascade["finish_reasons"] and len(set(stop["lengths"].tolist())) > 1
+
+
+@pytest.mark.parametrize("eos_every", [1, 5])
+def test_static_path_samples_what_cascade_samples(models, eos_every):
+    """Top-k/top-p sampling, n per prompt, rows stopping at different steps: the static loop draws the
+    same tokens as the cascade loop (the same uniform per output row and step), its log-probs are
+    transformers' full forward's, and it stops once every row has (checked every eos_every steps)."""
+    net, hf = models
+    cfg = net.config
+    n, temp = 3, 0.8
+    eos = list(range(40, 48))
+    kw = dict(max_new_tokens=20, temperature=temp, top_k=50, top_p=0.9, n=n, seed=3, compile=False)
+    static = S.generate(net, make_batch(cfg), eos, S.SampleConfig(**kw, path="static", eos_every=eos_every), pad_id=PAD)
+    cascade = S.generate(net, make_batch(cfg), eos, S.SampleConfig(**kw, path="cascade"), pad_id=PAD)
+    assert torch.equal(static["tokens"], cascade["tokens"]) and torch.equal(static["lengths"], cascade["lengths"])
+    assert static["finish_reasons"] == cascade["finish_reasons"]
+    ref, valid = hf_logprobs(hf, cfg, make_batch(cfg, repeat=n), static, temp)
+    assert (static["logprobs"] - ref).abs().max() < 1e-4 and (static["tokens"][~valid] == PAD).all()
+    # every row stops early: the loop ends within eos_every steps of the last stop
+    steps = []
+    everything = list(range(VOCAB))
+    S.generate(net, make_batch(cfg), everything, S.SampleConfig(**kw, path="static", eos_every=eos_every),
+               stream=lambda step, rows, toks: steps.append(step))
+    assert max(steps) == eos_every - 1
+
+
+def test_static_path_cache_and_positions(models, monkeypatch):
+    """One cache row per sample, capacity prompt + max_new rounded up to CAPACITY_MULTIPLE; the step
+    sees the same position tensor shape every step (one graph)."""
+    net, _ = models
+    t = net.config.text
+    shapes, seen = [], set()
+
+    class Recording(M.KVCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            shapes.append(tuple(self.k.shape))
+    orig = S.static_step
+
+    def recording(model, tok, pos, *rest):
+        seen.add((tuple(tok.shape), tuple(pos.shape)))
+        return orig(model, tok, pos, *rest)
+    monkeypatch.setattr(M, "KVCache", Recording)
+    monkeypatch.setattr(S, "static_step", recording)
+    batch = make_batch(net.config)
+    T = batch["input_ids"].shape[1]
+    S.generate(net, batch, [], S.SampleConfig(max_new_tokens=6, n=3, compile=False, path="static"))
+    C = -(-(T + 6) // S.CAPACITY_MULTIPLE) * S.CAPACITY_MULTIPLE
+    assert shapes == [(t.num_hidden_layers, 4, t.num_key_value_heads, T, t.head_dim),
+                      (t.num_hidden_layers, 12, t.num_key_value_heads, C, t.head_dim)]
+    assert seen == {((12,), (1,))}
+
+
+def test_decode_path_choice():
+    assert S.decode_path(S.SampleConfig(), "cpu") == "cascade"
+    assert S.decode_path(S.SampleConfig(), "cuda") == "static"
+    assert S.decode_path(S.SampleConfig(path="static"), "cpu") == "static"
+    with pytest.raises(ValueError, match="path"):
+        S.generate(None, {"input_ids": torch.zeros(1, 2, dtype=torch.long)}, [], S.SampleConfig(path="fast"))
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu():
+    """bench/gpu_sampler.py's CPU dry run: every contender prints a row, and in fp32 our greedy
+    tokens are transformers' on every row (the benchmark exits non-zero otherwise)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_sampler.py"), "--shape", "tiny", "--device",
+                          "cpu", "--prompts", "2", "--samples", "2", "--new", "8", "--reps", "1"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    for label in ("ours static + graph", "ours static eager", "ours cascade eager", "hf dynamic", "hf static+compile"):
+        assert any(ln.startswith(label) and "ms/step" in ln for ln in res.stdout.splitlines()), (label, res.stdout)
+    assert "2/2 rows identical over 8 tokens" in res.stdout
+
+
+@pytest.mark.slow
+def test_static_path_compiled_matches_eager(models):
+    """The compiled static step (what CUDA captures in its graph) on CPU: the same greedy tokens."""
+    net, _ = models
+    batch = make_batch(net.config)
+    sc = S.SampleConfig(max_new_tokens=16, greedy=True, suppress_ids=(), path="static")
+    eager = S.generate(net, batch, [], dataclasses.replace(sc, compile=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed self-check would warn
+        compiled = S.generate(net, batch, [], sc)
+    assert torch.equal(compiled["tokens"], eager["tokens"])
+    assert (compiled["logprobs"] - eager["logprobs"]).abs().max() < 1e-5
+    assert S._static_step is not None and not S._static_step.failed
 
 
 def test_top_k_top_p_temperature_distribution(models):
