@@ -7,7 +7,7 @@ responses per question with sampler.generate_texts, score each with reward.py an
     w2r r2r r2w w2w   reflection cases (wrong->right, ...)   single / none   one answer / no answer
     format  fraction in the prompt's format      len  mean response length in tokens (incl. the eos)
     NAME    each --metric MODULE:FUNCTION: FUNCTION(record, response_text) -> True | False | None,
-            averaged over the responses where it is not None (e.g. --metric task:scene_list_ok:
+            averaged over the responses where it is not None (e.g. --metric demo.task:scene_list_ok:
             share of responses whose first scene list is exactly the image's)
 
 as a table on stdout (n = questions; case columns count responses, n per question when sampling),
@@ -19,7 +19,7 @@ Datasets: project JSONL files (--data, e.g. the built-in task's test.jsonl) and 
 from local files in their published formats (--bench NAME=PATH, see benchmarks.py).
 
     python eval.py --model runs/base runs/srpo --data runs/task/test.jsonl --prompt reflect --out runs/eval \\
-        --metric task:scene_list_ok
+        --metric demo.task:scene_list_ok
 """
 import dataclasses
 import json
@@ -29,10 +29,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import answers
-import benchmarks
-import data
-from config import load_function, parse_config
+from support import answers
+from support import benchmarks
+from support import data
+from support.config import load_function, parse_config
 
 CASES = ["w2r", "r2r", "r2w", "w2w", "single", "none"]
 

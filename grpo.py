@@ -42,14 +42,14 @@ import torch
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
-import checkpoint
-import data
-import dist
+from support import checkpoint
+from support import data
+from support import dist
 import eval as eval_lib
 import reward
 import sampler
-import training
-from config import load_function
+from support import training
+from support.config import load_function
 from grpo_setup import PROG, GRPOConfig, check_config, lr_at, parse_args, setup
 
 

@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-import checkpoint
-import data
-import dist
+from support import checkpoint
+from support import data
+from support import dist
 import eval as eval_lib
 import model as model_lib
 import reward
-import training
-from config import parse_config
+from support import training
+from support.config import parse_config
 
 PROG = "grpo.py"
 

@@ -933,7 +933,7 @@ def image_config(path, max_pixels: int = 0, flag: str = "--max_pixels"):
     otherwise. max_pixels > 0 overrides the file (the --max_pixels flag of grpo / sft / eval).
     Both the old top-level min_pixels / max_pixels keys and transformers 5's size.shortest_edge /
     longest_edge are read; top-level wins, as in transformers' Qwen2VLImageProcessor."""
-    import data
+    from support import data
     cfg = data.ImageConfig()
     file = os.path.join(path, PREPROCESSOR_CONFIG)
     if os.path.isfile(file):
@@ -965,7 +965,7 @@ def write_image_config(directory, cfg):
     """preprocessor_config.json for data.ImageConfig `cfg`, in the layout of Qwen2.5-VL-7B-Instruct's
     (plus transformers 5's `size`), so that transformers' Qwen2VLImageProcessor resizes and cuts
     images exactly as data.preprocess_image does (same pixel budget, same grid_thw)."""
-    import data
+    from support import data
     d = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
          "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels,
          "size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels},

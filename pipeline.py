@@ -85,7 +85,7 @@ def stages(run, quick, seed=0, task_seed=0):
     task, train, test = f"{run}/task", f"{run}/task/train.jsonl", f"{run}/task/test.jsonl"
     sd = ["--seed", str(seed)]
     return [
-        ("task", f"{task}/manifest.json", [py, "task.py", "--out", task, "--seed", str(task_seed), *k["task"]]),
+        ("task", f"{task}/manifest.json", [py, "-m", "demo.task", "--out", task, "--seed", str(task_seed), *k["task"]]),
         ("base", f"{run}/base/model.safetensors",
          [py, "sft.py", "--data", train, "--tokenizer_corpus", f"{task}/tokenizer_corpus.jsonl", "--out", f"{run}/base",
           *sd, *k["base"]]),
@@ -98,20 +98,20 @@ def stages(run, quick, seed=0, task_seed=0):
           *sd, *k["sft"]]),
         ("srpo", f"{run}/srpo/model.safetensors",
          [py, "grpo.py", "--model", f"{run}/sft", "--train", train, "--test", test, "--out", f"{run}/srpo",
-          "--reward", "srpo", "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"]]),
+          "--reward", "srpo", "--extra_metrics", "demo.task:rollout_metrics", *sd, *k["grpo"]]),
         ("grpo", f"{run}/grpo/model.safetensors",
          [py, "grpo.py", "--model", f"{run}/base", "--train", train, "--test", test, "--out", f"{run}/grpo",
-          "--reward", "grpo", "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"]]),
+          "--reward", "grpo", "--extra_metrics", "demo.task:rollout_metrics", *sd, *k["grpo"]]),
         ("eval-single", f"{run}/eval/single/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
-          "--out", f"{run}/eval/single", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/single", "--metric", "demo.task:scene_list_ok", *k["eval"]]),
         ("eval-reflect", f"{run}/eval/reflect/metrics.json",
          [py, "eval.py", "--model", f"{run}/sft", f"{run}/srpo", "--data", test, "--prompt", "reflect",
-          "--out", f"{run}/eval/reflect", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/reflect", "--metric", "demo.task:scene_list_ok", *k["eval"]]),
         # blind control: the same questions, each with another question's image
         ("eval-blind", f"{run}/eval/blind/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", "--data", test, "--prompt", "single", "--shuffle-images",
-          "--out", f"{run}/eval/blind", "--metric", "task:scene_list_ok", *k["eval"]]),
+          "--out", f"{run}/eval/blind", "--metric", "demo.task:scene_list_ok", *k["eval"]]),
     ]
 
 
@@ -135,7 +135,7 @@ def ablation_stages(run, quick, seed=0):
     train, test, sd, ab = f"{run}/task/train.jsonl", f"{run}/task/test.jsonl", ["--seed", str(seed)], f"{run}/ablation"
     out = [(name, f"{ab}/{name}/model.safetensors",
             [py, "grpo.py", "--model", f"{run}/{init}", "--train", train, "--out", f"{ab}/{name}", "--reward", "srpo",
-             "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"], *flags])
+             "--extra_metrics", "demo.task:rollout_metrics", *sd, *k["grpo"], *flags])
            for name, (flags, init) in ABLATIONS.items()]
     out += [("reflect-paper", f"{ab}/reflect-paper/summary.json",
              [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{ab}/reflect-paper/train.jsonl",
@@ -145,7 +145,7 @@ def ablation_stages(run, quick, seed=0):
               *sd, *k["sft"]]),
             ("eval-ablation", f"{run}/eval/ablation/metrics.json",
              [py, "eval.py", "--model", *[f"{ab}/{n}" for n in (*ABLATIONS, "sft-paper")], "--data", test,
-              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "task:scene_list_ok", *k["eval"]])]
+              "--prompt", "reflect", "--out", f"{run}/eval/ablation", "--metric", "demo.task:scene_list_ok", *k["eval"]])]
     return out
 
 
@@ -368,8 +368,8 @@ def warm_compile(run):
     Needs only the base model's architecture: its tokenizer (written first by sft.py) and
     sft.build_tiny; the weights do not matter. Writes logs/compile.json."""
     import torch
-    import checkpoint as ckpt_lib
-    import data
+    from support import checkpoint as ckpt_lib
+    from support import data
     import sampler
     import sft
     tok_dir, t0 = f"{run}/base/tokenizer", time.time()
@@ -474,7 +474,7 @@ def main(argv=None):
         f.write(report)
     logs = [p for p in (f"{run}/base/log.jsonl", f"{run}/sft/log.jsonl", f"{run}/srpo/log.jsonl", f"{run}/grpo/log.jsonl")
             if os.path.exists(p)]
-    subprocess.call([sys.executable, "curves.py", *logs, "--out", f"{run}/curves.png"], cwd=HERE)
+    subprocess.call([sys.executable, "-m", "support.curves", *logs, "--out", f"{run}/curves.png"], cwd=HERE)
     print(report)
     print(f"[pipeline] results in {run}/results.md, curves in {run}/curves.png; wall time {wall_s:.0f} s "
           f"({wall_s / 60:.1f} min) on {prov.cpus} CPUs")

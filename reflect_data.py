@@ -57,7 +57,7 @@ reason, teacher failures, skipped images) is printed and written as JSON (--summ
 
     python reflect_data.py      # built-in task: runs/demo/base answers runs/demo/task/train.jsonl, rule teacher
     python reflect_data.py --policy runs/base --data runs/task/train.jsonl --out runs/reflect/train.jsonl \\
-        --teacher rule --rule_teacher task:teacher_reflection --rule_think task:count_text
+        --teacher rule --rule_teacher demo.task:teacher_reflection --rule_think demo.task:count_text
     TEACHER_KEY=... python reflect_data.py --policy CKPT --data train.jsonl --out reflect.jsonl \\
         --teacher openai --teacher-url http://HOST/v1 --teacher-model MODEL --teacher-key-env TEACHER_KEY
     python reflect_data.py --policy CKPT --data train.jsonl --out reflect.jsonl --teacher local --teacher-model BIG_CKPT
@@ -82,10 +82,10 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-import answers
-import data
+from support import answers
+from support import data
 import reward
-from config import load_function, parse_config
+from support.config import load_function, parse_config
 
 # The instructions the openai / local teacher gets (system message), per --target. The user
 # message is teacher_user_text(item) plus the image(s).
@@ -159,8 +159,8 @@ class ReflectConfig:
     summary: str = ""             # summary JSON; default: <dir of out>/summary.json
     target: str = "two-pass"      # SFT target: two-pass (the RL format) | paper (Eq. 1: reflection, then the answer)
     teacher: str = "rule"         # rule | openai | local
-    rule_teacher: str = "task:teacher_reflection"  # rule: MODULE:FUNCTION(record, attempt_think, attempt_answer) -> reflection
-    rule_think: str = "task:count_text"  # rule, two-pass: MODULE:FUNCTION(record) -> the second reasoning
+    rule_teacher: str = "demo.task:teacher_reflection"  # rule: MODULE:FUNCTION(record, attempt_think, attempt_answer) -> reflection
+    rule_think: str = "demo.task:count_text"  # rule, two-pass: MODULE:FUNCTION(record) -> the second reasoning
     teacher_url: str = ""         # openai: base URL (.../v1) or the full .../chat/completions URL
     teacher_model: str = ""       # openai: model name; local: checkpoint dir
     teacher_key_env: str = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key

@@ -64,8 +64,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
-import answers
-from answers import MatchConfig
+from support import answers
+from support.answers import MatchConfig
 
 
 @dataclass

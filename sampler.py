@@ -454,7 +454,7 @@ def generate_texts(model, tok, prompts, cfg: SampleConfig, batch_size=8, progres
     in, cfg.n responses per prompt out, batch_size prompts per sampler call. A response ends at its
     first eos token, which counts in `lengths` (the model learns to stop) and is dropped from `texts`.
     cfg.seed seeds the first call; call k uses cfg.seed + k."""
-    import data
+    from support import data
     from tqdm import tqdm
     parts = []
     for k, c in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress)):
@@ -480,7 +480,7 @@ def generate_texts(model, tok, prompts, cfg: SampleConfig, batch_size=8, progres
 # ----------------------------------------------------------------------------- CLI
 
 def main():
-    import data
+    from support import data
     ap = argparse.ArgumentParser(description="sample a completion from a Qwen2.5-VL checkpoint")
     ap.add_argument("--model", required=True, help="checkpoint dir (config.json, model.safetensors, tokenizer.json)")
     ap.add_argument("--image", action="append", default=[], help="image file (repeatable)")

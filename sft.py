@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
-import data
-import dist
+from support import checkpoint
+from support import data
+from support import dist
 import model as model_lib
-import training
-from config import parse_config
+from support import training
+from support.config import parse_config
 
 PROG = "sft.py"
 

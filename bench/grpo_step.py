@@ -114,7 +114,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from support import data  # noqa: E402
 import model as M  # noqa: E402
 import reward  # noqa: E402
 import sampler as S  # noqa: E402

@@ -56,7 +56,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
+from support import data  # noqa: E402
 import grpo_step as B  # noqa: E402  (bench/grpo_step.py: the same world and training pass)
 import sampler as S  # noqa: E402
 

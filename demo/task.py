@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import SYSTEM_PROMPT_SINGLE
+from support.data import SYSTEM_PROMPT_SINGLE
 
 CELL = 28  # px per grid cell = one merged visual token (14 px patch x 2x2 merge)
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
@@ -358,7 +358,7 @@ def teacher_reflection(record, attempt_think, attempt_answer):
 # drawing
 
 # ----------------------------------------------------------------------------- hooks the general scripts take by name
-# eval.py --metric task:scene_list_ok, grpo.py --extra_metrics task:rollout_metrics, sft.py
+# eval.py --metric demo.task:scene_list_ok, grpo.py --extra_metrics demo.task:rollout_metrics, sft.py
 # --tokenizer_corpus TASK/tokenizer_corpus.jsonl: the general code never imports this file.
 
 def scene_list_ok(record, response_text):

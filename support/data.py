@@ -591,7 +591,7 @@ def load_records(path):
     errors) and '_root' (the directory their image paths are relative to). Every ground truth is
     checked here (answers.check_ground_truth), on every rank: one bad record fails at load, naming
     file:line, instead of stopping a single rank mid-rollout while the others wait."""
-    import answers
+    from support import answers
     records = []
     for where, r in read_jsonl_numbered(path):
         for key in ("messages", "answer"):

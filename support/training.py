@@ -8,8 +8,8 @@ from contextlib import nullcontext
 
 import torch
 
-import checkpoint
-import dist
+from support import checkpoint
+from support import dist
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), vision_lr_scale=1.0):

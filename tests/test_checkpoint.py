@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import data
+from support import checkpoint
+from support import data
 import model as M
 from test_dist import make_opt, tiny_model, train_steps
 

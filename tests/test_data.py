@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from data import ImageConfig
+from support import data
+from support.data import ImageConfig
 
 CORPUS = [data.SYSTEM_PROMPT_SINGLE, data.SYSTEM_PROMPT_REFLECT] + [
     "How many red shapes are there? <think>I see 3 red circles and 1 red square, so 4.</think><answer>4</answer>",

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-import checkpoint
-import dist
+from support import checkpoint
+from support import dist
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,8 @@ def test_single_process_fallbacks(monkeypatch):
 SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, os.environ["ROOT"]); sys.path.insert(0, os.environ["TESTS"])
-    import checkpoint, dist, model as M
+    import model as M
+    from support import checkpoint, dist
     from safetensors.torch import save_file
     from test_dist import tiny_model, make_opt, train_steps
     d = dist.init()
@@ -153,8 +154,8 @@ def bf16_world(tmp_path_factory):
     embeddings (as the 7B: embed_tokens and lm_head are separate FSDP units). Tears down the
     one-process group the bf16 sharding starts, so later tests see a plain process."""
     import json
-    import data
-    import task
+    from support import data
+    from demo import task
     out = str(tmp_path_factory.mktemp("bf16_world"))
     train, _ = task.make_task(os.path.join(out, "task"), task.TaskConfig(n_train=8, n_test=2, difficulty=1))
     recs = data.read_jsonl(train)
@@ -176,7 +177,7 @@ def bf16_world(tmp_path_factory):
 
 
 def _bf16_setup(w, beta):
-    import data
+    from support import data
     import grpo
     import grpo_setup
     cfg = grpo.GRPOConfig(model=w["model"], precision="bf16", beta=beta, prompts_per_step=2, group_size=4,

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import data
+from support import checkpoint
+from support import data
 import grpo
 import grpo_setup
 import reward
-import training
+from support import training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +193,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import data
+    from support import data
     import model as M
-    import task
+    from demo import task
     out = str(tmp_path_factory.mktemp("grpo_world"))
     train, test = task.make_task(os.path.join(out, "task"), task.TaskConfig(n_train=48, n_test=8, difficulty=1))
     recs = data.read_jsonl(train)
@@ -211,7 +211,7 @@ def world(tmp_path_factory):
 
 def _synthetic_roll(world, tok, P, G, R, seed=0):
     """A Rollout of P task prompts x G made-up responses of random lengths (right-padded (N, R))."""
-    import data
+    from support import data
     recs = data.load_records(world["train"])[:P]
     prompts = [data.encode_prompt(r, tok, data.SYSTEM_PROMPT_REFLECT) for r in recs]
     g = torch.Generator().manual_seed(seed)
@@ -227,7 +227,7 @@ def _synthetic_roll(world, tok, P, G, R, seed=0):
 def test_policy_logprobs_match_unpadded_forward(world):
     """group_logprobs' layout (left-padded prompts with images + right-padded responses, logits of
     the response positions only) gives each row the log-probs of its own unpadded sequence."""
-    import data
+    from support import data
     import model as M
     tok = data.Tokenizer.from_dir(world["model"])
     net = M.from_pretrained(world["model"])
@@ -252,8 +252,8 @@ def test_policy_logprobs_match_unpadded_forward(world):
 def test_grad_clip_0_means_off(world):
     """--grad_clip 0 is documented as off; clip_grad_norm_(params, 0) zeroes every gradient, so
     the update used to leave the weights exactly where they were."""
-    import data
-    import dist
+    from support import data
+    from support import dist
     import model as M
     tok = data.Tokenizer.from_dir(world["model"])
     net = M.from_pretrained(world["model"])
@@ -289,7 +289,8 @@ UPDATE_SCRIPT = r'''
 import dataclasses, json, os, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import data, dist, grpo, training, model as M
+import grpo, model as M
+from support import data, dist, training
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
@@ -439,7 +440,7 @@ def _loop_args(world, out, steps, **kw):
 
 
 def _steps_logged(out):
-    import data
+    from support import data
     path = os.path.join(out, "log.jsonl")
     return data.read_jsonl(path, allow_torn_tail=True) if os.path.exists(path) else []
 
@@ -576,7 +577,7 @@ def test_special_token_ids_must_match_the_tokenizer(world, tmp_path):
     """A config.json whose video_token_id points at a format tag (the sampler never draws video
     ids, so the policy could never write <reflection>) is refused with the field named."""
     import shutil
-    import data
+    from support import data
     bad = tmp_path / "bad"
     shutil.copytree(world["model"], bad)
     tok = data.Tokenizer.from_dir(str(bad))
@@ -698,7 +699,7 @@ def test_dynamic_sampling_rounds(monkeypatch, K, kept_per_round, rounds):
     """Round r of step s samples stream slice s(K+1)+r with its own seed, until the kept groups of
     all rounds reach prompts_per_step or K more rounds ran; the rounds' rows are concatenated
     (responses padded to the longest). K = 0 is the plain step: slice s, seed rollout_seed(s)."""
-    import dist
+    from support import dist
     P, G, step, n_records = 4, 2, 5, 50
     cfg = grpo.GRPOConfig(prompts_per_step=P, group_size=G, dynamic_sampling=K, seed=3)
     d = dist.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)

@@ -593,7 +593,7 @@ QWEN25_VL_7B_PREPROCESSOR = {   # Qwen/Qwen2.5-VL-7B-Instruct's preprocessor_con
 
 
 def test_image_config_reads_the_checkpoint_file_and_the_flag_overrides(tmp_path):
-    import data
+    from support import data
     assert (M.image_config(str(tmp_path)).min_pixels, M.image_config(str(tmp_path)).max_pixels) == (56 * 56, 28 * 28 * 1280)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN25_VL_7B_PREPROCESSOR))
     c = M.image_config(str(tmp_path))
@@ -620,7 +620,7 @@ def test_written_preprocessor_config_gives_transformers_the_same_grids(tmp_path)
     import numpy as np
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    import data
+    from support import data
     cfg = data.ImageConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 20)
     M.write_image_config(str(tmp_path), cfg)
     hf = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import data
+from support import data
 import model as model_lib
 import pipeline
 import reward
@@ -211,7 +211,7 @@ def test_run_plan_splits_the_cores_and_gives_a_lone_stage_the_freed_ones(tmp_pat
     (tmp_path / "share").write_text("3")
     before = torch.get_num_threads()
     try:
-        import training
+        from support import training
         os.environ["SRPO_THREADS_FILE"] = str(tmp_path / "share")
         training.follow_thread_budget(torch.device("cpu"))
         assert torch.get_num_threads() == 3

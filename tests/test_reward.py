@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-import answers
+from support import answers
 import reward as R
-from answers import BadGroundTruth
+from support.answers import BadGroundTruth
 from reward import RewardConfig
 from test_answers import MATCH_CASES
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import data
+from support import data
 import model as M
 import sampler as S
 
