@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from support import answers
 from support import benchmarks
 from support import data
+from support import hf_checkpoint
 from support.config import load_function, parse_config
 
 CASES = ["w2r", "r2r", "r2w", "w2w", "single", "none"]
@@ -344,7 +345,7 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu", metrics=(), reward_cfg
     for ckpt, cname in zip(ckpts, names):
         try:
             tok = data.Tokenizer.from_dir(ckpt)
-            tok.image_cfg = qwen.image_config(ckpt, cfg.max_pixels)
+            tok.image_cfg = hf_checkpoint.image_config(ckpt, cfg.max_pixels)
             m = qwen.from_pretrained(ckpt, device=device, dtype=dtype).eval()
         except Exception as e:
             raise SystemExit(f"eval.py: --model {ckpt}: cannot load: {type(e).__name__}: {e}") from None

@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from support import data
 from support import dist
+from support import hf_checkpoint
 import model as model_lib
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
@@ -194,7 +195,7 @@ def install_tokenizer(prog, src, out, max_pixels: int = 0):
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-    model_lib.write_image_config(tmp, image_config(prog, src, max_pixels))
+    hf_checkpoint.write_image_config(tmp, image_config(prog, src, max_pixels))
     shutil.rmtree(dst, ignore_errors=True)
     os.rename(tmp, dst)
     return dst
@@ -204,7 +205,7 @@ def image_config(prog, path, max_pixels: int = 0):
     """model.image_config (the checkpoint's preprocessor_config.json, --max_pixels overriding),
     its errors as RunError."""
     try:
-        return model_lib.image_config(path, max_pixels)
+        return hf_checkpoint.image_config(path, max_pixels)
     except ValueError as e:
         raise RunError(f"{prog}: {e}") from None
 
@@ -343,7 +344,7 @@ def save(path, model, optimizer, step: int, extra: dict | None = None, tokenizer
     # 2. the HF model: full weights gathered to rank 0 (cpu), other ranks get an empty dict
     model_sd = get_model_state_dict(model, options=_full_options())
     if rank == 0:
-        model_lib.write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_sd)
+        hf_checkpoint.write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_sd)
     del model_sd
     # 3. every rank adds its RNG states
     if rng:

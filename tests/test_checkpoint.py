@@ -16,6 +16,7 @@ import torch
 from support import checkpoint
 from support import data
 import model as M
+from support import hf_checkpoint
 from test_dist import make_opt, tiny_model, train_steps
 
 
@@ -183,14 +184,14 @@ def test_preprocessor_config_travels_from_the_model_to_every_save_and_the_export
     (src / "preprocessor_config.json").write_text(json.dumps(test_model.QWEN25_VL_7B_PREPROCESSOR))
     out = tmp_path / "run"
     tok_dir = checkpoint.install_tokenizer("grpo.py", str(src), str(out))
-    assert M.image_config(tok_dir).max_pixels == 12845056                  # the source's, not 28*28*1280
+    assert hf_checkpoint.image_config(tok_dir).max_pixels == 12845056                  # the source's, not 28*28*1280
     tok_dir = checkpoint.install_tokenizer("grpo.py", str(src), str(out), max_pixels=28 * 28 * 256)
     model = tiny_model()
     opt = make_opt(model)
     checkpoint.save(str(out / "checkpoint"), model, opt, step=1, tokenizer_dir=tok_dir)
     checkpoint.export_final(str(out / "checkpoint"), str(out))
     for d in (tok_dir, out / "checkpoint", out):
-        c = M.image_config(str(d))
+        c = hf_checkpoint.image_config(str(d))
         assert (c.min_pixels, c.max_pixels) == (3136, 28 * 28 * 256), d
     with pytest.raises(checkpoint.RunError, match="grpo.py: --max_pixels: max_pixels 10 must be >= min_pixels 3136"):
         checkpoint.install_tokenizer("grpo.py", str(src), str(out), max_pixels=10)
