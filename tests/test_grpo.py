@@ -13,7 +13,6 @@ import torch
 from support import checkpoint
 from support import data
 import grpo
-import grpo_setup
 import reward
 from support import training
 
@@ -642,26 +641,26 @@ def test_out_equal_to_or_inside_model_is_refused_before_writing(world, tmp_path)
 def test_reward_flags_reach_the_reward_config():
     """--reward_preset / --length_weight / --effectiveness map to reward.RewardConfig fields; the
     default is the paper's reward; a combination the reward rejects names the flags."""
-    assert grpo_setup.reward_config(grpo.parse_args([])) == reward.RewardConfig(preset="paper")
-    assert grpo_setup.reward_config(grpo.parse_args(["--length_weight", "0"])).length_weight == 0.0
-    assert grpo_setup.reward_config(grpo.parse_args(["--reward_preset", "code"])).preset == "code"
-    assert grpo_setup.reward_config(grpo.parse_args(["--effectiveness", "0"])).effectiveness is False
+    assert grpo.reward_config(grpo.parse_args([])) == reward.RewardConfig(preset="paper")
+    assert grpo.reward_config(grpo.parse_args(["--length_weight", "0"])).length_weight == 0.0
+    assert grpo.reward_config(grpo.parse_args(["--reward_preset", "code"])).preset == "code"
+    assert grpo.reward_config(grpo.parse_args(["--effectiveness", "0"])).effectiveness is False
     with pytest.raises(ValueError, match="--reward_preset code --effectiveness 0"):
-        grpo_setup.reward_config(grpo.parse_args(["--reward_preset", "code", "--effectiveness", "0"]))
+        grpo.reward_config(grpo.parse_args(["--reward_preset", "code", "--effectiveness", "0"]))
     with pytest.raises(SystemExit):
         grpo.parse_args(["--reward_preset", "papr"])
 
 
 def test_lr_schedule_and_weight_decay_groups(world):
     cfg = grpo.GRPOConfig(lr=1.0, steps=10)
-    assert [grpo_setup.lr_at(s, cfg) for s in range(10)] == [1.0] * 10        # default: constant
+    assert [grpo.lr_at(s, cfg) for s in range(10)] == [1.0] * 10        # default: constant
     cfg = grpo.GRPOConfig(lr=1.0, steps=102, warmup_frac=0.03, min_lr_frac=0.1)   # the paper's code
-    assert [grpo_setup.lr_at(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert grpo_setup.lr_at(3, cfg) == pytest.approx(1.0) and grpo_setup.lr_at(101, cfg) == pytest.approx(0.1)
-    assert grpo_setup.lr_at(52, cfg) == pytest.approx(0.55, abs=0.01)         # halfway down the cosine
+    assert [grpo.lr_at(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert grpo.lr_at(3, cfg) == pytest.approx(1.0) and grpo.lr_at(101, cfg) == pytest.approx(0.1)
+    assert grpo.lr_at(52, cfg) == pytest.approx(0.55, abs=0.01)         # halfway down the cosine
     import model as M
     net = M.from_pretrained(world["model"])
-    opt = training.make_optimizer(net, 1e-3, weight_decay=0.1)                 # as grpo_setup.setup calls it
+    opt = training.make_optimizer(net, 1e-3, weight_decay=0.1)                 # as grpo.setup calls it
     names = {id(p): n for n, p in net.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)

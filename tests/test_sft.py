@@ -316,7 +316,7 @@ def test_general_modules_do_not_import_task():
     """demo/task.py is the built-in task; the stage files and support/ are general."""
     import ast
     import glob
-    for path in [os.path.join(ROOT, n) for n in ("sft.py", "grpo.py", "grpo_setup.py")] + glob.glob(os.path.join(ROOT, "support", "*.py")):
+    for path in [os.path.join(ROOT, n) for n in ("sft.py", "grpo.py")] + glob.glob(os.path.join(ROOT, "support", "*.py")):
         tree = ast.parse(open(path).read())
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
