@@ -70,7 +70,7 @@ class GRPOConfig:
     test: str = ""                          # records for the in-run evaluation (--eval_every); eval.py reads them
     out: str = "runs/demo/srpo"             # log.jsonl, checkpoint/ (resumed from), final HF model
     reward: str = "srpo"                    # srpo (two-pass prompt + SRPO reward) | grpo (baseline)
-    reward_preset: str = "paper"            # paper (Eq. 4-8, METHOD.md) | code (the official srpo_reward_func.py)
+    reward_preset: str = "paper"            # paper (Eq. 4-8, METHOD.md) | code (the authors' released reward function)
     length_weight: float = -1.0             # weight of f_len (0 = the paper's "w/o f_len"); -1 = the preset's
     effectiveness: bool = True              # 0 = the paper's "w/o I_eff" (RewardConfig(effectiveness=False))
     # rollout
@@ -152,7 +152,7 @@ def token_logprobs(logits, targets, temperature=1.0, chunk=256):
 
 def group_advantages(rewards, G, eps=1e-6):
     """rewards (P*G,) prompt-major -> advantages (P*G,): (r - group mean) / (group std + eps).
-    std is the unbiased (Bessel) one, as torch.std and the verl / EasyR1 code behind the paper."""
+    std is the unbiased (Bessel) one, as torch.std and the paper's training code."""
     assert G >= 2, f"group advantages need G >= 2 samples per prompt, got G={G}"
     assert rewards.numel() % G == 0, f"{rewards.numel()} rewards is not a multiple of G={G}"
     r = rewards.float().view(-1, G)                                    # (P, G)

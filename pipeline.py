@@ -115,7 +115,7 @@ def stages(run, quick, seed=0, task_seed=0):
     ]
 
 
-# The paper's ablations (Table 4 of arXiv 2506.01713) in miniature, added by --ablation to the same
+# The paper's ablations (the paper's Table 4) in miniature, added by --ablation to the same
 # run directory (they reuse its base and stage-1 models). Each row changes one thing of the SRPO
 # stage, or of stage 1 for the SFT target; everything else is the default run's.
 #   name           what changes                                    the paper's row (7B: SRPO 53.5)

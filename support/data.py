@@ -322,7 +322,7 @@ SYSTEM_PROMPT_REFLECT = (
     "optionally in \\boxed{}) inside each <answer>, and write nothing after the last </answer>."
 )
 
-# The paper's SFT target (arXiv 2506.01713 Eq. 1, Appendix B.4): reflection, then the final answer
+# The paper's SFT target (Eq. 1, Appendix B.4): reflection, then the final answer
 # with no second reasoning pass (reflect_data.py --target paper trains it).
 SYSTEM_PROMPT_REFLECT_PAPER = (
     "You are a helpful assistant that solves visual reasoning problems and then checks its own work. "

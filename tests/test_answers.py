@@ -162,7 +162,7 @@ def test_check_ground_truth_latex_goes_to_math_verify_once(monkeypatch):
 
 @pytest.mark.parametrize("gt", ["\u221a3", "???", "", None, [1]])
 def test_check_ground_truth_names_the_record(gt):
-    # issue 16: an unreadable ground truth must stop the run when the file is loaded, naming the record
+    # an unreadable ground truth must stop the run when the file is loaded, naming the record
     with pytest.raises(BadGroundTruth, match=r"^data/train\.jsonl line 7: ground truth"):
         A.check_ground_truth(gt, where="data/train.jsonl line 7")
     with pytest.raises(BadGroundTruth, match=r"^ground truth"):

@@ -163,7 +163,7 @@ def test_loaded_records_encode(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# issue 17 item 12: wrongly typed fields, ambiguous answers, duplicates, empty and non-UTF-8 files
+# wrongly typed fields, ambiguous answers, duplicates, empty and non-UTF-8 files
 
 
 def mathvision_row(**kw):

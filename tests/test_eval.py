@@ -197,7 +197,7 @@ def test_scene_metric_on_builtin_task_records():
 
 
 # -----------------------------------------------------------------------------
-# the command line refuses what would give an unusable result (issue 17 items 9, 13)
+# the command line refuses what would give an unusable result
 
 
 @pytest.fixture(scope="module")

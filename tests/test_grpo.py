@@ -1,5 +1,5 @@
 """Tests for grpo.py: the loss and its gradient against a direct per-token computation of the
-formula in ../shared/SRPO.md, log-probs against float64 log_softmax, advantages against numpy."""
+formula in METHOD.md, log-probs against float64 log_softmax, advantages against numpy."""
 import json
 import math
 import os
@@ -533,7 +533,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(world, tmp_
     log = _steps_logged(out)
     assert [r["step"] for r in log] == [1, 2, 3] and "error" in log[-1]
     # a kill between save's two renames (checkpoint -> .old done, .tmp -> checkpoint not yet):
-    # the rerun takes the complete .tmp back and resumes at step 2, not at 0 (issue 17.6)
+    # the rerun takes the complete .tmp back and resumes at step 2, not at 0
     os.rename(os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp"))
     os.makedirs(os.path.join(out, "checkpoint.old"))
     grpo.main(grpo.parse_args(_loop_args(world, out, 2, max_new_tokens=8)))     # nothing left to train
@@ -598,7 +598,7 @@ def test_cli_accepts_both_flag_spellings():
 
 
 # ----------------------------------------------------------------------------------------------
-# bad input fails before training, naming the flag / file:line (issues 16, 17)
+# bad input fails before training, naming the flag / file:line
 
 @pytest.mark.parametrize("argv,flag", [
     (["--adv_eps", "0"], "adv_eps"),                                  # 0 / 0 = NaN advantages

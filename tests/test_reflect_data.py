@@ -575,7 +575,7 @@ def test_cli_accepts_both_flag_spellings():
     assert a == b and a.correct_frac == 0.5 and a.max_new_tokens == 64
 
 
-# ----------------------------------------------------------------------------- SFT targets (issue 14)
+# ----------------------------------------------------------------------------- SFT targets
 
 def test_sample_text_targets_hand_written():
     it = rd.Item(id="a", record={}, where="x:1", question="How many red shapes?", images=[], gt="3",
@@ -641,7 +641,7 @@ def recount(record):
     return f"recount: {record['answer']}"
 
 
-# ----------------------------------------------------------------------------- issue 17: refusals
+# ----------------------------------------------------------------------------- refusals
 
 def test_no_arguments_one_line(task_dir, tmp_path, monkeypatch):
     """`python reflect_data.py` with nothing built: one line naming the command that makes it (no

@@ -299,7 +299,7 @@ def test_kill9_then_rerun_gives_same_weights(dataset, tmp_path):
     assert data.Tokenizer.from_dir(killed).vocab_size == hf.config.text_config.vocab_size
 
 
-# ----------------------------------------------------------------------------- reliability (issues 16, 17)
+# ----------------------------------------------------------------------------- reliability
 
 def test_tokenizer_corpus_adds_texts_and_names_bad_lines(dataset, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
