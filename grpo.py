@@ -82,7 +82,7 @@ class GRPOConfig:
     rollout_batch: int = 8                  # prompts per sampler call (per rank)
     # update
     loss_agg: str = "seq"                   # seq: the paper's Eq. 2 (per-response token mean, then mean) | token (DAPO)
-    lr: float = 3e-5                        # tiny model (1e-4 erodes the scene list; README); the paper's 7B uses 1e-6
+    lr: float = 3e-5                        # tiny model (1e-4 erodes the scene list; docs/LOG.md); the paper's 7B uses 1e-6
     warmup_frac: float = 0.0                # linear lr warmup over this fraction of the steps (paper code: 0.03)
     min_lr_frac: float = 1.0                # then cosine from lr to lr x this at the end; 1 = constant (paper code: 0.1)
     weight_decay: float = 0.0               # AdamW, on weight matrices only (not norms, biases, embeddings)

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# Stage settings: the default demo (README "Performance": its wall time measured alone on 2 cores,
+# Stage settings: the default demo (docs/LOG.md "Performance": its wall time measured alone on 2 cores,
 # stages run two at a time with the cores split between them) and --quick (the slow test).
 # base: 1.3 epochs (1300 steps of 16) instead of 1. The base model learns colours and counts by
 # step ~400 but reads shapes last: teacher-forced on 64 validation scenes, seed 1337 named the
