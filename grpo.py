@@ -590,7 +590,7 @@ def setup(cfg: GRPOConfig, d):
         checkpoint.require(PROG, cfg.test, "--test records for the in-run evaluation", "pass --test FILE")
     tok = data.Tokenizer.from_dir(cfg.model)
     tok.image_cfg = checkpoint.image_config(PROG, cfg.model, cfg.max_pixels)   # written on save (install_tokenizer)
-    checkpoint.check_special_tokens(PROG, cfg.model, tok)
+    checkpoint.check_special_tokens(PROG, cfg.model, tok, model_lib.read_config(cfg.model))
     try:
         records = data.load_records(cfg.train)
         test = eval_lib.load_datasets([cfg.test], [], "", cfg.eval_limit)[0] if cfg.eval_every else None

@@ -262,7 +262,7 @@ def setup(cfg: SFTConfig, d):
     tokenizer.image_cfg = checkpoint.image_config(PROG, tok_dir)    # the run's, as install_tokenizer wrote it
     if resume or cfg.init != "tiny":
         model = model_lib.from_pretrained(ckpt if resume else cfg.init, device=d.device)
-        checkpoint.check_special_tokens(PROG, ckpt if resume else cfg.init, tokenizer)
+        checkpoint.check_special_tokens(PROG, ckpt if resume else cfg.init, tokenizer, model.config)
     else:
         model = build_tiny(tokenizer, cfg).to(d.device)
     examples = load_examples(cfg.data, tokenizer, SYSTEM_PROMPTS[cfg.system_prompt], cfg.max_len)

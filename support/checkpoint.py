@@ -52,7 +52,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from support import data
 from support import dist
 from support import hf_checkpoint
-import model as model_lib
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 
@@ -210,11 +209,10 @@ def image_config(prog, path, max_pixels: int = 0):
         raise RunError(f"{prog}: {e}") from None
 
 
-def check_special_tokens(prog, path, tok):
-    """config.json's vision token ids must be the tokenizer's: the model treats image_token_id
-    positions as image slots and the sampler never draws image/video ids, so a wrong id there
-    can, e.g., make a format tag like <reflection> impossible to sample."""
-    mc = model_lib.read_config(path)
+def check_special_tokens(prog, path, tok, mc):
+    """config.json's vision token ids (mc: its model.ModelConfig) must be the tokenizer's: the
+    model treats image_token_id positions as image slots and the sampler never draws image/video
+    ids, so a wrong id there can, e.g., make a format tag like <reflection> impossible to sample."""
     want = dict(image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
                 vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
     for field, tid in want.items():

@@ -576,6 +576,8 @@ def test_special_token_ids_must_match_the_tokenizer(world, tmp_path):
     """A config.json whose video_token_id points at a format tag (the sampler never draws video
     ids, so the policy could never write <reflection>) is refused with the field named."""
     import shutil
+
+    import model as M
     from support import data
     bad = tmp_path / "bad"
     shutil.copytree(world["model"], bad)
@@ -585,7 +587,7 @@ def test_special_token_ids_must_match_the_tokenizer(world, tmp_path):
     c["video_token_id"] = tok.tok.token_to_id("<reflection>")
     with open(bad / "config.json", "w") as f:
         json.dump(c, f)
-    checkpoint.check_special_tokens("grpo.py", world["model"], tok)  # the good one passes
+    checkpoint.check_special_tokens("grpo.py", world["model"], tok, M.read_config(world["model"]))  # the good one passes
     with pytest.raises(ValueError, match=r"video_token_id = \d+ is '<reflection>'"):
         grpo.main(grpo.parse_args(["--model", str(bad), "--train", world["train"], "--out", str(tmp_path / "o")]))
 

@@ -10,9 +10,8 @@ import tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("model", "sampler", "reward", "reflect_data", "sft", "grpo", "eval")
-# support modules that size or read model.py's network: the memory plan, and config.json's token
-# ids checked against the tokenizer before a run starts
-SUPPORT_KNOWS_THE_MODEL = {"memory": {"model"}, "checkpoint": {"model"}}
+# the one support module that builds model.py's network: the memory plan (python -m support.memory)
+SUPPORT_KNOWS_THE_MODEL = {"memory": {"model"}}
 
 
 def imports(path):
