@@ -309,7 +309,7 @@ def check_checkpoint(path):
     try:
         qwen.read_config(path)
         data.Tokenizer.from_dir(path)
-        for file in qwen._checkpoint_files(path):
+        for file in hf_checkpoint.checkpoint_files(path):
             with safe_open(file, framework="pt") as f:
                 f.keys()
     except Exception as e:  # any reason at all: name the checkpoint and stop

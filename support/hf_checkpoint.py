@@ -51,7 +51,7 @@ def read_config_json(path) -> tuple[dict, str]:
             raise ValueError(f"{file}: line {e.lineno}: invalid JSON: {e.msg}") from None
 
 
-def _checkpoint_files(path):
+def checkpoint_files(path):
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
@@ -93,7 +93,7 @@ def load_weights(model, path, device, dtype):
     if tied:
         expected.pop("lm_head.weight")
     sd = {}
-    for file in _checkpoint_files(path):
+    for file in checkpoint_files(path):
         try:
             sd.update(_read_tensors(file, expected, tied, device, dtype))
         except (ValueError, OSError):  # ours (they name the file), a missing shard (names it too)
