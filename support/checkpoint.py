@@ -181,7 +181,7 @@ def release_lock(out):
 def install_tokenizer(prog, src, out, max_pixels: int = 0):
     """Copy the tokenizer files of src into out/tokenizer/ (atomically) and return that path,
     with the run's preprocessor_config.json: src's image settings, max_pixels > 0 overriding
-    (model.image_config). Every save copies both from there, so transformers' processor loaded
+    (hf_checkpoint.image_config). Every save copies both from there, so transformers' processor loaded
     from any checkpoint or export of the run sizes images as the run did."""
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):
         raise RunError(f"{prog}: {src} has no tokenizer.json (not a complete checkpoint)")
@@ -201,7 +201,7 @@ def install_tokenizer(prog, src, out, max_pixels: int = 0):
 
 
 def image_config(prog, path, max_pixels: int = 0):
-    """model.image_config (the checkpoint's preprocessor_config.json, --max_pixels overriding),
+    """hf_checkpoint.image_config (the checkpoint's preprocessor_config.json, --max_pixels overriding),
     its errors as RunError."""
     try:
         return hf_checkpoint.image_config(path, max_pixels)

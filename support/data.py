@@ -223,7 +223,7 @@ class Tokenizer:
         self.video_pad_id = tid("<|video_pad|>")
         self.pad_id = self.endoftext_id
         # the processor's image settings (min / max pixels): the scripts set them from the
-        # checkpoint's preprocessor_config.json and --max_pixels (model.image_config)
+        # checkpoint's preprocessor_config.json and --max_pixels (hf_checkpoint.image_config)
         self.image_cfg = ImageConfig()
 
     @classmethod

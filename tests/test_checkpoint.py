@@ -176,7 +176,7 @@ def test_out_must_not_be_an_input(tmp_path):
 def test_preprocessor_config_travels_from_the_model_to_every_save_and_the_export(tmp_path):
     """install_tokenizer writes the run's preprocessor_config.json (the source's pixel budget, the
     --max_pixels override winning) beside the tokenizer; every checkpoint and the final export
-    carry it, and model.image_config reads the override back from them."""
+    carry it, and hf_checkpoint.image_config reads the override back from them."""
     import test_model
     src = tmp_path / "src"
     src.mkdir()

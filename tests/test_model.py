@@ -615,7 +615,7 @@ def test_image_config_reads_the_checkpoint_file_and_the_flag_overrides(tmp_path)
 def test_written_preprocessor_config_gives_transformers_the_same_grids(tmp_path):
     """write_image_config -> transformers' Qwen2VLImageProcessor (the PIL backend: torchvision is
     not installed) loads the file and produces, for images below, inside and above the pixel
-    budget, the grid_thw of data.preprocess_image with model.image_config of that directory, and
+    budget, the grid_thw of data.preprocess_image with hf_checkpoint.image_config of that directory, and
     the same pixel values. The budget is not transformers' default, and the default gives other
     grids: the file is what makes them agree."""
     import numpy as np
