@@ -7,7 +7,7 @@ responses per question with sampler.generate_texts, score each with reward.py an
     w2r r2r r2w w2w   reflection cases (wrong->right, ...)   single / none   one answer / no answer
     format  fraction in the prompt's format      len  mean response length in tokens (incl. the eos)
     NAME    each --metric MODULE:FUNCTION: FUNCTION(record, response_text) -> True | False | a share
-            in [0, 1] | None, averaged over the responses where it is not None (e.g. --metric task:scene_list_ok:
+            in [0, 1] | None, averaged over the responses where it is not None (e.g. --metric demo.task:scene_list_ok:
             share of responses whose first scene list is exactly the image's)
 
 as a table on stdout (n = questions; case columns count responses, n per question when sampling),
@@ -24,7 +24,7 @@ Datasets: project JSONL files (--data, e.g. the built-in task's test.jsonl) and 
 from local files in their published formats (--bench NAME=PATH, see benchmarks.py).
 
     python eval.py --model runs/base runs/srpo --data runs/task/test.jsonl --prompt reflect --out runs/eval \\
-        --metric task:scene_list_ok
+        --metric demo.task:scene_list_ok
 """
 import dataclasses
 import json
@@ -34,11 +34,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-import answers
-import benchmarks
-import cli
-import data
-from config import load_function, parse_config
+from support import answers
+from support import benchmarks
+from support import cli
+from support import data
+from support import hf_checkpoint
+from support.config import load_function, parse_config
 
 CASES = ["w2r", "r2r", "r2w", "w2w", "single", "none"]
 
@@ -370,7 +371,7 @@ def check_checkpoint(path):
     try:
         qwen.read_config(path)
         data.Tokenizer.from_dir(path)
-        for file in qwen._checkpoint_files(path):
+        for file in hf_checkpoint.checkpoint_files(path):
             with safe_open(file, framework="pt") as f:
                 f.keys()
     except Exception as e:  # any reason at all: name the checkpoint and stop
@@ -408,7 +409,7 @@ def evaluate(ckpts, datasets, cfg, out_dir, device="cpu", metrics=(), reward_cfg
     for ckpt, cname in zip(ckpts, names):
         try:
             tok = data.Tokenizer.from_dir(ckpt)
-            tok.image_cfg = qwen.image_config(ckpt, cfg.max_pixels)
+            tok.image_cfg = hf_checkpoint.image_config(ckpt, cfg.max_pixels)
             m = qwen.from_pretrained(ckpt, device=device, dtype=dtype).eval()
         except Exception as e:
             raise SystemExit(f"eval.py: --model {ckpt}: cannot load: {type(e).__name__}: {e}") from None

@@ -46,10 +46,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from support.report import git_commit
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# Stage settings: the default demo (README "Performance": its wall time measured alone on 2 cores,
+# Stage settings: the default demo (docs/LOG.md "Performance": its wall time measured alone on 2 cores,
 # stages run two at a time with the cores split between them) and --quick (the slow test).
 # base: 1.3 epochs (1300 steps of 16) instead of 1. The base model learns colours and counts by
 # step ~400 but reads shapes last: teacher-forced on 64 validation scenes, seed 1337 named the
@@ -79,8 +81,8 @@ QUICK = dict(task=["--n-train", "96", "--n-test", "16", "--n-val", "8"],
 
 
 # eval.py --metric of every evaluation: the whole scene listed right, the share of its objects named
-# right, and whether the answer is the one the response's own list implies (task.py)
-TASK_METRICS = ("task:scene_list_ok", "task:scene_objects", "task:answer_follows_list")
+# right, and whether the answer is the one the response's own list implies (demo/task.py)
+TASK_METRICS = ("demo.task:scene_list_ok", "demo.task:scene_objects", "demo.task:answer_follows_list")
 
 
 def stages(run, quick, seed=0, task_seed=0):
@@ -90,7 +92,7 @@ def stages(run, quick, seed=0, task_seed=0):
     task, train, test = f"{run}/task", f"{run}/task/train.jsonl", f"{run}/task/test.jsonl"
     sd = ["--seed", str(seed)]
     return [
-        ("task", f"{task}/manifest.json", [py, "task.py", "--out", task, "--seed", str(task_seed), *k["task"]]),
+        ("task", f"{task}/manifest.json", [py, "-m", "demo.task", "--out", task, "--seed", str(task_seed), *k["task"]]),
         ("base", f"{run}/base/model.safetensors",
          [py, "sft.py", "--data", train, "--tokenizer_corpus", f"{task}/tokenizer_corpus.jsonl", "--out", f"{run}/base",
           *sd, *k["base"]]),
@@ -107,10 +109,10 @@ def stages(run, quick, seed=0, task_seed=0):
           *sd, *k["sft"]]),
         ("srpo", f"{run}/srpo/model.safetensors",
          [py, "grpo.py", "--model", f"{run}/sft", "--train", train, "--test", test, "--out", f"{run}/srpo",
-          "--reward", "srpo", "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"]]),
+          "--reward", "srpo", "--extra_metrics", "demo.task:rollout_metrics", *sd, *k["grpo"]]),
         ("grpo", f"{run}/grpo/model.safetensors",
          [py, "grpo.py", "--model", f"{run}/base", "--train", train, "--test", test, "--out", f"{run}/grpo",
-          "--reward", "grpo", "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"]]),
+          "--reward", "grpo", "--extra_metrics", "demo.task:rollout_metrics", *sd, *k["grpo"]]),
         ("eval-single", f"{run}/eval/single/metrics.json",
          [py, "eval.py", "--model", f"{run}/base", f"{run}/grpo", "--data", test, "--prompt", "single",
           "--out", f"{run}/eval/single", "--metric", *TASK_METRICS, *k["eval"]]),
@@ -124,7 +126,7 @@ def stages(run, quick, seed=0, task_seed=0):
     ]
 
 
-# The paper's ablations (Table 4 of arXiv 2506.01713) in miniature, added by --ablation to the same
+# The paper's ablations (the paper's Table 4) in miniature, added by --ablation to the same
 # run directory (they reuse its base and stage-1 models). Each row changes one thing of the SRPO
 # stage, or of stage 1 for the SFT target; everything else is the default run's.
 #   name           what changes                                    the paper's row (7B: SRPO 53.5)
@@ -144,7 +146,7 @@ def ablation_stages(run, quick, seed=0):
     train, test, sd, ab = f"{run}/task/train.jsonl", f"{run}/task/test.jsonl", ["--seed", str(seed)], f"{run}/ablation"
     out = [(name, f"{ab}/{name}/model.safetensors",
             [py, "grpo.py", "--model", f"{run}/{init}", "--train", train, "--out", f"{ab}/{name}", "--reward", "srpo",
-             "--extra_metrics", "task:rollout_metrics", *sd, *k["grpo"], *flags])
+             "--extra_metrics", "demo.task:rollout_metrics", *sd, *k["grpo"], *flags])
            for name, (flags, init) in ABLATIONS.items()]
     out += [("reflect-paper", f"{ab}/reflect-paper/summary.json",
              [py, "reflect_data.py", "--policy", f"{run}/base", "--data", train, "--out", f"{ab}/reflect-paper/train.jsonl",
@@ -282,18 +284,6 @@ class Provenance:
         return sum(self.stage_s.values())
 
 
-def git_commit(cwd=HERE):
-    """HEAD's hash, with '+ uncommitted changes' when tracked files differ from it; 'unknown'
-    outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes" if dirty else "")
-
-
 def cpu_model(cpuinfo="/proc/cpuinfo"):
     """The first 'model name' of /proc/cpuinfo (Linux), else platform.processor(), else 'unknown'."""
     try:
@@ -404,8 +394,8 @@ def warm_compile(run):
     Needs only the base model's architecture: its tokenizer (written first by sft.py) and
     sft.build_tiny; the weights do not matter. Writes logs/compile.json."""
     import torch
-    import checkpoint as ckpt_lib
-    import data
+    from support import checkpoint as ckpt_lib
+    from support import data
     import sampler
     import sft
     tok_dir, t0 = f"{run}/base/tokenizer", time.time()
@@ -539,7 +529,7 @@ def main(argv=None):
         f.write(report)
     logs = [p for p in (f"{run}/base/log.jsonl", f"{run}/sft/log.jsonl", f"{run}/srpo/log.jsonl", f"{run}/grpo/log.jsonl")
             if os.path.exists(p)]
-    subprocess.call([sys.executable, "curves.py", *logs, "--out", f"{run}/curves.png"], cwd=HERE)
+    subprocess.call([sys.executable, "-m", "support.curves", *logs, "--out", f"{run}/curves.png"], cwd=HERE)
     write_report(run, prov)
     print(report)
     print(f"[pipeline] results in {run}/results.md and {run}/report.html, curves in {run}/curves.png; wall time {wall_s:.0f} s "

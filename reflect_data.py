@@ -57,36 +57,28 @@ reason, teacher failures, skipped images) is printed and written as JSON (--summ
 
     python reflect_data.py      # built-in task: runs/demo/base answers runs/demo/task/train.jsonl, rule teacher
     python reflect_data.py --policy runs/base --data runs/task/train.jsonl --out runs/reflect/train.jsonl \\
-        --teacher rule --rule_teacher task:teacher_reflection --rule_think task:count_text
+        --teacher rule --rule_teacher demo.task:teacher_reflection --rule_think demo.task:count_text
     TEACHER_KEY=... python reflect_data.py --policy CKPT --data train.jsonl --out reflect.jsonl \\
         --teacher openai --teacher-url http://HOST/v1 --teacher-model MODEL --teacher-key-env TEACHER_KEY
     python reflect_data.py --policy CKPT --data train.jsonl --out reflect.jsonl --teacher local --teacher-model BIG_CKPT
 """
-import base64
 import concurrent.futures
-import email.utils
-import http.client
 import json
 import math
-import mimetypes
 import os
-import random
 import re
-import socket
 import sys
-import threading
-import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
-import answers
-import cli
-import data
+from support import answers
+from support import chat_client
+from support import cli
+from support import data
 import reward
-from config import load_function, parse_config
+from support.config import load_function, parse_config
 
 # The instructions the openai / local teacher gets (system message), per --target. The user
 # message is teacher_user_text(item) plus the image(s).
@@ -137,7 +129,6 @@ TARGET_TAGS = {
               "<answer>", "</answer>"],
 }
 TAG_RE = re.compile(r"</?(?:think|answer|reflection)>")
-MAX_REPLY_BYTES = 4 << 20  # an OpenAI reply larger than this is refused (bounded cost per item)
 # Built-in defaults (the demo run of pipeline.py), and the command that makes them.
 DEFAULT_POLICY, DEFAULT_DATA, DEFAULT_OUT = "runs/demo/base", "runs/demo/task/train.jsonl", "runs/demo/reflect/train.jsonl"
 MAKE_DEFAULTS = "python pipeline.py --only task base"
@@ -160,8 +151,8 @@ class ReflectConfig:
     summary: str = ""             # summary JSON; default: <dir of out>/summary.json
     target: str = "two-pass"      # SFT target: two-pass (the RL format) | paper (Eq. 1: reflection, then the answer)
     teacher: str = "rule"         # rule | openai | local
-    rule_teacher: str = "task:teacher_reflection"  # rule: MODULE:FUNCTION(record, attempt_think, attempt_answer) -> reflection
-    rule_think: str = "task:count_text"  # rule, two-pass: MODULE:FUNCTION(record) -> the second reasoning
+    rule_teacher: str = "demo.task:teacher_reflection"  # rule: MODULE:FUNCTION(record, attempt_think, attempt_answer) -> reflection
+    rule_think: str = "demo.task:count_text"  # rule, two-pass: MODULE:FUNCTION(record) -> the second reasoning
     teacher_url: str = ""         # openai: base URL (.../v1) or the full .../chat/completions URL
     teacher_model: str = ""       # openai: model name; local: checkpoint dir
     teacher_key_env: str = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key
@@ -493,151 +484,45 @@ class RuleTeacher:
         return out
 
 
-class RetryableError(Exception):
-    def __init__(self, msg, retry_after=None):
-        super().__init__(msg)
-        self.retry_after = retry_after  # seconds the server asked us to wait (HTTP 429 Retry-After)
-
-
-def parse_retry_after(value):
-    """Retry-After as seconds (a number of seconds or an HTTP date), or None if absent/unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class OpenAITeacher:
-    """Any OpenAI-compatible chat endpoint, over http.client, `concurrency` requests in flight."""
+    """Any OpenAI-compatible chat endpoint (support/chat_client.py), `concurrency` requests in flight."""
 
     def __init__(self, cfg: ReflectConfig):
         if not cfg.teacher_url or not cfg.teacher_model:
             raise SystemExit("reflect_data.py: --teacher openai needs --teacher-url and --teacher-model")
-        self.key = os.environ.get(cfg.teacher_key_env, "")
-        if not self.key:
+        key = os.environ.get(cfg.teacher_key_env, "")
+        if not key:
             raise SystemExit(f"reflect_data.py: --teacher openai: environment variable {cfg.teacher_key_env} "
                              f"(--teacher-key-env) is not set")
-        url = cfg.teacher_url.rstrip("/")
-        self.url = urllib.parse.urlsplit(url if url.endswith("/chat/completions") else url + "/chat/completions")
-        if self.url.scheme not in ("http", "https") or not self.url.hostname:
-            raise SystemExit(f"reflect_data.py: --teacher-url {cfg.teacher_url!r}: expected http(s)://HOST[:PORT]/...")
+        try:
+            self.client = chat_client.ChatClient(cfg.teacher_url, key, cfg.timeout_s, cfg.retries, cfg.backoff_s,
+                                                 cfg.max_wait_s)
+        except ValueError as e:
+            raise SystemExit(f"reflect_data.py: --teacher-url {cfg.teacher_url!r}: {e}") from None
         self.cfg = cfg
         self.prompt = TEACHER_PROMPT_PAPER if cfg.target == "paper" else TEACHER_PROMPT
         self.name = f"openai:{cfg.teacher_model}"
 
-    def redact(self, s):
-        return s.replace(self.key, "***") if self.key else s
-
     def request_body(self, it):
-        content = [{"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in it.images]
+        content = [{"type": "image_url", "image_url": {"url": chat_client.image_data_url(p, data.load_image)}}
+                   for p in it.images]
         content.append({"type": "text", "text": teacher_user_text(it)})
         return {"model": self.cfg.teacher_model, "temperature": self.cfg.teacher_temperature,
                 "max_tokens": self.cfg.teacher_max_tokens,
                 "messages": [{"role": "system", "content": self.prompt}, {"role": "user", "content": content}]}
-
-    def post(self, body):
-        """One request -> the reply text. Raises RetryableError or RuntimeError (do not retry).
-        The whole request must finish within timeout_s: a watchdog shuts the socket down at the
-        deadline, so a server that trickles its reply byte by byte cannot hold the thread (a socket
-        timeout alone bounds each read, not their sum)."""
-        u, cfg = self.url, self.cfg
-        conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        conn = conn_cls(u.hostname, u.port, timeout=cfg.timeout_s)
-        expired, sock = threading.Event(), []  # sock: kept here, since conn.sock is dropped once headers arrive
-
-        def stop():
-            expired.set()
-            for s in sock:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)  # wakes up a blocked read in the other thread
-                except OSError:
-                    pass
-        watchdog = threading.Timer(cfg.timeout_s, stop)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            conn.connect()
-            sock.append(conn.sock)
-            if expired.is_set():  # the deadline passed while connecting, before stop() could see the socket
-                raise RetryableError("timeout")
-            conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"})
-            r = conn.getresponse()
-            status, retry_after = r.status, parse_retry_after(r.getheader("Retry-After"))
-            raw = r.read(MAX_REPLY_BYTES + 1)  # the body is not read for errors: not ours to log (it may echo the request)
-        except (OSError, http.client.HTTPException) as e:  # timeout, reset, remote closed, incomplete read
-            if expired.is_set() or isinstance(e, (TimeoutError, socket.timeout)):
-                raise RetryableError("timeout") from None
-            raise RetryableError(f"connection error: {type(e).__name__}") from None
-        finally:
-            watchdog.cancel()
-            conn.close()
-        if expired.is_set():  # the watchdog ended the read (it looks like a short reply)
-            raise RetryableError("timeout")
-        if status != 200:
-            if status in (408, 409, 425, 429) or status >= 500:
-                raise RetryableError(f"HTTP {status}", retry_after if status == 429 else None)
-            raise RuntimeError(f"HTTP {status}")  # 400/401/403/404...: retrying will not help
-        if len(raw) > MAX_REPLY_BYTES:
-            raise RuntimeError(f"reply larger than {MAX_REPLY_BYTES} bytes")
-        try:
-            c = json.loads(raw)["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RetryableError("malformed JSON") from None
-        except (KeyError, IndexError, TypeError):
-            raise RetryableError("no choices[0].message.content in reply") from None
-        if isinstance(c, list):  # content as a list of parts
-            c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
-        if not isinstance(c, str):
-            raise RetryableError("no choices[0].message.content in reply")
-        return c
 
     def reflect_one(self, it):
         try:
             body = self.request_body(it)
         except (ValueError, FileNotFoundError) as e:  # an unreadable image: this item only
             return TeacherReply(error=f"bad image: {e}")
-        rng = random.Random(it.id)
-        error, wait = "", None
-        for k in range(self.cfg.retries + 1):
-            if k:  # the server's Retry-After (bounded by max_wait_s) if it gave one, else exponential backoff
-                time.sleep(min(wait, self.cfg.max_wait_s) if wait is not None
-                           else self.cfg.backoff_s * 2 ** (k - 1) * (1 + 0.25 * rng.random()))
-            try:
-                reply = parse_teacher(self.post(body), self.cfg.target)
-                if not reply.error:
-                    return reply
-                error, wait = reply.error, None
-            except RetryableError as e:
-                error, wait = str(e), e.retry_after
-            except RuntimeError as e:
-                return TeacherReply(error=self.redact(str(e)))
-        return TeacherReply(error=self.redact(f"{error} (after {self.cfg.retries + 1} tries)"))
+        # a reply without the target's tags is retried like a server error
+        reply, error = self.client.complete(body, lambda text: parse_teacher(text, self.cfg.target), seed=it.id)
+        return reply if reply is not None else TeacherReply(error=error)
 
     def reflect(self, items):
         with concurrent.futures.ThreadPoolExecutor(max(1, self.cfg.concurrency)) as pool:
             return list(pool.map(self.reflect_one, items))
-
-
-def image_data_url(path):
-    """data:<mime>;base64,... of an image file (re-encoded as PNG if its type is unknown)."""
-    mime = mimetypes.guess_type(path)[0]
-    if mime in ("image/png", "image/jpeg", "image/webp", "image/gif"):
-        with open(path, "rb") as f:
-            raw = f.read()
-    else:
-        import io
-        buf = io.BytesIO()
-        data.load_image(path).save(buf, format="PNG")
-        raw, mime = buf.getvalue(), "image/png"
-    return f"data:{mime};base64," + base64.b64encode(raw).decode()
 
 
 class LocalTeacher:

@@ -1,4 +1,4 @@
-"""The SRPO reward (arXiv 2506.01713, Sec. 3.2.2, Eq. 4-8) and the plain-GRPO baseline reward.
+"""The SRPO reward (the paper's Sec. 3.2.2, Eq. 4-8) and the plain-GRPO baseline reward.
 
 An SRPO response answers, reflects on its answer, then answers again:
 
@@ -23,7 +23,7 @@ preset "paper" (the default): Eq. 4-8 as published.
     a wrong one (r2r > w2r, r2w > w2w) whatever f_len is; across outcomes r2w 1.0 < w2r 1.25.
     Ablations of the paper: length_weight=0 ("w/o f_len"), effectiveness=False ("w/o I_eff").
 
-preset "code": the official OpenRLHF reward (srpo_reward_func.py), which produced the paper's numbers.
+preset "code": the reward function the authors released with their code, which produced the paper's numbers.
     R = format + accuracy + length_weight * f_len
     format     0.5 only for the exact two-pass sequence above (both <think> blocks), else 0
     accuracy   w2r 1.0, r2r 0.75, r2w 0.25, w2w 0; one answer only: 0.5 if its LAST answer is
@@ -64,15 +64,15 @@ import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
-import answers
-from answers import MatchConfig
+from support import answers
+from support.answers import MatchConfig
 
 
 @dataclass
 class RewardConfig(MatchConfig):
     """Every constant of the reward. The answer-matching fields (rel_tol, max_answer_chars,
     timeout_s, verify_workers) are inherited from answers.MatchConfig."""
-    preset: str = "paper"           # "paper" (Eq. 4-8) | "code" (official srpo_reward_func.py)
+    preset: str = "paper"           # "paper" (Eq. 4-8) | "code" (the authors' released reward function)
     format_reward: float = 0.5      # R_format (paper: first solution; code: exact two-pass sequence)
     # preset "paper"
     accuracy_reward: float = 0.5    # R_accuracy: the first answer is right

@@ -1,7 +1,7 @@
 """
 KV-cached batched sampler for the Qwen2.5-VL of model.py: the rollout engine of GRPO.
 
-The idea (gpt-fast's generate.py, batched and multimodal):
+The idea (a static KV cache and a compiled one-token step, batched and multimodal):
 
 1. prefill: the left-padded prompts (with their images) go through the model once, a few prompts
    per forward (`prefill_chunk`: bounds activation memory), filling a static (preallocated)
@@ -18,7 +18,7 @@ The idea (gpt-fast's generate.py, batched and multimodal):
    is the last prompt position + 1 + step on each of the 3 axes (what transformers does with its
    rope_deltas), so no image bookkeeping is needed after the prefill; the rotary cos/sin of all
    steps and the attention bias (-inf on prompt padding) are computed once before the loop. On
-   CPU the decode step is torch.compile'd (as in gpt-fast): the ~40 small ops per layer fuse into
+   CPU the decode step is torch.compile'd: the ~40 small ops per layer fuse into
    a few C++ loops, the own-token attention into one pass over each row's cache (the prompt part
    stays two matmuls per group). One graph with dynamic shapes
    serves all batch sizes >= 2, group sizes n >= 2 and key lengths (n = 1 gets its own, and so
@@ -44,8 +44,8 @@ The idea (gpt-fast's generate.py, batched and multimodal):
 
 Log-probs: for every generated token we return log_softmax(logits / temperature)[token] over
 the FULL vocabulary -- the distribution the policy defines at temperature T, which is what the
-GRPO loss recomputes (SRPO.md: "log-probabilities are computed on logits divided by the
-sampling temperature"). top-k / top-p only restrict which tokens can be drawn; they are not
+GRPO loss recomputes (the paper computes log-probabilities on logits divided by the sampling
+temperature). top-k / top-p only restrict which tokens can be drawn; they are not
 folded into the returned log-prob, so at unchanged weights logp_old == logp_new and the PPO
 ratio is exactly 1. Greedy decoding returns the same quantity for the argmax token.
 
@@ -246,18 +246,13 @@ def attend_two_parts(q, k, v, pk, pv, p_bias, gk, gv, g_bias, slot, n, scale, fu
     With n samples per prompt the prompt keys are read once per group instead of once per row
     (the rows of a group stacked: (n*g, hd) @ (hd, T)), and stored once.
     fused: the own-token products as multiply-and-sum instead of matmuls (compiled on CPU: one
-    pass over each row's cache instead of K*Hkv tiny matmuls; on 25 Nov, before the prompt part
-    existed, the two products over the whole cache took ~1.0 ms per step this way and ~2.0 ms as
-    bmm at batch 64)."""
+    pass over each row's cache instead of K*Hkv tiny matmuls: half the time of bmm at batch 64)."""
     # scores and products in the cache's dtype (bf16 on GPU), softmax sums in fp32
     dt = pk.dtype
     # prompt: softmax numerator and denominator per group, then back to rows
     qg = grouped(q, slot, pk.shape[0], n)  # (P, Hkv, n*g, hd)
-    # matmuls on every path. The compiled step used to do this part as multiply-and-sum, and
-    # inductor then recomputed the roped query for every prompt key. GRPO-shaped prompts (~270
-    # tokens), 8 x 8: ratio to transformers' generate +0.33 (3.11-3.44x -> 3.45-3.78x, alternating
-    # processes); bench/sampler.py's short prompts: +0.17 +- 0.08 over 9 process pairs, ~2 SE
-    # (bench/sampler.py, run of 1 Dec 15:16)
+    # matmuls on every path: as a multiply-and-sum, inductor recomputes the roped query for every
+    # prompt key (the matmuls add ~0.3 to the GRPO-shaped ratio in bench/sampler.py)
     sp = qg @ pk.transpose(-1, -2)  # (P, Hkv, n*g, T)
     sp = sp.float() * scale + p_bias
     mp = sp.amax(-1, keepdim=True)  # (P, Hkv, n*g, 1)
@@ -698,7 +693,7 @@ def generate_texts(model, tok, prompts, cfg: SampleConfig, batch_size=8, progres
     in, cfg.n responses per prompt out, batch_size prompts per sampler call. A response ends at its
     first eos token, which counts in `lengths` (the model learns to stop) and is dropped from `texts`.
     cfg.seed seeds the first call; call k uses cfg.seed + k."""
-    import data
+    from support import data
     from tqdm import tqdm
     parts = []
     for k, c in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress)):
@@ -724,7 +719,7 @@ def generate_texts(model, tok, prompts, cfg: SampleConfig, batch_size=8, progres
 # ----------------------------------------------------------------------------- CLI
 
 def main():
-    import data
+    from support import data
     ap = argparse.ArgumentParser(description="sample a completion from a Qwen2.5-VL checkpoint")
     ap.add_argument("--model", required=True, help="checkpoint dir (config.json, model.safetensors, tokenizer.json)")
     ap.add_argument("--image", action="append", default=[], help="image file (repeatable)")

@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
-import cli
-import data
-import dist
+from support import checkpoint
+from support import cli
+from support import data
+from support import dist
 import model as model_lib
-import training
-from config import parse_config
+from support import training
+from support.config import parse_config
 
 PROG = "sft.py"
 
@@ -281,7 +281,7 @@ def setup(cfg: SFTConfig, d):
         tokenizer.image_cfg = checkpoint.image_config(PROG, tok_dir)    # the run's, as install_tokenizer wrote it
         if resume or cfg.init != "tiny":
             model = model_lib.from_pretrained(src, device=d.device)
-            checkpoint.check_special_tokens(PROG, src, tokenizer)
+            checkpoint.check_special_tokens(PROG, src, tokenizer, model.config)
         else:
             model = build_tiny(tokenizer, cfg).to(d.device)
     try:   # every record checked now (data.validate_records), not when a step first draws it

@@ -24,7 +24,7 @@ rm -rf "$D" && mkdir -p "$D"
 run() { echo "+ $*" >> "$D/commands.log"; "$@" >> "$D/output.log" 2>&1; }
 TR=(torchrun --standalone --nproc_per_node="$N")
 
-check "task.py builds the task" "run python task.py --out $D/task --n-train 64 --n-test 16 --n-val 0"
+check "demo/task.py builds the task" "run python -m demo.task --out $D/task --n-train 64 --n-test 16 --n-val 0"
 check "sft.py from scratch, FSDP2 on $N GPU(s)" \
   "run ${TR[*]} sft.py --data $D/task/train.jsonl --tokenizer_corpus $D/task/tokenizer_corpus.jsonl --out $D/base \
    --max_steps 40 --batch_size $((8 * N)) --micro_batch_size 8 --warmup_steps 4"
@@ -48,7 +48,7 @@ check "grpo.py resumes the $N-GPU sharded checkpoint on 1 GPU (DCP)" \
    --max_new_tokens 64 --beta 0.04 --logp_old recompute --save_every 1 \
    && python -c \"import json; s = json.load(open('$D/grpo/checkpoint/train_state.json')); assert s['step'] == 3, s\""
 check "eval.py on $DEV" "run python eval.py --model $D/grpo --data $D/task/test.jsonl --prompt single --out $D/eval --limit 16 --device $DEV"
-check "memory.py prints the 7B plan" "run python memory.py --world_size 8"
+check "support/memory.py prints the 7B plan" "run python -m support.memory --world_size 8"
 # the sampler on the GPU: 7B shapes, random bf16 weights, ours (static + CUDA graph) vs transformers
 # generate, ms/step against the bandwidth bound (~5-8 min on an H200; GPU_CHECK_SAMPLER=0 skips it)
 if [ "${GPU_CHECK_SAMPLER:-1}" = 1 ]; then

@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from support import data  # noqa: E402
 import model as M  # noqa: E402
 import sampler as S  # noqa: E402
 

@@ -11,8 +11,7 @@ Benchmark: one GRPO step, split into its four parts, with and without prompt sha
 
 "shared" runs the reference and training forwards through model.forward_shared_prefix (each
 prompt, with its image, encoded once per micro-batch; its G responses attend to its keys/values);
-"unshared" through model.forward over [prompt | response] rows, the prompt repeated G times (what
-grpo.py did before). Generation and reward are the same code in both.
+"unshared" through model.forward over [prompt | response] rows, the prompt repeated G times. Generation and reward are the same code in both.
 
 The shape is the built-in task's: the reflect system prompt + one 280x224 image (80 image tokens)
 + a question -> ~200-token prompts; the model is model.tiny_config() on a tokenizer trained here
@@ -34,71 +33,9 @@ With trl installed it prints two ratios last: our step timed before TRL's (the m
 parts, printed first), and interleaved (our shared step run after each of TRL's steps), which is
 the one to read on a machine whose speed drifts.
 
-Run of 05:46 UTC, 1 Dec (2 cores shared with 4 other developers' jobs, load average ~4: the
-absolute times are ~3x those of a quiet machine; medians of 3, shared/unshared interleaved):
+Measured runs are in docs/LOG.md: on a quiet 2-core CPU the shared step took ~3.8-4.1 s, about
+2x the unshared step and 3.6-4.0x faster than TRL's GRPOTrainer step.
 
-    model: tiny_config(), 1.12M params, vocab 564; 8 prompts x 8 samples, prompt 272 tokens
-    (80 image tokens), 128 new tokens, micro-batch 2 prompts (16 rows), torch threads 1
-    generation            2.98 s
-    reward                0.00 s   (random-weight texts do not parse: a lower bound)
-    reference shared      1.38 s   | unshared  3.89 s
-    training shared       4.05 s   | unshared 11.09 s
-    GRPO step: shared 8.42 s | unshared 17.96 s
-    speedup of prompt sharing: reference 2.81x, training forward+backward 2.74x, whole step 2.13x
-
-(A first run at 4 prompts x 4 samples, 16 new tokens: training 3.70x, reference 1.95x: the
-shorter the responses next to the prompt, the more sharing saves.)
-
-Run of 08:46 UTC, 1 Dec, with TRL 1.16.0 (venv: /work/benchenv/bin/python bench/grpo_step.py;
-load average 7.1-7.5 on the 2 cores during the run, so again read the ratios; TRL's steps are
-timed after ours, not interleaved):
-
-    generation             2.66 s   (runs: 3.06 2.66 2.66)
-    reward                 0.00 s
-    reference shared       1.26 s   | unshared  3.55 s
-    training shared        3.62 s   | unshared 10.47 s
-    GRPO step: shared 7.55 s | unshared 16.68 s
-    TRL GRPOTrainer step  27.55 s   (runs: 24.48 27.55 29.16)
-    speedup of prompt sharing: reference 2.82x, training forward+backward 2.89x, whole step 2.21x
-    GRPO step vs TRL GRPOTrainer: shared (grpo.py) 3.65x faster, unshared 1.65x faster
-
-Run of 13:21 UTC, 1 Dec, on a QUIET machine (nothing else running), after the CPU attention change
-(model.Attention.attend: no GQA repeat_interleave on CPU), TRL 1.16.0:
-
-    generation             1.27 s   (runs: 1.35 1.27 1.27)
-    reference shared       0.63 s   | unshared  1.80 s
-    training shared        1.89 s   | unshared  4.79 s
-    GRPO step: shared 3.79 s | unshared 7.87 s
-    TRL GRPOTrainer step  15.24 s   (runs: 14.87 15.78 15.24)
-    GRPO step vs TRL GRPOTrainer: shared (grpo.py) 4.02x faster, unshared 1.94x faster
-  (11:35 UTC, same quiet machine, before the attention change: shared 3.59 s, TRL 13.88 s, 3.86x.)
-
-Runs of 15:21 and 15:24 UTC, 1 Dec, quiet machine, TRL 1.16.0 (the second with the interleaved
-timing: our shared step also runs after each of TRL's steps, outside TRL's timer):
-
-    15:21  GRPO step: shared 4.13 s | unshared 8.70 s;  TRL GRPOTrainer step 15.00 s
-           GRPO step vs TRL GRPOTrainer: shared (grpo.py) 3.63x faster
-    15:24  generation 1.24 s, reference shared 0.68 s, training shared 1.84 s
-           GRPO step: shared 3.76 s | unshared 8.25 s;  TRL GRPOTrainer step 15.94 s
-           GRPO step, shared, run after each TRL step 3.95 s (runs: 3.79 3.95 4.06)
-           ours timed before TRL's: 4.24x; interleaved: 4.04x
-  So over three quiet runs (13:21, 15:21, 15:24): 4.02x, 3.63x (both timed before TRL), 4.04x
-  interleaved (4.24x timed before TRL). The 4x target is at the edge: met in two runs of three,
-  not in the 15:21 one, where our step took 4.13 s against 3.79 s at 13:21 (generation 1.37 s,
-  reference 0.73 s, training 2.03 s against 1.27, 0.63 and 1.89 s) and TRL's 15.00 s against 15.24 s.
-
-Run of 16:55 UTC, 1 Dec, quiet machine (load average 0.5-1.0), no project change since 15:24:
-    generation 1.24 s, reference shared 0.72 s, training shared 1.94 s
-    GRPO step: shared 3.89 s | unshared 8.46 s;  TRL GRPOTrainer step 15.15 s (runs: 14.89 19.62 15.15)
-    GRPO step, shared, run after each TRL step 4.04 s (runs: 4.05 4.04 3.41)
-    ours timed before TRL's: 3.89x; interleaved: 3.75x
-  Four quiet runs now: 4.02x, 3.63x, 4.04x (interleaved), 3.75x (interleaved). The 4x target is
-  met in two of four: our step is ~3.8-4.1 s against TRL's ~15 s, so the ratio sits on 4x and
-  each run's draw decides. Where a 10% margin would have to come from: the training pass is 1.9 s
-  of the step, and its matmuls run near this CPU's single-thread fp32 peak (bench/train_profile.py:
-  aten::mm 40%, SDPA forward + backward 34%).
-
-Earlier, under load: 2.21x over the unshared step (target >= 2x: met); 3.65x over TRL (target >= 4x: NOT met).
 Caveats: our step is the sum of its four timed parts (AdamW on 1.1M parameters and grpo.py's
 bookkeeping are not in it, nor measured here; TRL's step has both); TRL's advantages are all 0 here (the
 random model's rewards are equal) while ours are random, which costs the same FLOPs.
@@ -114,7 +51,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from support import data  # noqa: E402
 import model as M  # noqa: E402
 import reward  # noqa: E402
 import sampler as S  # noqa: E402

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import task   # noqa: E402  (the bench knows the built-in task; support/report.py does not)
+from demo import task   # noqa: E402  (the bench knows the built-in task; support/report.py does not)
 from support import report   # noqa: E402
 
 EVALS = {"single": ["base", "grpo"], "reflect": ["sft", "srpo"], "blind": ["base"]}

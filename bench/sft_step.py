@@ -13,11 +13,7 @@ built-in task does; their images differ. The built-in task's rows are shorter (s
     python bench/sft_step.py                  # 16 rows, 60-token answers
     python bench/sft_step.py --answer 120     # the stage-1 (reflection) answer length
 
-Run of 13:23 UTC, 1 Dec (quiet machine, 1 thread):
-    16 rows x 332 tokens, 93 shared
-    plain  1.080 s | shared 0.754 s (medians of 5, interleaved): 1.43x, the same loss sum
-On the built-in task's own data (sft.py's loop, micro-batch 16): the base model's step 0.515 ->
-0.262 s, stage 1's 0.99 -> 0.55 s (with model.py's CPU attention change).
+On a quiet machine, 16 rows x 332 tokens (93 shared): 1.43x (runs: docs/LOG.md).
 """
 import argparse
 import os

@@ -14,35 +14,8 @@ step, input shapes grouped with --shapes). A profile, not a benchmark: no baseli
     python bench/train_profile.py --only sft --shapes
     python bench/train_profile.py --only sdpa    # the sft attention: explicit mask vs is_causal
 
-Run of 09:22 UTC, 1 Dec (load average ~6.9 on the 2 cores: every time is ~3x a quiet machine's
-and the split between ops is only roughly right; 1 torch thread):
-
-  sft step (16 x 332 tokens) 4.7-5.8 s. By self CPU time (of 5.26 s in the profiled step):
-    matmuls (aten::mm/addmm, forward and backward, all layers + lm_head + vision) ~36%
-    SDPA (flash attention for CPU) backward 15%, forward 7%, vision tower 2%       ~24%
-    MLP elementwise: mul, silu, silu_backward                                      ~11%
-    the rest (copies, index, cat, where, norms, CE): small ops, none above 1%
-  grpo training pass (8 x 8 x 128, shared prompt) 8.6 s. Of 7.35 s profiled:
-    aten::mm 41%, SDPA forward+backward 33% (44 calls each), mul/sum/silu/cat/where ~12%
-
-What would cut it (proposals, not landed: each needs a parity test; model.py is not ours):
-  - NOT is_causal instead of the explicit (B, 1, T, T) mask for right-padded SFT batches: same
-    outputs on the real tokens, but measured at the sft shape (16 x 4 heads x 332 x 32, fwd+bwd,
-    interleaved x5, --only sdpa) the CPU flash kernel takes the same time either way (ratio of
-    medians 1.00; 09:36: 1.02x).
-  - grpo: forward_shared_prefix's responses attend to cat([prompt K/V expanded to G rows | own
-    K/V]) under an (N, 1, R, Tp + R) mask: the cat materializes G copies of the prompt K/V per
-    layer (forward) and sums their gradients back (backward). Cascade attention as in the sampler
-    (a group's G*R queries stacked against its one prompt K/V, the own part causal, merged by
-    log-sum-exp) removes the copies and the masked work; SDPA is a third of the pass, so this is
-    the one place with room left. Needs a parity test against the unshared forward (log-probs
-    < 1e-5, gradients < 1e-4 relative), like test_model's for forward_shared_prefix.
-  - sft: the lm_head and log-softmax run on all 332 positions though only the answer's ~60 count
-    (aten::mm [5312, 128] x [128, V] forward and its two backward mms): computing the logits of
-    the assistant positions only saves ~3-5% of the step; needs model(...) to take the positions.
-  - the matmuls are the model's FLOPs and run near this CPU's single-thread peak: no software
-    change at fp32 removes them (the gradient matmuls of the frozen vision tower are already off:
-    freeze_vision).
+Profiles and the proposals they led to are in docs/LOG.md: the matmuls (~40%) and SDPA
+forward + backward (~1/3) dominate both passes.
 """
 import argparse
 import os
@@ -56,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
+from support import data  # noqa: E402
 import grpo_step as B  # noqa: E402  (bench/grpo_step.py: the same world and training pass)
 import sampler as S  # noqa: E402
 

@@ -40,11 +40,14 @@ import io
 import json
 import os
 import sys
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-import data
 import reward
+from support import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------- knobs
 
@@ -486,16 +489,23 @@ def curves_of(logs):
     logs = [p for p in logs if os.path.exists(p)]
     if not logs:
         return None
-    import curves
+    from support import curves
     with tempfile.TemporaryDirectory() as d:
         curves.draw(curves.sections_of(logs), os.path.join(d, "curves.png"))
         with open(os.path.join(d, "curves.png"), "rb") as f:
             return f.read()
 
 
-def git_commit():
-    import pipeline   # its git_commit: HEAD, "+ uncommitted changes" when the tree is dirty
-    return pipeline.git_commit()
+def git_commit(cwd=ROOT):
+    """HEAD's hash, with '+ uncommitted changes' when tracked files differ from it; 'unknown'
+    outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 # ----------------------------------------------------------------------------- 5. entry points

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-import answers as A
-from answers import BadGroundTruth, MatchConfig
+from support import answers as A
+from support.answers import BadGroundTruth, MatchConfig
 
 OPTS = ["10", "12", "14"]
 COLORS = {"A": "red", "B": "blue", "C": "green"}
@@ -162,7 +162,7 @@ def test_check_ground_truth_latex_goes_to_math_verify_once(monkeypatch):
 
 @pytest.mark.parametrize("gt", ["\u221a3", "???", "", None, [1]])
 def test_check_ground_truth_names_the_record(gt):
-    # issue 16: an unreadable ground truth must stop the run when the file is loaded, naming the record
+    # an unreadable ground truth must stop the run when the file is loaded, naming the record
     with pytest.raises(BadGroundTruth, match=r"^data/train\.jsonl line 7: ground truth"):
         A.check_ground_truth(gt, where="data/train.jsonl line 7")
     with pytest.raises(BadGroundTruth, match=r"^ground truth"):
@@ -210,7 +210,7 @@ def test_verifier_workers_exit_when_the_parent_is_killed(tmp_path):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import sys, time, answers\n"
+    code = ("import sys, time\nfrom support import answers\n"
             "assert answers.answers_match(r'\\frac{1}{2}', r'\\sqrt{\\frac{1}{4}}')\n"
             "print(' '.join(str(p.pid) for p, _, _ in answers._MV.workers.values()), flush=True)\n"
             "time.sleep(60)\n")

@@ -12,7 +12,7 @@ import zlib
 import pytest
 from PIL import Image
 
-import data
+from support import data
 
 QUESTION = "How many red shapes are there?"
 
@@ -205,7 +205,7 @@ def test_outputs_are_strict_json(tmp_path):
 
 def test_benchmark_nan_answer_refused():
     """eval.py --bench: a published file's NaN answer is refused naming the row, not read as the text "nan"."""
-    import benchmarks
+    from support import benchmarks
     with pytest.raises(ValueError, match=r"b\.jsonl:3: field 'answer': NaN / Infinity is not a JSON number"):
         benchmarks.text_field(json.loads('{"answer": NaN}'), "answer", "b.jsonl:3")
     assert benchmarks.text_field({"answer": 2.5}, "answer", "b.jsonl:3") == "2.5"

@@ -8,7 +8,7 @@ import os
 import pytest
 from PIL import Image
 
-import benchmarks as bm
+from support import benchmarks as bm
 
 
 def png(path, size=(56, 56), color=(200, 30, 30)):
@@ -148,7 +148,7 @@ def test_parquet(tmp_path):
 
 def test_loaded_records_encode(tmp_path):
     """The loaders' records go through data.py's prompt/encode path (the schema really fits)."""
-    import data
+    from support import data
     png(tmp_path / "images/1.jpg", size=(84, 56))
     (tmp_path / "test.jsonl").write_text(json.dumps({"id": "1", "question": "Q?", "options": ["x", "y"],
                                                      "image": "images/1.jpg", "answer": "A"}) + "\n")
@@ -163,7 +163,7 @@ def test_loaded_records_encode(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# issue 17 item 12: wrongly typed fields, ambiguous answers, duplicates, empty and non-UTF-8 files
+# wrongly typed fields, ambiguous answers, duplicates, empty and non-UTF-8 files
 
 
 def mathvision_row(**kw):

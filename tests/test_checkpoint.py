@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import data
+from support import checkpoint
+from support import data
 import model as M
+from support import hf_checkpoint
 from test_dist import make_opt, tiny_model, train_steps
 
 
@@ -177,7 +178,7 @@ def test_out_must_not_be_an_input(tmp_path):
 def test_preprocessor_config_travels_from_the_model_to_every_save_and_the_export(tmp_path):
     """install_tokenizer writes the run's preprocessor_config.json (the source's pixel budget, the
     --max_pixels override winning) beside the tokenizer; every checkpoint and the final export
-    carry it, and model.image_config reads the override back from them."""
+    carry it, and hf_checkpoint.image_config reads the override back from them."""
     import test_model
     src = tmp_path / "src"
     src.mkdir()
@@ -185,14 +186,14 @@ def test_preprocessor_config_travels_from_the_model_to_every_save_and_the_export
     (src / "preprocessor_config.json").write_text(json.dumps(test_model.QWEN25_VL_7B_PREPROCESSOR))
     out = tmp_path / "run"
     tok_dir = checkpoint.install_tokenizer("grpo.py", str(src), str(out))
-    assert M.image_config(tok_dir).max_pixels == 12845056                  # the source's, not 28*28*1280
+    assert hf_checkpoint.image_config(tok_dir).max_pixels == 12845056                  # the source's, not 28*28*1280
     tok_dir = checkpoint.install_tokenizer("grpo.py", str(src), str(out), max_pixels=28 * 28 * 256)
     model = tiny_model()
     opt = make_opt(model)
     checkpoint.save(str(out / "checkpoint"), model, opt, step=1, tokenizer_dir=tok_dir)
     checkpoint.export_final(str(out / "checkpoint"), str(out))
     for d in (tok_dir, out / "checkpoint", out):
-        c = M.image_config(str(d))
+        c = hf_checkpoint.image_config(str(d))
         assert (c.min_pixels, c.max_pixels) == (3136, 28 * 28 * 256), d
     with pytest.raises(checkpoint.RunError, match="grpo.py: --max_pixels: max_pixels 10 must be >= min_pixels 3136"):
         checkpoint.install_tokenizer("grpo.py", str(src), str(out), max_pixels=10)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-import config
+from support import config
 import grpo
 import reflect_data
 import sft

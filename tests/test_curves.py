@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import curves
+from support import curves
 
 
 def test_moving_average_by_hand():

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-import checkpoint
-import dist
+from support import checkpoint
+from support import dist
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,8 @@ def test_single_process_fallbacks(monkeypatch):
 SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, os.environ["ROOT"]); sys.path.insert(0, os.environ["TESTS"])
-    import checkpoint, dist, model as M
+    import model as M
+    from support import checkpoint, dist
     from safetensors.torch import save_file
     from test_dist import tiny_model, make_opt, train_steps
     d = dist.init()
@@ -153,8 +154,8 @@ def bf16_world(tmp_path_factory):
     embeddings (as the 7B: embed_tokens and lm_head are separate FSDP units). Tears down the
     one-process group the bf16 sharding starts, so later tests see a plain process."""
     import json
-    import data
-    import task
+    from support import data
+    from demo import task
     out = str(tmp_path_factory.mktemp("bf16_world"))
     train, _ = task.make_task(os.path.join(out, "task"), task.TaskConfig(n_train=8, n_test=2, difficulty=1))
     recs = data.read_jsonl(train)
@@ -176,13 +177,12 @@ def bf16_world(tmp_path_factory):
 
 
 def _bf16_setup(w, beta):
-    import data
+    from support import data
     import grpo
-    import grpo_setup
     cfg = grpo.GRPOConfig(model=w["model"], precision="bf16", beta=beta, prompts_per_step=2, group_size=4,
                           max_new_tokens=12, rollout_batch=2, micro_batch=4, n_minibatches=1, logprob_chunk=8)
     d = dist.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-    policy, ref, opt = grpo_setup.build_models(cfg, d, w["model"])
+    policy, ref, opt = grpo.build_models(cfg, d, w["model"])
     records = data.load_records(w["train"])[:2]
     return cfg, d, policy, ref, opt, records, data
 
@@ -194,14 +194,13 @@ def test_bf16_rollout_and_recomputed_logp_old_give_ratio_1_at_step_0(bf16_world,
     update's micro-batches (which group the rows differently from the recompute). The sampler's
     own bf16 log-probs are further off than that: the test can tell the two apart."""
     import grpo
-    import grpo_setup
     cfg, d, policy, _, opt, records, data = _bf16_setup(bf16_world, beta=0.0)
     w = policy.layers[0].self_attn.q_proj.weight
     assert type(w).__name__ == "DTensor" and w.dtype == torch.float32
     made = []
     real_cache = M.KVCache
     monkeypatch.setattr(M, "KVCache", lambda *a, **k: made.append(real_cache(*a, **k)) or made[-1])
-    roll = grpo.rollout(policy, bf16_world["tok"], records, cfg, d, 0, grpo_setup.reward_config(cfg), data.SYSTEM_PROMPT_REFLECT)
+    roll = grpo.rollout(policy, bf16_world["tok"], records, cfg, d, 0, grpo.reward_config(cfg), data.SYSTEM_PROMPT_REFLECT)
     assert made and all(c.k.dtype == torch.bfloat16 for c in made), [c.k.dtype for c in made]
     sampled = roll.logp_old.clone()
     grpo.recompute_logp_old(policy, roll, cfg, d)
@@ -228,9 +227,8 @@ def test_bf16_policy_and_reference_start_at_kl_0(bf16_world):
     k3 KL <= 1e-6 at step 0. A reference in fp32 (a different path) is measurably off, so the
     bound is not vacuous."""
     import grpo
-    import grpo_setup
     cfg, d, policy, ref, _, records, data = _bf16_setup(bf16_world, beta=0.04)
-    roll = grpo.rollout(policy, bf16_world["tok"], records, cfg, d, 1, grpo_setup.reward_config(cfg), data.SYSTEM_PROMPT_REFLECT)
+    roll = grpo.rollout(policy, bf16_world["tok"], records, cfg, d, 1, grpo.reward_config(cfg), data.SYSTEM_PROMPT_REFLECT)
     m = torch.arange(roll.tokens.shape[1])[None] < roll.lengths[:, None]
     logp = grpo.rows_logprobs(policy, roll, cfg, d)
 

@@ -10,7 +10,7 @@ import pytest
 import eval as ev
 from test_benchmarks import png, user_parts
 import reward
-from config import load_function
+from support.config import load_function
 
 
 # -----------------------------------------------------------------------------
@@ -100,9 +100,9 @@ def test_aggregate_pass_at_k():
 @pytest.mark.slow
 def test_eval_end_to_end_tiny_model(tmp_path, capsys):
     import torch
-    import data
+    from support import data
     import model as qwen
-    import task
+    from demo import task
     train, test = task.make_task(str(tmp_path / "task"), task.TaskConfig(n_train=8, n_test=4, difficulty=1, seed=0))
     recs = data.read_jsonl(test)
     tok = data.train_tokenizer([data.render_chat(r["messages"]) for r in data.read_jsonl(train)],
@@ -161,7 +161,7 @@ def test_shuffle_images_blind_control():
 def scene_list_ok(record, response):
     """What the lead's task.scene_list_ok adapter does (eval.py never imports task.py): None for a
     record without a scene, else whether the first scene list is exactly the scene's."""
-    import task
+    from demo import task
     if not isinstance(record.get("scene"), dict):
         return None
     return task.first_scene_list(response) == task.scene_list(record["scene"])
@@ -201,16 +201,16 @@ def test_scene_metric_on_builtin_task_records():
 
 
 # -----------------------------------------------------------------------------
-# the command line refuses what would give an unusable result (issue 17 items 9, 13)
+# the command line refuses what would give an unusable result
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(checkpoint dir, test.jsonl) of a tiny random model on a 2-question built-in task."""
     import torch
-    import data
+    from support import data
     import model as qwen
-    import task
+    from demo import task
     d = tmp_path_factory.mktemp("tiny")
     train, test = task.make_task(str(d / "task"), task.TaskConfig(n_train=4, n_test=2, difficulty=1, seed=0))
     tok = data.train_tokenizer([data.render_chat(r["messages"]) for r in data.read_jsonl(train)],
@@ -318,7 +318,7 @@ def test_bad_records_are_reported_and_the_rest_scored(tiny, tmp_path, capsys, mo
     """One bad image (and a NaN answer, a control token, messages that are not a list) costs only
     its own record: the others are scored, the bad ones named with file:line in metrics.json and on
     stderr; predictions are strict JSON. A file with no usable record stops eval.py, no predictions."""
-    import data
+    from support import data
     monkeypatch.setenv("SRPO_COMPILE", "0")
     ck, test = tiny
     root = os.path.dirname(test)

@@ -1,5 +1,5 @@
 """Tests for grpo.py: the loss and its gradient against a direct per-token computation of the
-formula in ../shared/SRPO.md, log-probs against float64 log_softmax, advantages against numpy."""
+formula in METHOD.md, log-probs against float64 log_softmax, advantages against numpy."""
 import json
 import math
 import os
@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import data
+from support import checkpoint
+from support import data
 import grpo
-import grpo_setup
 import reward
-import training
+from support import training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +192,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import data
+    from support import data
     import model as M
-    import task
+    from demo import task
     out = str(tmp_path_factory.mktemp("grpo_world"))
     train, test = task.make_task(os.path.join(out, "task"), task.TaskConfig(n_train=48, n_test=8, difficulty=1))
     recs = data.read_jsonl(train)
@@ -211,7 +210,7 @@ def world(tmp_path_factory):
 
 def _synthetic_roll(world, tok, P, G, R, seed=0):
     """A Rollout of P task prompts x G made-up responses of random lengths (right-padded (N, R))."""
-    import data
+    from support import data
     recs = data.load_records(world["train"])[:P]
     prompts = [data.encode_prompt(r, tok, data.SYSTEM_PROMPT_REFLECT) for r in recs]
     g = torch.Generator().manual_seed(seed)
@@ -227,7 +226,7 @@ def _synthetic_roll(world, tok, P, G, R, seed=0):
 def test_policy_logprobs_match_unpadded_forward(world):
     """group_logprobs' layout (left-padded prompts with images + right-padded responses, logits of
     the response positions only) gives each row the log-probs of its own unpadded sequence."""
-    import data
+    from support import data
     import model as M
     tok = data.Tokenizer.from_dir(world["model"])
     net = M.from_pretrained(world["model"])
@@ -252,8 +251,8 @@ def test_policy_logprobs_match_unpadded_forward(world):
 def test_grad_clip_0_means_off(world):
     """--grad_clip 0 is documented as off; clip_grad_norm_(params, 0) zeroes every gradient, so
     the update used to leave the weights exactly where they were."""
-    import data
-    import dist
+    from support import data
+    from support import dist
     import model as M
     tok = data.Tokenizer.from_dir(world["model"])
     net = M.from_pretrained(world["model"])
@@ -289,7 +288,8 @@ UPDATE_SCRIPT = r'''
 import dataclasses, json, os, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import data, dist, grpo, training, model as M
+import grpo, model as M
+from support import data, dist, training
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
@@ -439,7 +439,7 @@ def _loop_args(world, out, steps, **kw):
 
 
 def _steps_logged(out):
-    import data
+    from support import data
     path = os.path.join(out, "log.jsonl")
     return data.read_jsonl(path, allow_torn_tail=True) if os.path.exists(path) else []
 
@@ -533,7 +533,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(world, tmp_
     log = _steps_logged(out)
     assert [r["step"] for r in log] == [1, 2, 3] and "error" in log[-1]
     # a kill between save's two renames (checkpoint -> .old done, .tmp -> checkpoint not yet):
-    # the rerun takes the complete .tmp back and resumes at step 2, not at 0 (issue 17.6)
+    # the rerun takes the complete .tmp back and resumes at step 2, not at 0
     os.rename(os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp"))
     os.makedirs(os.path.join(out, "checkpoint.old"))
     grpo.main(grpo.parse_args(_loop_args(world, out, 2, max_new_tokens=8)))     # nothing left to train
@@ -576,7 +576,9 @@ def test_special_token_ids_must_match_the_tokenizer(world, tmp_path):
     """A config.json whose video_token_id points at a format tag (the sampler never draws video
     ids, so the policy could never write <reflection>) is refused with the field named."""
     import shutil
-    import data
+
+    import model as M
+    from support import data
     bad = tmp_path / "bad"
     shutil.copytree(world["model"], bad)
     tok = data.Tokenizer.from_dir(str(bad))
@@ -585,7 +587,7 @@ def test_special_token_ids_must_match_the_tokenizer(world, tmp_path):
     c["video_token_id"] = tok.tok.token_to_id("<reflection>")
     with open(bad / "config.json", "w") as f:
         json.dump(c, f)
-    checkpoint.check_special_tokens("grpo.py", world["model"], tok)  # the good one passes
+    checkpoint.check_special_tokens("grpo.py", world["model"], tok, M.read_config(world["model"]))  # the good one passes
     with pytest.raises(ValueError, match=r"video_token_id = \d+ is '<reflection>'"):
         grpo.main(grpo.parse_args(["--model", str(bad), "--train", world["train"], "--out", str(tmp_path / "o")]))
 
@@ -598,7 +600,7 @@ def test_cli_accepts_both_flag_spellings():
 
 
 # ----------------------------------------------------------------------------------------------
-# bad input fails before training, naming the flag / file:line (issues 16, 17)
+# bad input fails before training, naming the flag / file:line
 
 @pytest.mark.parametrize("argv,flag", [
     (["--adv_eps", "0"], "adv_eps"),                                  # 0 / 0 = NaN advantages
@@ -641,26 +643,26 @@ def test_out_equal_to_or_inside_model_is_refused_before_writing(world, tmp_path)
 def test_reward_flags_reach_the_reward_config():
     """--reward_preset / --length_weight / --effectiveness map to reward.RewardConfig fields; the
     default is the paper's reward; a combination the reward rejects names the flags."""
-    assert grpo_setup.reward_config(grpo.parse_args([])) == reward.RewardConfig(preset="paper")
-    assert grpo_setup.reward_config(grpo.parse_args(["--length_weight", "0"])).length_weight == 0.0
-    assert grpo_setup.reward_config(grpo.parse_args(["--reward_preset", "code"])).preset == "code"
-    assert grpo_setup.reward_config(grpo.parse_args(["--effectiveness", "0"])).effectiveness is False
+    assert grpo.reward_config(grpo.parse_args([])) == reward.RewardConfig(preset="paper")
+    assert grpo.reward_config(grpo.parse_args(["--length_weight", "0"])).length_weight == 0.0
+    assert grpo.reward_config(grpo.parse_args(["--reward_preset", "code"])).preset == "code"
+    assert grpo.reward_config(grpo.parse_args(["--effectiveness", "0"])).effectiveness is False
     with pytest.raises(ValueError, match="--reward_preset code --effectiveness 0"):
-        grpo_setup.reward_config(grpo.parse_args(["--reward_preset", "code", "--effectiveness", "0"]))
+        grpo.reward_config(grpo.parse_args(["--reward_preset", "code", "--effectiveness", "0"]))
     with pytest.raises(SystemExit):
         grpo.parse_args(["--reward_preset", "papr"])
 
 
 def test_lr_schedule_and_weight_decay_groups(world):
     cfg = grpo.GRPOConfig(lr=1.0, steps=10)
-    assert [grpo_setup.lr_at(s, cfg) for s in range(10)] == [1.0] * 10        # default: constant
+    assert [grpo.lr_at(s, cfg) for s in range(10)] == [1.0] * 10        # default: constant
     cfg = grpo.GRPOConfig(lr=1.0, steps=102, warmup_frac=0.03, min_lr_frac=0.1)   # the paper's code
-    assert [grpo_setup.lr_at(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert grpo_setup.lr_at(3, cfg) == pytest.approx(1.0) and grpo_setup.lr_at(101, cfg) == pytest.approx(0.1)
-    assert grpo_setup.lr_at(52, cfg) == pytest.approx(0.55, abs=0.01)         # halfway down the cosine
+    assert [grpo.lr_at(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert grpo.lr_at(3, cfg) == pytest.approx(1.0) and grpo.lr_at(101, cfg) == pytest.approx(0.1)
+    assert grpo.lr_at(52, cfg) == pytest.approx(0.55, abs=0.01)         # halfway down the cosine
     import model as M
     net = M.from_pretrained(world["model"])
-    opt = training.make_optimizer(net, 1e-3, weight_decay=0.1)                 # as grpo_setup.setup calls it
+    opt = training.make_optimizer(net, 1e-3, weight_decay=0.1)                 # as grpo.setup calls it
     names = {id(p): n for n, p in net.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and all(n.endswith("weight") and "norm" not in n and "embed_tokens" not in n for n in decayed)
@@ -698,7 +700,7 @@ def test_dynamic_sampling_rounds(monkeypatch, K, kept_per_round, rounds):
     """Round r of step s samples stream slice s(K+1)+r with its own seed, until the kept groups of
     all rounds reach prompts_per_step or K more rounds ran; the rounds' rows are concatenated
     (responses padded to the longest). K = 0 is the plain step: slice s, seed rollout_seed(s)."""
-    import dist
+    from support import dist
     P, G, step, n_records = 4, 2, 5, 50
     cfg = grpo.GRPOConfig(prompts_per_step=P, group_size=G, dynamic_sampling=K, seed=3)
     d = dist.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)

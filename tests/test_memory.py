@@ -1,7 +1,7 @@
 """memory.py's formulas against tensors measured on the tiny model."""
 import torch
 
-import memory
+from support import memory
 import model as model_lib
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import model as M
+from support import hf_checkpoint
 
 VOCAB = 256
 IMG, VS, VE = 250, 251, 252  # image / vision start / vision end ids, inside the tiny vocab
@@ -593,38 +594,38 @@ QWEN25_VL_7B_PREPROCESSOR = {   # Qwen/Qwen2.5-VL-7B-Instruct's preprocessor_con
 
 
 def test_image_config_reads_the_checkpoint_file_and_the_flag_overrides(tmp_path):
-    import data
-    assert (M.image_config(str(tmp_path)).min_pixels, M.image_config(str(tmp_path)).max_pixels) == (56 * 56, 28 * 28 * 1280)
+    from support import data
+    assert (hf_checkpoint.image_config(str(tmp_path)).min_pixels, hf_checkpoint.image_config(str(tmp_path)).max_pixels) == (56 * 56, 28 * 28 * 1280)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(QWEN25_VL_7B_PREPROCESSOR))
-    c = M.image_config(str(tmp_path))
+    c = hf_checkpoint.image_config(str(tmp_path))
     assert (c.min_pixels, c.max_pixels, c.patch_size, c.merge_size) == (3136, 12845056, 14, 2)
-    assert M.image_config(str(tmp_path), max_pixels=28 * 28 * 64).max_pixels == 28 * 28 * 64
+    assert hf_checkpoint.image_config(str(tmp_path), max_pixels=28 * 28 * 64).max_pixels == 28 * 28 * 64
     with pytest.raises(ValueError, match="--max_pixels: max_pixels 100 must be >= min_pixels 3136"):
-        M.image_config(str(tmp_path), max_pixels=100)
+        hf_checkpoint.image_config(str(tmp_path), max_pixels=100)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(   # transformers 5's layout: size only
         {"size": {"shortest_edge": 1000, "longest_edge": 20000}, "patch_size": 14}))
-    c = M.image_config(str(tmp_path))
+    c = hf_checkpoint.image_config(str(tmp_path))
     assert (c.min_pixels, c.max_pixels) == (1000, 20000)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(QWEN25_VL_7B_PREPROCESSOR, image_mean=[0.5] * 3)))
     with pytest.raises(ValueError, match="preprocessor_config.json: image_mean"):
-        M.image_config(str(tmp_path))
+        hf_checkpoint.image_config(str(tmp_path))
     assert data.ImageConfig().max_pixels == 28 * 28 * 1280
 
 
 def test_written_preprocessor_config_gives_transformers_the_same_grids(tmp_path):
     """write_image_config -> transformers' Qwen2VLImageProcessor (the PIL backend: torchvision is
     not installed) loads the file and produces, for images below, inside and above the pixel
-    budget, the grid_thw of data.preprocess_image with model.image_config of that directory, and
+    budget, the grid_thw of data.preprocess_image with hf_checkpoint.image_config of that directory, and
     the same pixel values. The budget is not transformers' default, and the default gives other
     grids: the file is what makes them agree."""
     import numpy as np
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    import data
+    from support import data
     cfg = data.ImageConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 20)
-    M.write_image_config(str(tmp_path), cfg)
+    hf_checkpoint.write_image_config(str(tmp_path), cfg)
     hf = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
-    ours = M.image_config(str(tmp_path))
+    ours = hf_checkpoint.image_config(str(tmp_path))
     assert (ours.min_pixels, ours.max_pixels) == (cfg.min_pixels, cfg.max_pixels)
     rng = np.random.default_rng(0)
     differs = False

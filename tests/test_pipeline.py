@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import data
+from support import data
 import model as model_lib
 import pipeline
 import reward
@@ -217,7 +217,7 @@ def test_run_plan_splits_the_cores_and_gives_a_lone_stage_the_freed_ones(tmp_pat
     (tmp_path / "share").write_text("3")
     before = torch.get_num_threads()
     try:
-        import training
+        from support import training
         os.environ["SRPO_THREADS_FILE"] = str(tmp_path / "share")
         training.follow_thread_budget(torch.device("cpu"))
         assert torch.get_num_threads() == 3
@@ -308,5 +308,5 @@ def test_perception_gate_stops_before_rl_and_says_why(tmp_path, monkeypatch, cap
     assert "passed" in pipeline.gate_message(0.9) and pipeline.gate_message(0.85).startswith("base model on val")
     assert "gate" not in [name for name, _, _ in pipeline.stages("/r", quick=True)]
     gate = {name: argv for name, _, argv in pipeline.stages("/r", quick=False)}["gate"]
-    assert flag(gate, "--data") == "/r/task/val.jsonl" and flag(gate, "--metric") == "task:scene_list_ok"
+    assert flag(gate, "--data") == "/r/task/val.jsonl" and flag(gate, "--metric") == "demo.task:scene_list_ok"
     assert gate[gate.index("--metric") + 1:][:3] == list(pipeline.TASK_METRICS)

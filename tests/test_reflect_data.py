@@ -29,10 +29,10 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-import data
+from support import data
 import reflect_data as rd
 import reward
-import task
+from demo import task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -575,7 +575,7 @@ def test_cli_accepts_both_flag_spellings():
     assert a == b and a.correct_frac == 0.5 and a.max_new_tokens == 64
 
 
-# ----------------------------------------------------------------------------- SFT targets (issue 14)
+# ----------------------------------------------------------------------------- SFT targets
 
 def test_sample_text_targets_hand_written():
     it = rd.Item(id="a", record={}, where="x:1", question="How many red shapes?", images=[], gt="3",
@@ -625,10 +625,10 @@ def test_rule_teacher_passed_by_name(task_dir, tmp_path):
     for r in data.read_jsonl(tmp_path / "out" / "reflect.jsonl"):
         assert f"<reflection>RECOUNT! ANSWER {r['answer']}</reflection>\n<think>recount: {r['answer']}</think>" \
             in r["messages"][-1]["content"]
-    with pytest.raises(SystemExit, match="--rule_teacher 'task:nope': module 'task' has no function 'nope'"):
-        rd.make_teacher(rd.ReflectConfig(rule_teacher="task:nope"))
+    with pytest.raises(SystemExit, match="--rule_teacher 'demo.task:nope': module 'demo.task' has no function 'nope'"):
+        rd.make_teacher(rd.ReflectConfig(rule_teacher="demo.task:nope"))
     dots = dots_task(tmp_path / "d", 2)  # no scene: the built-in task's teacher cannot reflect on it
-    with pytest.raises(ValueError, match=r"train\.jsonl:1: --rule_teacher task:teacher_reflection .* failed on this record"):
+    with pytest.raises(ValueError, match=r"train\.jsonl:1: --rule_teacher demo.task:teacher_reflection .* failed on this record"):
         rd.run(rd.ReflectConfig(data=str(dots), out=str(tmp_path / "o2" / "r.jsonl"), correct_frac=-1),
                policy=WrongByOne())
 
@@ -641,7 +641,7 @@ def recount(record):
     return f"recount: {record['answer']}"
 
 
-# ----------------------------------------------------------------------------- issue 17: refusals
+# ----------------------------------------------------------------------------- refusals
 
 def test_no_arguments_one_line(task_dir, tmp_path, monkeypatch):
     """`python reflect_data.py` with nothing built: one line naming the command that makes it (no

@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
-import cli
-import data
+from support import checkpoint
+from support import cli
+from support import data
 import eval as eval_lib
 import grpo
 import reflect_data
 import sft
-import training
+from support import training
 from test_grpo import RUN_SCRIPT, _loop_args, fake_score_batch, world  # noqa: F401 (world: a fixture)
 from test_sft import ROOT, _args, _env, make_dataset
 

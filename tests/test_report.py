@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import data
+from support import data
 import reward
 from support import report
 
@@ -270,7 +270,7 @@ def test_grpo_report_every_writes_the_steps_page(tmp_path, monkeypatch):
     import torch
     import grpo
     import model as M
-    import task
+    from demo import task
     monkeypatch.setenv("SRPO_COMPILE", "0")
     train, _ = task.make_task(str(tmp_path / "task"), task.TaskConfig(n_train=8, n_test=1, n_val=1, difficulty=1))
     recs = data.read_jsonl(train)
@@ -297,7 +297,7 @@ def test_eval_py_report_flag(tmp_path):
     import torch
     import eval as ev
     import model as M
-    import task
+    from demo import task
     _, test = task.make_task(str(tmp_path / "task"), task.TaskConfig(n_train=2, n_test=2, n_val=1, difficulty=1))
     recs = data.read_jsonl(test)
     tok = data.train_tokenizer([json.dumps(r["messages"]) for r in recs] + [data.SYSTEM_PROMPT_REFLECT],

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-import data
+from support import data
 import model as M
 import sampler as S
 

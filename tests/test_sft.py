@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import checkpoint
-import data
+from support import checkpoint
+from support import data
 import model as M
 import sft
-import training
+from support import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -299,7 +299,7 @@ def test_kill9_then_rerun_gives_same_weights(dataset, tmp_path):
     assert data.Tokenizer.from_dir(killed).vocab_size == hf.config.text_config.vocab_size
 
 
-# ----------------------------------------------------------------------------- reliability (issues 16, 17)
+# ----------------------------------------------------------------------------- reliability
 
 def test_tokenizer_corpus_adds_texts_and_names_bad_lines(dataset, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
@@ -313,14 +313,14 @@ def test_tokenizer_corpus_adds_texts_and_names_bad_lines(dataset, tmp_path):
 
 
 def test_general_modules_do_not_import_task():
-    """task.py is the built-in task; sft.py, grpo.py, grpo_setup.py, training.py, dist.py and
-    checkpoint.py are general."""
+    """demo/task.py is the built-in task; the stage files and support/ are general."""
     import ast
-    for name in ("sft.py", "grpo.py", "grpo_setup.py", "training.py", "dist.py", "checkpoint.py"):
-        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+    import glob
+    for path in [os.path.join(ROOT, n) for n in ("sft.py", "grpo.py")] + glob.glob(os.path.join(ROOT, "support", "*.py")):
+        tree = ast.parse(open(path).read())
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert "task" not in mods, name
+        assert not any(m and m.split(".")[0] in ("task", "demo") for m in mods), path
 
 
 def test_resume_keeps_the_tokenizer(dataset, tmp_path):

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-import task
-from task import TaskConfig, make_task, solution, teacher_reflection
+from demo import task
+from demo.task import TaskConfig, make_task, solution, teacher_reflection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
@@ -66,7 +66,7 @@ def recompute(question, objects):
 def test_schema(small):
     out, train, test = small
     assert len(train) == SMALL.n_train and len(test) == SMALL.n_test
-    from data import SYSTEM_PROMPT_SINGLE
+    from support.data import SYSTEM_PROMPT_SINGLE
     for r in train + test:
         for k in ("id", "messages", "answer", "question", "image", "kind", "difficulty", "scene"):
             assert k in r, k
@@ -295,7 +295,7 @@ def test_bad_config(tmp_path):
 
 def test_cli(tmp_path):
     out = str(tmp_path / "cli")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "task.py"), "--out", out, "--n-train", "12", "--n-test", "4",
+    p = subprocess.run([sys.executable, "-m", "demo.task", "--out", out, "--n-train", "12", "--n-test", "4",
                         "--n-val", "3", "--difficulty", "1", "--image-size", "168"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     r = read(os.path.join(out, "train.jsonl"))

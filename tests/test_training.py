@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import checkpoint
-import training
+from support import checkpoint
+from support import training
 
 
 def test_lr_at_warmup_then_cosine_to_min_lr():

@@ -48,7 +48,7 @@ first answer. The second attempt is just the counts the check found (count_text)
 Why a walk: the base model lists the scene right 9 times in 10 but errs picking "the red ones"
 out of its list (a filtered copy); one item at a time, each step is a local yes/no.
 
-    python task.py --out runs/task --n-train 16000 --n-test 300 --n-val 300 --difficulty 2
+    python -m demo.task --out runs/task --n-train 16000 --n-test 300 --n-val 300 --difficulty 2
 
 Splits: train, test and val (validation: choose settings on it or on train, never on test).
 Test and val records come from their own seeds and skip any (scene, question) of an earlier
@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import SYSTEM_PROMPT_SINGLE
+from support.data import SYSTEM_PROMPT_SINGLE
 
 CELL = 28  # px per grid cell = one merged visual token (14 px patch x 2x2 merge)
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
@@ -261,7 +261,7 @@ def count_text(record):
 def think_text(record, walk=False):
     """The scene list, the question's list (if any), then the counts and the arithmetic step.
     walk=True: the scene list, then the teacher's item-by-item check (check_walk) in place of the
-    question's list. Measured (README, "Results"): a base trained on it answers 0.64 vs 0.38,
+    question's list. Measured (docs/LOG.md): a base trained on it answers 0.64 vs 0.38,
     but lists the scene exactly for 16% of test images vs 83%."""
     lists, _ = facts(record)
     if walk:
@@ -358,7 +358,7 @@ def teacher_reflection(record, attempt_think, attempt_answer):
 # drawing
 
 # ----------------------------------------------------------------------------- hooks the general scripts take by name
-# eval.py --metric task:scene_list_ok, grpo.py --extra_metrics task:rollout_metrics, sft.py
+# eval.py --metric demo.task:scene_list_ok, grpo.py --extra_metrics demo.task:rollout_metrics, sft.py
 # --tokenizer_corpus TASK/tokenizer_corpus.jsonl: the general code never imports this file.
 
 def scene_list_ok(record, response_text):

@@ -23,9 +23,9 @@ from contextlib import nullcontext
 
 import torch
 
-import checkpoint
-import cli
-import dist
+from support import checkpoint
+from support import cli
+from support import dist
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), vision_lr_scale=1.0):

@@ -56,10 +56,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-import cli as cli_lib
-import data
-import dist
-import model as model_lib
+from support import cli as cli_lib
+from support import data
+from support import dist
+from support import hf_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 
@@ -189,7 +189,7 @@ def release_lock(out):
 def install_tokenizer(prog, src, out, max_pixels: int = 0):
     """Copy the tokenizer files of src into out/tokenizer/ (atomically) and return that path,
     with the run's preprocessor_config.json: src's image settings, max_pixels > 0 overriding
-    (model.image_config). Every save copies both from there, so transformers' processor loaded
+    (hf_checkpoint.image_config). Every save copies both from there, so transformers' processor loaded
     from any checkpoint or export of the run sizes images as the run did."""
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):
         raise RunError(f"{prog}: {src} has no tokenizer.json (not a complete checkpoint)")
@@ -203,7 +203,7 @@ def install_tokenizer(prog, src, out, max_pixels: int = 0):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-        model_lib.write_image_config(tmp, image_config(prog, src, max_pixels))
+        hf_checkpoint.write_image_config(tmp, image_config(prog, src, max_pixels))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)                         # a full disk keeps no partial copy
         raise
@@ -213,19 +213,18 @@ def install_tokenizer(prog, src, out, max_pixels: int = 0):
 
 
 def image_config(prog, path, max_pixels: int = 0):
-    """model.image_config (the checkpoint's preprocessor_config.json, --max_pixels overriding),
+    """hf_checkpoint.image_config (the checkpoint's preprocessor_config.json, --max_pixels overriding),
     its errors as RunError."""
     try:
-        return model_lib.image_config(path, max_pixels)
+        return hf_checkpoint.image_config(path, max_pixels)
     except ValueError as e:
         raise RunError(f"{prog}: {e}") from None
 
 
-def check_special_tokens(prog, path, tok):
-    """config.json's vision token ids must be the tokenizer's: the model treats image_token_id
-    positions as image slots and the sampler never draws image/video ids, so a wrong id there
-    can, e.g., make a format tag like <reflection> impossible to sample."""
-    mc = model_lib.read_config(path)
+def check_special_tokens(prog, path, tok, mc):
+    """config.json's vision token ids (mc: its model.ModelConfig) must be the tokenizer's: the
+    model treats image_token_id positions as image slots and the sampler never draws image/video
+    ids, so a wrong id there can, e.g., make a format tag like <reflection> impossible to sample."""
     want = dict(image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
                 vision_start_token_id=tok.vision_start_id, vision_end_token_id=tok.vision_end_id)
     for field, tid in want.items():
@@ -376,7 +375,7 @@ def _save(path, tmp, rank, model, optimizer, step, extra, tokenizer_dir, rng):
     # 2. the HF model: full weights gathered to rank 0 (cpu), other ranks get an empty dict
     model_sd = get_model_state_dict(model, options=_full_options())
     if rank == 0:
-        model_lib.write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_sd)
+        hf_checkpoint.write_pretrained(model, tmp, tokenizer_dir=tokenizer_dir, state_dict=model_sd)
     del model_sd
     # 3. every rank adds its RNG states
     if rng:

@@ -1,7 +1,7 @@
 """
 Training curves a learner can read, from the log.jsonl files that sft.py and grpo.py write:
 
-    python curves.py runs/demo/base/log.jsonl runs/demo/sft/log.jsonl runs/demo/srpo/log.jsonl --out curves.png
+    python -m support.curves runs/demo/base/log.jsonl runs/demo/sft/log.jsonl runs/demo/srpo/log.jsonl --out curves.png
 
 One section per log (its run name and kind as a header), one panel per quantity. In each panel
 the raw per-step values are drawn faint and their trailing moving average on top, with "nice"

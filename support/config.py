@@ -95,7 +95,7 @@ def load_function(spec, flag):
     Errors name the flag."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise SystemExit(f"{flag} {spec!r}: expected MODULE:FUNCTION, e.g. task:scene_list_ok")
+        raise SystemExit(f"{flag} {spec!r}: expected MODULE:FUNCTION, e.g. demo.task:scene_list_ok")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:

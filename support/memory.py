@@ -1,9 +1,9 @@
 """
 Per-GPU memory of a GRPO run, term by term, before you rent the GPUs.
 
-    python memory.py --model /ckpt/Qwen2.5-VL-7B-Instruct --world_size 8 --rollout_batch 4 \
+    python -m support.memory --model /ckpt/Qwen2.5-VL-7B-Instruct --world_size 8 --rollout_batch 4 \
         --group_size 8 --prompt_len 1024 --max_new_tokens 2048 --micro_batch 4 --grad_checkpoint
-    python memory.py                        # defaults: Qwen2.5-VL-7B, grpo.py's 7B recipe on 8 GPUs
+    python -m support.memory                        # defaults: Qwen2.5-VL-7B, grpo.py's 7B recipe on 8 GPUs
 
 Every term is a formula over the model config and the run's shapes (bytes per GPU):
 

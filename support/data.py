@@ -297,7 +297,7 @@ class Tokenizer:
         self.video_pad_id = tid("<|video_pad|>")
         self.pad_id = self.endoftext_id
         # the processor's image settings (min / max pixels): the scripts set them from the
-        # checkpoint's preprocessor_config.json and --max_pixels (model.image_config)
+        # checkpoint's preprocessor_config.json and --max_pixels (hf_checkpoint.image_config)
         self.image_cfg = ImageConfig()
 
     @classmethod
@@ -396,7 +396,7 @@ SYSTEM_PROMPT_REFLECT = (
     "optionally in \\boxed{}) inside each <answer>, and write nothing after the last </answer>."
 )
 
-# The paper's SFT target (arXiv 2506.01713 Eq. 1, Appendix B.4): reflection, then the final answer
+# The paper's SFT target (Eq. 1, Appendix B.4): reflection, then the final answer
 # with no second reasoning pass (reflect_data.py --target paper trains it).
 SYSTEM_PROMPT_REFLECT_PAPER = (
     "You are a helpful assistant that solves visual reasoning problems and then checks its own work. "
@@ -869,7 +869,7 @@ def load_records(path, tokenizer=None, system_prompt=None, skip_bad=False, prog=
     readable by answers.check_ground_truth): a bad record fails at load, naming file:line, or is
     dropped with skip_bad (bad: a list that receives them, (where, reason)), instead of stopping one
     rank mid-rollout when first drawn."""
-    import answers
+    from support import answers
 
     def ground_truth(r, where):
         answers.check_ground_truth(r["answer"], r.get("options"), where=f"{where}: field 'answer'")
