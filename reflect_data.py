@@ -666,6 +666,15 @@ def check_policy(cfg):
         raise SystemExit(f"reflect_data.py: --policy {cfg.policy}: not a checkpoint directory (no config.json){hint}")
 
 
+def policy_tokenizer(cfg: ReflectConfig):
+    """The --policy checkpoint's tokenizer (it counts the prompts' tokens when the records are
+    checked), or None when the policy directory has none; a broken file is named in one line."""
+    if not os.path.isfile(os.path.join(cfg.policy, "tokenizer.json")):
+        return None
+    with cli.reading("reflect_data.py", "--policy", cfg.policy):
+        return data.Tokenizer.from_dir(cfg.policy)
+
+
 def run(cfg: ReflectConfig, policy=None, teacher=None):
     """Build (or continue) cfg.out. policy: object with attempts(items) -> list[str] (default:
     SamplerPolicy(cfg)); teacher: object with reflect(items) -> list[TeacherReply] and a name
@@ -676,10 +685,7 @@ def run(cfg: ReflectConfig, policy=None, teacher=None):
     out_dir = os.path.dirname(os.path.abspath(cfg.out))
     os.makedirs(out_dir, exist_ok=True)
 
-    tok_file = os.path.join(cfg.policy, "tokenizer.json")   # the policy's tokenizer counts the prompts' tokens
-    with cli.reading("reflect_data.py", "--policy", cfg.policy):
-        tok = data.Tokenizer.from_dir(cfg.policy) if os.path.isfile(tok_file) else None
-    items, bad_records = load_items(cfg.data, cfg.limit, tok, cfg.skip_bad_records)
+    items, bad_records = load_items(cfg.data, cfg.limit, policy_tokenizer(cfg), cfg.skip_bad_records)
     written, rejected = load_done(cfg.out, rejected_path)
     check_settings(cfg, settings_path, earlier_output=bool(written or rejected))
     open(cfg.out, "a").close()  # the output exists (maybe empty) even if nothing passes
