@@ -223,12 +223,11 @@ def drop_bad_records(datasets, tokenizers, system_prompt, prog="eval.py", skip=T
 def checkpoint_tokenizers(ckpts, max_pixels):
     """The distinct (tokenizer, image settings) of the checkpoints, each loaded once."""
     import hashlib
-    import model as qwen
     out = {}
     for ckpt in ckpts:
         try:
             tok = data.Tokenizer.from_dir(ckpt)
-            tok.image_cfg = qwen.image_config(ckpt, max_pixels)
+            tok.image_cfg = hf_checkpoint.image_config(ckpt, max_pixels)
             with open(tok.path, "rb") as f:
                 out.setdefault((hashlib.sha256(f.read()).hexdigest(), repr(tok.image_cfg)), tok)
         except Exception as e:
