@@ -178,7 +178,8 @@ def eval_column(name, preds, records_by_id, rcfg, count_tokens, note=""):
         stored = p.get("reward")
         off += stored is not None and abs(float(stored) - s.total) > 1e-6
         pid = str(p["id"])
-        extra = dict(m=p.get("metrics") or {}, L=p.get("length"), fin=p.get("finish"))
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in (p.get("metrics") or {}).items()}
+        extra = dict(m=shown, L=p.get("length"), fin=p.get("finish"))
         if len(right[pid]) > 1:
             extra["nright"] = f"{sum(right[pid])} of {len(right[pid])} samples right"
         col.cells[pid] = cell(p["response"], s, **extra)
