@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from support import data  # noqa: E402
+from support import data, hf_checkpoint  # noqa: E402
 import model as M  # noqa: E402
 import sampler as S  # noqa: E402
 
@@ -100,7 +100,7 @@ def build(a: Args, dev, dtype):
     ours = net.state_dict()
     load = {}
     for key in hf.state_dict():
-        o = M._key_to_ours(key)
+        o = hf_checkpoint._key_to_ours(key)
         if o in ours:
             load[key] = ours[o]
     info = hf.load_state_dict(load, strict=False)

@@ -343,7 +343,7 @@ def test_sigterm_at_a_random_moment_of_a_two_rank_grpo_run(world, tmp_path):
     to stop at, and the rerun ends with bitwise the weights and log of an uninterrupted 2-rank run."""
     script = tmp_path / "run.py"                                      # grpo.py's __main__, with the stand-in reward
     script.write_text(RUN_SCRIPT.replace("grpo.main(grpo.parse_args(sys.argv[2:]))",
-                                         "import cli, dist\ncli.main('grpo.py', lambda: grpo.main(grpo.parse_args("
+                                         "from support import cli, dist\ncli.main('grpo.py', lambda: grpo.main(grpo.parse_args("
                                          "sys.argv[2:])))\ndist.exit_worker()"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SRPO_COMPILE": "0"}
     port = 31500 + os.getpid() % 1000
