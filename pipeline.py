@@ -53,17 +53,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Stage settings: the default demo (docs/LOG.md "Performance": its wall time measured alone on 2 cores,
 # stages run two at a time with the cores split between them) and --quick (the slow test).
-# base: 1.3 epochs (1300 steps of 16) instead of 1. The base model learns colours and counts by
-# step ~400 but reads shapes last: teacher-forced on 64 validation scenes, seed 1337 named the
-# wrong shape for 57% of listed objects at step 600, 35% at 800, 14% at 1000. At 1000 steps it
-# stops in the middle of that transition, so its scene-list accuracy depends on when the
-# transition began (seed, machine): validation 0.44 (seed 1337) and 0.64 (seed 1) here, test
-# 0.47 here and 0.83 on another machine for the same seed. Continued to 1300 steps (the lr tail
-# of a 1300-step cosine): validation 0.87 and 0.94, test 0.87 and 0.94. A 1300-step schedule
-# from step 0 gave test scene lists 0.893 / 0.877 / 0.887 (seeds 0-2). Caveat: only task seed 0 was tried, and a seed on larger shapes that
-# started late (0.35 at 1000) needed 1600 steps (0.48 at 1300, 0.92 at 1600).
-FULL = dict(task=[], base=["--epochs", "1.3", "--micro_batch_size", "16"],
-            reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
+# base: 2 epochs (2000 steps of 16). The base model learns to list the scene in one late phase
+# (colours, counts and shapes together; docs/demo_diagnosis.md) that starts near step 700 and ends
+# between steps ~1100 and ~1400 depending on the seed and the machine's float rounding. A 1300-step
+# schedule stopped inside that phase on some machines (test scene list 0.38 on one, 0.89 on
+# another); 2000 steps end ~600 steps after it on every path measured (docs/demo_paths.md).
+# reflect: 1200 training questions (not 1500) pays for the longer base within the 20-minute demo.
+FULL = dict(task=[], base=["--epochs", "2", "--micro_batch_size", "16"],
+            reflect=["--attempts", "4", "--limit", "1200", "--temperature", "0.7"],
             sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "8", "--micro_batch_size", "16"],
             # grpo.py's defaults (lr 3e-5, KL beta 0.04, 16 prompts x 8 samples, 200 steps of 2
             # optimizer steps) cut twice, each time keeping the 400 optimizer steps at half the
