@@ -23,7 +23,8 @@ them (`--threads`); the training stages take the cores a finished stage frees.
 `--ablation` adds the paper's ablations in miniature to the same run (SRPO with the official code's
 reward, without f_len, without I_eff, from the base model without reflection SFT; stage 1 with the
 paper's SFT target) and their rows to results.md. `--summarize RUN RUN ...` prints runs of different
-seeds side by side with mean +- standard error, and runs nothing.
+seeds side by side with mean +- standard error, then each of the demo's claims (CLAIMS: plain GRPO over
+base, SRPO over stage 1 ...) as a difference paired by run, and runs nothing.
 
 Seeds: `--seed N` (default 0) is passed to every training and sampling stage (base, reflect,
 sft, srpo, grpo); the task keeps its own `--task-seed` (default 0), so runs with different
@@ -58,16 +59,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # between steps ~1100 and ~1400 depending on the seed and the machine's float rounding. A 1300-step
 # schedule stopped inside that phase on some machines (test scene list 0.38 on one, 0.89 on
 # another); 2000 steps end ~600 steps after it on every path measured (docs/demo_paths.md).
-# reflect: 1200 training questions (not 1500) pays for the longer base within the 20-minute demo.
+# The longer base is paid for within the 20-minute demo by stage 1's 7 epochs (not 8) and the RL
+# stages' 70 steps (not 100; docs/rl_search.md: on val, 100 steps did not move the greedy answer).
 FULL = dict(task=[], base=["--epochs", "2", "--micro_batch_size", "16"],
-            reflect=["--attempts", "4", "--limit", "1200", "--temperature", "0.7"],
-            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "8", "--micro_batch_size", "16"],
+            reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
+            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "7", "--micro_batch_size", "16"],
             # grpo.py's defaults (lr 3e-5, KL beta 0.04, 16 prompts x 8 samples, 200 steps of 2
-            # optimizer steps) cut twice, each time keeping the 400 optimizer steps at half the
-            # rollout cost: 8 prompts per step (the SRPO stage took 28 of the pipeline's 74 min with
-            # 16), then 100 steps of 4 mini-batches (one per 2 prompts) instead of 200 of 2: the
-            # SRPO stage alone was 495 of the pipeline's 1332 s, and the demo's target is 20 min.
-            grpo=["--steps", "100", "--prompts_per_step", "8", "--n_minibatches", "4", "--eval_every", "0"],
+            # optimizer steps) cut for the 20-minute demo: 8 prompts per step, 4 mini-batches (one
+            # per 2 prompts), 70 steps (280 optimizer steps)
+            grpo=["--steps", "70", "--prompts_per_step", "8", "--n_minibatches", "4", "--eval_every", "0"],
             eval=["--batch-size", "64", "--max-new-tokens", "256"])
 QUICK = dict(task=["--n-train", "96", "--n-test", "16", "--n-val", "8"],
              base=["--max_steps", "60", "--batch_size", "16", "--warmup_steps", "5"],
@@ -372,7 +372,37 @@ def summary_table(runs):
                  f"| {cell([m['w2r'] - m['r2w'] for m in ms], '.1f')} "
                  f"| {cell([m.get('scene_list_ok', float('nan')) for m in ms], '.3f')} "
                  f"| {cell([m.get('scene_objects', float('nan')) for m in ms], '.3f')} |\n")
-    return head + body + f"\nmean ± standard error over n = {len(runs)} runs\n"
+    return head + body + f"\nmean ± standard error over n = {len(runs)} runs\n" + paired_claims(per_run)
+
+
+# The demo's claims, each a difference paired by run (seed): (claim, minuend, subtrahend), each a
+# (model, prompt label, metric); accuracies in points, w2r / r2w in answers.
+CLAIMS = (
+    ("plain GRPO - base", ("grpo", "single", "final_acc"), ("base", "single", "final_acc")),
+    ("SRPO (stage 2) - stage 1, final", ("srpo", "reflect", "final_acc"), ("sft", "reflect", "final_acc")),
+    ("SRPO final - plain GRPO", ("srpo", "reflect", "final_acc"), ("grpo", "single", "final_acc")),
+    ("SRPO: w2r - r2w (answers)", ("srpo", "reflect", "w2r"), ("srpo", "reflect", "r2w")),
+    ("stage 1: final - first", ("sft", "reflect", "final_acc"), ("sft", "reflect", "first_acc")),
+    ("base - blind control", ("base", "single", "final_acc"), ("base", "single, shuffled images", "final_acc")),
+)
+
+
+def paired_claims(per_run):
+    """The CLAIMS whose models every run evaluated, as per-run differences, their mean +- SE, and
+    whether the mean is above 2 SE (a one-sided check; with 3 runs only a rough one)."""
+    rows = []
+    for claim, (m1, p1, k1), (m2, p2, k2) in CLAIMS:
+        if not all((m1, p1) in r and (m2, p2) in r for r in per_run):
+            continue
+        scale = 1 if k1 in ("w2r", "r2w") else 100
+        diffs = [scale * (r[(m1, p1)][k1] - r[(m2, p2)][k2]) for r in per_run]
+        mean, se = mean_se(diffs)
+        rows.append(f"| {claim} | {', '.join(f'{d:+.1f}' for d in diffs)} | {mean:+.1f} ± {se:.1f} "
+                    f"| {'yes' if mean > 2 * se else 'no'} |")
+    if not rows:
+        return ""
+    return ("\n| paired by run | per run | mean ± SE | mean > 2 SE |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def warm_variants(cores):

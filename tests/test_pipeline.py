@@ -260,7 +260,7 @@ def test_ablation_rows_change_one_thing_of_the_srpo_stage():
     assert [a for a in abl["reflect-paper"] if a not in ("--target", "paper")] == \
         [a.replace("/r/reflect/", "/r/ablation/reflect-paper/") for a in main["reflect"]]
     assert flag(abl["sft-paper"], "--data") == "/r/ablation/reflect-paper/train.jsonl"
-    assert flag(abl["sft-paper"], "--init") == "/r/base" and flag(abl["sft-paper"], "--epochs") == "8"
+    assert flag(abl["sft-paper"], "--init") == "/r/base" and flag(abl["sft-paper"], "--epochs") == flag(main["sft"], "--epochs")
     ev = abl["eval-ablation"]
     assert ev[ev.index("--model") + 1:ev.index("--data")] == [f"/r/ablation/{n}" for n in (*expect, "sft-paper")]
     assert set(pipeline.NEEDS["eval-ablation"]) == {*expect, "sft-paper"}
@@ -284,6 +284,23 @@ def test_summary_table_mean_and_standard_error_by_hand(tmp_path, capsys):
     assert pipeline.mean_se([2.0])[0] == 2.0 and pipeline.mean_se([2.0])[1] != pipeline.mean_se([2.0])[1]  # nan
     with pytest.raises(SystemExit, match="no evaluations"):
         pipeline.main(["--summarize", str(tmp_path / "absent")])
+
+
+def test_summary_claims_are_paired_by_run(tmp_path, capsys):
+    """Each claim is the per-run difference of two rows, then mean +- SE over runs (by hand)."""
+    def write(run, base, grpo):
+        os.makedirs(run / "eval" / "single")
+        m = lambda acc: dict(first_acc=acc, final_acc=acc, w2r=0, r2w=0, r2r=0, w2w=0, single=300, format=1.0, mean_len=1.0)
+        results = [dict(checkpoint="base", metrics=m(base)), dict(checkpoint="grpo", metrics=m(grpo))]
+        (run / "eval" / "single" / "metrics.json").write_text(json.dumps(dict(results=results)))
+    for name, base, grpo in (("s0", 0.40, 0.46), ("s1", 0.50, 0.52), ("s2", 0.45, 0.51)):
+        write(tmp_path / name, base, grpo)
+    pipeline.main(["--summarize", *(str(tmp_path / n) for n in ("s0", "s1", "s2"))])
+    out = capsys.readouterr().out
+    # grpo - base = +6, +2, +6 points: mean 4.667, sd sqrt((1.333^2 + 2.667^2 + 1.333^2) / 2) = 2.309,
+    # SE 1.333; 4.667 > 2 x 1.333. The reflect and blind claims need rows these runs lack: left out.
+    assert "| plain GRPO - base | +6.0, +2.0, +6.0 | +4.7 ± 1.3 | yes |" in out
+    assert "SRPO" not in out.split("paired by run")[1] and "blind" not in out
 
 
 def test_perception_gate_stops_before_rl_and_says_why(tmp_path, monkeypatch, capsys):
