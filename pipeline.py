@@ -54,20 +54,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Stage settings: the default demo (docs/LOG.md "Performance": its wall time measured alone on 2 cores,
 # stages run two at a time with the cores split between them) and --quick (the slow test).
-# base: 2 epochs (2000 steps of 16). The base model learns to list the scene in one late phase
+# base: 1.8 epochs (1800 steps of 16). The base model learns to list the scene in one late phase
 # (colours, counts and shapes together; docs/demo_diagnosis.md) that starts near step 700 and ends
-# between steps ~1100 and ~1400 depending on the seed and the machine's float rounding. A 1300-step
-# schedule stopped inside that phase on some machines (test scene list 0.38 on one, 0.89 on
-# another); 2000 steps end ~600 steps after it on every path measured (docs/demo_paths.md).
-# The longer base is paid for within the 20-minute demo by stage 1's 7 epochs (not 8) and the RL
-# stages' 70 steps (not 100; docs/rl_search.md: on val, 100 steps did not move the greedy answer).
-FULL = dict(task=[], base=["--epochs", "2", "--micro_batch_size", "16"],
+# between steps ~1100 and ~1400 depending on the seed and the machine's float rounding, whatever
+# the lr schedule. A 1300-step schedule stopped inside that phase on some machines (test scene list
+# 0.38 on one, 0.89 on another); 1800 steps end 400-700 steps after it (docs/demo_paths.md).
+# The longer base is paid for within the 20-minute demo by the RL stages' 50 steps (not 100;
+# docs/rl_search.md: on val, 100 steps did not move the greedy answer either).
+FULL = dict(task=[], base=["--epochs", "1.8", "--micro_batch_size", "16"],
             reflect=["--attempts", "4", "--limit", "1500", "--temperature", "0.7"],
-            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "7", "--micro_batch_size", "16"],
+            sft=["--lr", "1e-3", "--min_lr", "1e-4", "--epochs", "8", "--micro_batch_size", "16"],
             # grpo.py's defaults (lr 3e-5, KL beta 0.04, 16 prompts x 8 samples, 200 steps of 2
             # optimizer steps) cut for the 20-minute demo: 8 prompts per step, 4 mini-batches (one
-            # per 2 prompts), 70 steps (280 optimizer steps)
-            grpo=["--steps", "70", "--prompts_per_step", "8", "--n_minibatches", "4", "--eval_every", "0"],
+            # per 2 prompts), 50 steps (200 optimizer steps)
+            grpo=["--steps", "50", "--prompts_per_step", "8", "--n_minibatches", "4", "--eval_every", "0"],
             eval=["--batch-size", "64", "--max-new-tokens", "256"])
 QUICK = dict(task=["--n-train", "96", "--n-test", "16", "--n-val", "8"],
              base=["--max_steps", "60", "--batch_size", "16", "--warmup_steps", "5"],
